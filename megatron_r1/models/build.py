@@ -1,0 +1,136 @@
+"""Megatron-Core `GPTModel` from a `ModelConfig` (dense Llama/Qwen2 or DeepSeek-V3 MLA + MoE).
+
+Call after `distributed.init_distributed`: the model is built for this rank's tensor, pipeline and
+expert parallel shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+from megatron_r1 import platform
+from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_r1.models.spec import decoder_block_spec, mtp_block_spec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """Translate our config into Megatron's TransformerConfig (MLATransformerConfig for MLA)."""
+    use_te = platform.has_transformer_engine()
+    if model.fp8_recipe and not use_te:
+        raise ConfigError(f"model.fp8_recipe={model.fp8_recipe!r} needs Transformer Engine on a GPU; unset it here")
+    dtype = _DTYPES[model.params_dtype]
+    common = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=0.0,  # RL and SFT on reasoning traces run without dropout
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
+        use_cpu_initialization=not platform.has_cuda(),
+        # Fused kernels exist only on GPU builds; the unfused paths are numerically the reference.
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        mtp_num_layers=model.mtp_num_layers or None,
+        mtp_loss_scaling_factor=model.mtp_loss_scaling_factor,
+    )
+    if model.fp8_recipe:
+        common.update(fp8="hybrid", fp8_recipe=model.fp8_recipe)
+    if model.num_experts:
+        common.update(
+            num_moe_experts=model.num_experts,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+            moe_router_topk=model.moe_router_topk,
+            moe_router_score_function=model.moe_router_score_function,
+            moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+            moe_router_num_groups=model.moe_router_num_groups,
+            moe_router_group_topk=model.moe_router_group_topk,
+            moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+            moe_router_dtype="fp32",
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_layer_freq=[0] * model.first_k_dense_layers + [1] * (model.num_layers - model.first_k_dense_layers),
+            # alltoall needs CUDA events; allgather is exact and runs over gloo.
+            moe_token_dispatcher_type="alltoall" if platform.has_cuda() else "allgather",
+            moe_grouped_gemm=use_te,
+            moe_permute_fusion=False,
+        )
+    if not model.multi_latent_attention:
+        return TransformerConfig(**common)
+    return MLATransformerConfig(
+        **common,
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_head_dim,
+        qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+        v_head_dim=model.v_head_dim,
+        qk_layernorm=True,  # the q/kv latent RMSNorms of DeepSeek-V2/V3
+        rope_type=model.rope_type,
+        rotary_base=model.rotary_base,
+        rotary_scaling_factor=model.rope_scaling_factor,
+        original_max_position_embeddings=model.rope_original_max_position_embeddings,
+        beta_fast=model.rope_beta_fast,
+        beta_slow=model.rope_beta_slow,
+        mscale=model.rope_mscale,
+        mscale_all_dim=model.rope_mscale_all_dim,
+    )
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig) -> GPTModel:
+    """Build this rank's shard of the model (pipeline stage, TP/EP partition)."""
+    config = transformer_config(model, parallel)
+    use_te = platform.has_transformer_engine()
+    block = decoder_block_spec(config, use_te)
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=first,
+        post_process=last,
+        parallel_output=True,  # logits stay vocab-parallel; losses use vocab-parallel cross entropy
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",  # MLA layers apply their own (decoupled) rotary embedding
+        rotary_base=int(model.rotary_base),
+        mtp_block_spec=mtp_block_spec(config, block, use_te),
+    )
+    if platform.has_cuda():
+        gpt = gpt.cuda()
+    return gpt
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Parameters held by this rank."""
+    return sum(p.numel() for p in model.parameters())
