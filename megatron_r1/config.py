@@ -160,8 +160,8 @@ class DataConfig:
     )  # passed to reasoning_gym.create_dataset
     train_path: str = ""  # jsonl with {"prompt"|"question": ..., "answer": ...} when source=jsonl
     eval_path: str = ""  # held-out jsonl (source=jsonl)
-    train_seed: int = 1000  # reasoning-gym seed of the training prompts
-    eval_seed: int = 2000  # reasoning-gym seed of the held-out prompts (disjoint from train)
+    train_seed: int = 1000  # seed of the training prompts (each seed owns a disjoint block of reasoning-gym seeds)
+    eval_seed: int = 2000  # seed of the held-out prompts (different seed: disjoint items)
     train_size: int = 20000  # training prompts
     eval_size: int = 200  # held-out prompts
     template: str = "r1_zero"  # prompt template

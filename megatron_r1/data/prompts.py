@@ -1,0 +1,248 @@
+"""RL prompts: loading them (reasoning-gym tasks or jsonl files) and sampling batches of them.
+
+Rows that cannot be used are skipped and counted, never fatal: a run over 100k prompts should not
+die on line 73,912. The counts are logged once per load as one warning line and kept on the
+`PromptSet` for the run summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_r1.config import DataConfig
+from megatron_r1.data.gym import gym_entry, make_gym_dataset
+from megatron_r1.data.templates import render_prompt
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class PromptItem:
+    """One prompt, with what the reward functions need to score answers to it."""
+
+    prompt: str  # the rendered prompt (template + question)
+    question: str  # the question alone
+    answer: str  # the reference answer
+    entry: dict[str, Any] | None  # the reasoning-gym entry (for its score_answer), None for jsonl
+    index: int  # position in the source: reasoning-gym item index or 0-based jsonl line number
+    prompt_ids: list[int] | None = None  # token ids of `prompt` when loaded with a tokenizer
+
+    def as_reward_item(self) -> dict[str, Any]:
+        """The view the reward functions take."""
+        return {"question": self.question, "answer": self.answer, "entry": self.entry}
+
+
+@dataclass
+class PromptSet:
+    """The usable prompts of one split, and what was skipped on the way."""
+
+    split: str
+    items: list[PromptItem]
+    skip_reasons: Counter = field(default_factory=Counter)  # reason -> rows skipped
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_reasons.values())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> PromptItem:
+        return self.items[i]
+
+    def __iter__(self) -> Iterator[PromptItem]:
+        return iter(self.items)
+
+
+def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> PromptSet:
+    """Load the `split` ("train" | "eval") prompts that `data_cfg` describes.
+
+    With a Hugging Face `tokenizer`, prompts longer than `data_cfg.max_prompt_tokens` tokens are
+    skipped and each kept item carries its `prompt_ids`. Evaluation questions that also occur in
+    the training split are dropped (counted as "in_train"), so held-out scores are held out.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if data_cfg.source == "reasoning_gym":
+        rows, reasons = _gym_rows(data_cfg, split), Counter()
+    elif data_cfg.source == "jsonl":
+        rows, reasons = _jsonl_rows(_jsonl_path(data_cfg, split))
+    else:
+        raise ValueError(f"data.source={data_cfg.source!r} is not one of: reasoning_gym, jsonl")
+
+    if split == "eval":
+        train_questions = _train_questions(data_cfg)
+        kept = [r for r in rows if r[1] not in train_questions]
+        if len(kept) < len(rows):
+            reasons["in_train"] += len(rows) - len(kept)
+        rows = kept
+
+    items = [
+        PromptItem(prompt=render_prompt(data_cfg.template, q), question=q, answer=a, entry=e, index=i)
+        for i, q, a, e in rows
+    ]
+    if tokenizer is not None:
+        items = _fit_to_length(items, tokenizer, data_cfg.max_prompt_tokens, reasons)
+
+    prompts = PromptSet(split=split, items=items, skip_reasons=reasons)
+    if prompts.skipped:
+        detail = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
+        logger.warning("%s prompts: kept %d, skipped %d (%s)", split, len(items), prompts.skipped, detail)
+    if not items:
+        raise ValueError(f"no usable {split} prompts (skipped: {dict(reasons) or 'none'}); check the data section")
+    return prompts
+
+
+# A row is (index, question, answer, entry) once validated.
+_Row = tuple[int, str, str, dict[str, Any] | None]
+
+
+def _gym_rows(data_cfg: DataConfig, split: str) -> list[_Row]:
+    seed = data_cfg.train_seed if split == "train" else data_cfg.eval_seed
+    size = data_cfg.train_size if split == "train" else data_cfg.eval_size
+    if data_cfg.train_seed == data_cfg.eval_seed:
+        raise ValueError("data.train_seed and data.eval_seed must differ (the eval prompts would be training prompts)")
+    dataset = make_gym_dataset(data_cfg.task, data_cfg.task_options, seed, size)
+    rows = []
+    for i in range(size):
+        entry = gym_entry(dataset, i)
+        rows.append((i, str(entry["question"]), str(entry["answer"]), entry))
+    return rows
+
+
+def _jsonl_path(data_cfg: DataConfig, split: str) -> Path:
+    key = "train_path" if split == "train" else "eval_path"
+    raw = getattr(data_cfg, key)
+    if not raw:
+        raise FileNotFoundError(f"data.{key} is empty; with data.source=jsonl set it to a .jsonl file")
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.{key}: no such file {raw!r}; fix the path or set data.source=reasoning_gym")
+    return path
+
+
+def _jsonl_rows(path: Path) -> tuple[list[_Row], Counter]:
+    """Rows `{"question" | "prompt": str, "answer": str | number}`; anything else is counted and skipped."""
+    rows: list[_Row] = []
+    reasons: Counter = Counter()
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f):
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) are not rows
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                reasons["bad_json"] += 1
+                continue
+            row, reason = _validate_row(obj, line_no)
+            if row is None:
+                reasons[reason] += 1
+            else:
+                rows.append(row)
+    return rows, reasons
+
+
+def _validate_row(obj: Any, line_no: int) -> tuple[_Row | None, str]:
+    if not isinstance(obj, dict):
+        return None, "not_an_object"
+    question = obj.get("question", obj.get("prompt"))  # "prompt" is accepted as the question text
+    if question is None:
+        return None, "missing_question"
+    if not isinstance(question, str) or not question.strip():
+        return None, "bad_question"
+    answer = obj.get("answer")
+    if answer is None:
+        return None, "missing_answer"
+    # Numbers are fine as answers (json files often store 42, not "42"); bools and containers are not.
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return None, "bad_answer"
+    return (line_no, question, str(answer), None), ""
+
+
+def _train_questions(data_cfg: DataConfig) -> set[str]:
+    """Questions of the training split, to keep the evaluation split disjoint from it."""
+    if data_cfg.source == "reasoning_gym":
+        return {q for _, q, _, _ in _gym_rows(data_cfg, "train")}
+    if data_cfg.train_path and Path(data_cfg.train_path).expanduser().is_file():
+        return {q for _, q, _, _ in _jsonl_rows(Path(data_cfg.train_path).expanduser())[0]}
+    return set()  # evaluating on a file alone: nothing to compare against
+
+
+def _fit_to_length(items: list[PromptItem], tokenizer: Any, max_tokens: int, reasons: Counter) -> list[PromptItem]:
+    # One batched call: a fast tokenizer encodes 20k prompts in well under a second this way.
+    ids = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
+    kept = []
+    for item, item_ids in zip(items, ids):
+        if len(item_ids) > max_tokens:
+            reasons["too_long"] += 1
+            continue
+        item.prompt_ids = list(item_ids)
+        kept.append(item)
+    return kept
+
+
+class PromptSampler:
+    """Endless batches of prompts: each epoch visits every prompt once, in a fresh shuffled order.
+
+    A batch that reaches the end of an epoch is completed from the next one, so every batch has
+    `batch_size` prompts. The order depends only on (seed, epoch), which makes resuming exact:
+    `load_state_dict(state_dict())` continues with the very batch the original run would draw next.
+    """
+
+    def __init__(self, prompt_set: PromptSet | list[PromptItem], batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(prompt_set) == 0:
+            raise ValueError("cannot sample from an empty prompt set")
+        self.items = list(prompt_set)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # next index into this epoch's order
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        # A string seed is hashed with SHA-512 by `random`, stable across processes and Python runs.
+        order = list(range(len(self.items)))
+        random.Random(f"prompt-sampler:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def __iter__(self) -> PromptSampler:
+        return self
+
+    def __next__(self) -> list[PromptItem]:
+        batch = []
+        while len(batch) < self.batch_size:
+            batch.append(self.items[self._order[self.position]])
+            self.position += 1
+            if self.position == len(self._order):  # roll over now, so the state never points past an epoch
+                self.epoch += 1
+                self.position = 0
+                self._order = self._epoch_order(self.epoch)
+        return batch
+
+    def next_batch(self) -> list[PromptItem]:
+        """The next `batch_size` prompts (same as `next(sampler)`)."""
+        return next(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_prompts": len(self.items)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        n = state.get("num_prompts", len(self.items))
+        if n != len(self.items):
+            raise ValueError(
+                f"sampler state was saved over {n} prompts but this prompt set has {len(self.items)}; "
+                "resume with the same data config"
+            )
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order(self.epoch)

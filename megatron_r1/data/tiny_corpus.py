@@ -1,0 +1,185 @@
+"""Pretraining text for the tiny base model of the CPU R1-Zero run.
+
+R1-Zero only works if the base model can already, now and then, reason its way to an answer: RL
+selects and strengthens behaviour the base has, it does not invent it. So the tiny base is
+pretrained on R1-template text for reasoning-gym ``chain_sum`` where some completions show the
+running sum inside ``<think>`` ("5 + 3 = 8, 8 - 7 = 1, ...") and the rest answer directly
+("<think> this is easy </think> <answer> 23 </answer>"). Directly answering a chain of 5-8 terms is
+mostly guessing; the worked steps are nearly always right. Annealing the worked share from 50 % to
+5 % over pretraining gives a base that mostly guesses (about 15-22 % held out) but keeps the worked
+behaviour as a rare mode, which GRPO then raises to over 90 % (measured; see FIELD_NOTES.md).
+
+Seeds: a stream seed owns its own block of reasoning-gym item seeds (see `gym.py`), so the
+pretraining stream (seed 10_000 by default) never generates the items of the RL prompts
+(`DataConfig.train_seed` 1000) or the held-out prompts (`DataConfig.eval_seed` 2000). Different
+items can still pose the same question by chance; pass `exclude_questions` (the eval questions) to
+rule that out too.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from megatron_r1.config import DataConfig
+from megatron_r1.data.gym import gym_entry, make_gym_dataset
+from megatron_r1.data.templates import render_prompt
+
+PRETRAIN_SEED = 10_000  # default stream seed of the pretraining corpus (RL uses 1000 / 2000)
+DIRECT_THOUGHT = "this is easy"
+WORKED_TASKS = ("chain_sum",)  # tasks whose questions `worked_solution` can parse
+
+_TOKEN = re.compile(r"\d+|\S")
+
+
+def parse_chain(expression: str) -> tuple[int, list[tuple[str, int]]]:
+    """Split a +/- chain into its first term and (operator, operand) steps.
+
+    "5 + 3 - -2" -> (5, [("+", 3), ("-", -2)]). Any spacing and unary signs are accepted
+    ("5-3", "5 - -3", "-5 + 3"); anything else is a ValueError.
+    """
+    tokens = _TOKEN.findall(expression)
+    pos = 0
+
+    def operand() -> int:
+        nonlocal pos
+        sign = 1
+        while pos < len(tokens) and tokens[pos] in ("+", "-"):  # unary signs
+            sign = -sign if tokens[pos] == "-" else sign
+            pos += 1
+        if pos == len(tokens) or not tokens[pos].isdigit():
+            raise ValueError(f"expected a number in {expression!r}")
+        pos += 1
+        return sign * int(tokens[pos - 1])
+
+    first = operand()
+    steps = []
+    while pos < len(tokens):
+        op = tokens[pos]
+        if op not in ("+", "-"):
+            raise ValueError(f"expected + or - at {op!r} in {expression!r}")
+        pos += 1
+        steps.append((op, operand()))
+    return first, steps
+
+
+def _chain(entry: dict[str, Any]) -> tuple[int, list[tuple[str, int]]]:
+    # The question reads "...arithmetic problem: 5 + 3 - 7 =": the chain sits between the last
+    # colon and the final "=". The metadata copy is the fallback when the question does not parse.
+    body = str(entry["question"]).strip().rsplit(":", 1)[-1].strip().removesuffix("=")
+    try:
+        return parse_chain(body)
+    except ValueError:
+        expression = (entry.get("metadata") or {}).get("expression")
+        if not expression:
+            raise
+        return parse_chain(str(expression))
+
+
+def worked_solution(entry: dict[str, Any]) -> str:
+    """The running sum of a chain_sum entry, one step per operator: "5 + 3 = 8, 8 - 7 = 1".
+
+    The final value is checked against the entry's answer, so a parsing slip can never teach wrong
+    arithmetic.
+    """
+    total, steps = _chain(entry)
+    lines = []
+    for op, operand in steps:
+        new_total = total + operand if op == "+" else total - operand
+        lines.append(f"{total} {op} {operand} = {new_total}")  # operators kept as written
+        total = new_total
+    if total != int(str(entry["answer"]).strip()):
+        raise ValueError(f"worked solution gives {total}, entry answer is {entry['answer']!r}: {entry['question']!r}")
+    return ", ".join(lines) if lines else str(total)
+
+
+def direct_solution(entry: dict[str, Any]) -> str:
+    """The thought of a direct answer: no steps, just a confident guess."""
+    return DIRECT_THOUGHT
+
+
+def completion(entry: dict[str, Any], worked: bool) -> str:
+    """The assistant's text after "Assistant:" in R1 format, without end-of-sequence.
+
+    " <think> 5 + 3 = 8, 8 - 7 = 1 </think> <answer> 1 </answer>". The trainer appends the eos token id.
+    """
+    thought = worked_solution(entry) if worked else direct_solution(entry)
+    return f" <think> {thought} </think> <answer> {str(entry['answer']).strip()} </answer>"
+
+
+class CorpusStream:
+    """`total_examples` (prompt_text, completion_text) pairs with an annealed share of worked solutions.
+
+    Example i shows worked steps with probability `worked_share(i)`, which falls linearly from
+    `worked_share_start` (first example) to `worked_share_end` (last). Every example is a pure
+    function of (seed, i), so `examples(start=k)` resumes a stream exactly at example k.
+    """
+
+    def __init__(
+        self,
+        task: str = "chain_sum",
+        task_options: dict[str, Any] | None = None,
+        seed: int = PRETRAIN_SEED,
+        worked_share_start: float = 0.5,
+        worked_share_end: float = 0.05,
+        total_examples: int = 100_000,
+        template: str = "r1_zero",
+        exclude_questions: Iterable[str] = (),
+    ):
+        for name, share in (("worked_share_start", worked_share_start), ("worked_share_end", worked_share_end)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {share}")
+        if (worked_share_start or worked_share_end) and task not in WORKED_TASKS:
+            raise ValueError(f"worked solutions exist for {', '.join(WORKED_TASKS)} only; set the worked shares to 0")
+        if total_examples < 1:
+            raise ValueError(f"total_examples must be >= 1, got {total_examples}")
+        self.task = task
+        self.task_options = dict(DataConfig().task_options if task_options is None else task_options)
+        self.seed = seed
+        self.worked_share_start = worked_share_start
+        self.worked_share_end = worked_share_end
+        self.total_examples = total_examples
+        self.template = template
+        self.exclude_questions = frozenset(exclude_questions)
+        self.excluded = 0  # examples skipped because their question is in `exclude_questions`
+        self._dataset = make_gym_dataset(task, self.task_options, seed, total_examples)
+
+    def __len__(self) -> int:
+        return self.total_examples
+
+    def worked_share(self, i: int) -> float:
+        """Probability that example i shows worked steps (linear from start to end)."""
+        frac = i / (self.total_examples - 1) if self.total_examples > 1 else 0.0
+        return self.worked_share_start + (self.worked_share_end - self.worked_share_start) * frac
+
+    def is_worked(self, i: int) -> bool:
+        # A string seed is hashed with SHA-512: stable across processes, unlike hash().
+        return random.Random(f"corpus:{self.seed}:{i}").random() < self.worked_share(i)
+
+    def entry(self, i: int) -> dict[str, Any]:
+        return gym_entry(self._dataset, i)
+
+    def example(self, i: int) -> tuple[str, str]:
+        """(prompt_text, completion_text) of example i."""
+        entry = self.entry(i)
+        return render_prompt(self.template, entry["question"]), completion(entry, self.is_worked(i))
+
+    def examples(self, start: int = 0) -> Iterator[tuple[str, str]]:
+        """Examples start, start+1, ... to the end, minus excluded questions."""
+        for i in range(start, self.total_examples):
+            entry = self.entry(i)
+            if entry["question"] in self.exclude_questions:
+                self.excluded += 1
+                continue
+            yield render_prompt(self.template, entry["question"]), completion(entry, self.is_worked(i))
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return self.examples()
+
+
+def tokenizer_training_texts(n: int, seed: int = PRETRAIN_SEED, task_options: dict[str, Any] | None = None) -> list[str]:
+    """`n` full texts (prompt + completion), half of them worked, to train the tokenizer's merges on."""
+    stream = CorpusStream("chain_sum", task_options, seed, 0.5, 0.5, n)
+    return [prompt + comp for prompt, comp in stream]

@@ -1,0 +1,405 @@
+"""Data layer: templates, prompt loading and sampling, the tokenizer, the tiny pretraining corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+
+import pytest
+
+from megatron_r1.config import DataConfig
+from megatron_r1.data import prompts as prompts_mod
+from megatron_r1.data.gym import gym_seed, make_gym_dataset
+from megatron_r1.data.prompts import PromptSampler, PromptSet, load_prompts
+from megatron_r1.data.templates import TEMPLATES, render_prompt
+from megatron_r1.data.tiny_corpus import (
+    PRETRAIN_SEED,
+    CorpusStream,
+    completion,
+    parse_chain,
+    tokenizer_training_texts,
+    worked_solution,
+)
+
+SMALL = DataConfig(train_size=400, eval_size=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# templates
+
+
+def test_r1_zero_template_is_the_papers():
+    prompt = render_prompt("r1_zero", "What is 2 + 2?")
+    assert prompt.startswith("A conversation between User and Assistant. The user asks a question, and the Assistant")
+    assert "<think> reasoning process here </think> <answer> answer here </answer>." in prompt
+    assert prompt.endswith("User: What is 2 + 2?. Assistant:")
+
+
+def test_plain_template_and_braces_in_questions():
+    assert render_prompt("plain", "x") == "x"
+    assert render_prompt("plain", "is {1, 2} a set?") == "is {1, 2} a set?"
+    assert set(TEMPLATES) == {"r1_zero", "plain"}
+
+
+def test_unknown_template_lists_valid_names():
+    with pytest.raises(ValueError, match=r"'chatml'.*plain, r1_zero"):
+        render_prompt("chatml", "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts from reasoning-gym
+
+
+def test_reasoning_gym_prompts():
+    ps = load_prompts(SMALL, "train")
+    assert isinstance(ps, PromptSet) and len(ps) == 400 and ps.skipped == 0
+    item = ps[0]
+    assert item.index == 0 and item.entry is not None and item.prompt_ids is None
+    assert item.question == item.entry["question"] and item.answer == item.entry["answer"]
+    assert item.prompt == render_prompt("r1_zero", item.question)
+    assert item.as_reward_item() == {"question": item.question, "answer": item.answer, "entry": item.entry}
+    # The entry is what reasoning-gym's own scorer needs.
+    import reasoning_gym
+
+    score = reasoning_gym.get_score_answer_fn(item.entry["metadata"]["source_dataset"])
+    assert score(item.answer, item.entry) == 1.0
+    assert [p.question for p in load_prompts(SMALL, "train")] == [p.question for p in ps]  # deterministic
+
+
+def test_default_train_and_eval_are_disjoint():
+    cfg = DataConfig()
+    train = {p.question for p in load_prompts(cfg, "train")}
+    ev = load_prompts(cfg, "eval")
+    assert len(train) > 19_000
+    assert not train & {p.question for p in ev}
+    assert len(ev) + ev.skip_reasons["in_train"] == cfg.eval_size
+    # Why stream seeds map to blocks: reasoning-gym seeds items with seed + index, so its own seeds
+    # 1000 (size 20000) and 2000 would share every eval item.
+    import reasoning_gym
+
+    lit_train = reasoning_gym.create_dataset("chain_sum", seed=1000, size=2000, **cfg.task_options)
+    lit_eval = reasoning_gym.create_dataset("chain_sum", seed=2000, size=10, **cfg.task_options)
+    assert lit_eval[0]["question"] == lit_train[1000]["question"]
+    assert gym_seed(2000) - gym_seed(1000) >= 2**32
+
+
+def test_eval_questions_seen_in_train_are_dropped_and_counted(monkeypatch, caplog):
+    ev = load_prompts(SMALL, "eval")
+    leaked = {ev[3].question, ev[7].question}
+    monkeypatch.setattr(prompts_mod, "_train_questions", lambda cfg: leaked)
+    with caplog.at_level(logging.WARNING):
+        ev2 = load_prompts(SMALL, "eval")
+    assert len(ev2) == len(ev) - 2 and ev2.skip_reasons == {"in_train": 2}
+    assert not leaked & {p.question for p in ev2}
+    assert len([r for r in caplog.records if "skipped 2" in r.getMessage()]) == 1
+
+
+def test_reasoning_gym_config_errors_are_one_line():
+    with pytest.raises(ValueError, match="did you mean chain_sum"):
+        load_prompts(dataclasses.replace(SMALL, task="chain_sums"), "train")
+    with pytest.raises(ValueError, match="max_term.*valid: min_terms"):
+        load_prompts(dataclasses.replace(SMALL, task_options={"max_term": 3}), "train")
+    with pytest.raises(ValueError, match="must differ"):
+        load_prompts(dataclasses.replace(SMALL, eval_seed=SMALL.train_seed), "eval")
+    with pytest.raises(ValueError, match="split"):
+        load_prompts(SMALL, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts from jsonl
+
+
+def _jsonl_cfg(tmp_path, train_lines, eval_lines=None) -> DataConfig:
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(train_lines) + "\n")
+    ev = ""
+    if eval_lines is not None:
+        ev = tmp_path / "eval.jsonl"
+        ev.write_text("\n".join(eval_lines) + "\n")
+    return DataConfig(source="jsonl", train_path=str(train), eval_path=str(ev))
+
+
+def test_jsonl_skips_and_counts_malformed_rows(tmp_path, caplog):
+    lines = [
+        json.dumps({"question": "1 + 1 =", "answer": "2"}),
+        json.dumps({"prompt": "2 + 2 =", "answer": 4}),  # "prompt" key, numeric answer: fine
+        "{not json",
+        json.dumps({"answer": "3"}),
+        json.dumps({"question": 5, "answer": "5"}),
+        json.dumps({"question": "no answer"}),
+        json.dumps({"question": "list answer", "answer": [1]}),
+        json.dumps(["not", "an", "object"]),
+        "",
+        json.dumps({"question": "3 + 3 =", "answer": "6", "extra": True}),
+    ]
+    with caplog.at_level(logging.WARNING):
+        ps = load_prompts(_jsonl_cfg(tmp_path, lines), "train")
+    assert [p.question for p in ps] == ["1 + 1 =", "2 + 2 =", "3 + 3 ="]
+    assert [p.answer for p in ps] == ["2", "4", "6"]
+    assert [p.index for p in ps] == [0, 1, 9] and all(p.entry is None for p in ps)
+    assert ps.skipped == 6
+    assert ps.skip_reasons == {
+        "bad_json": 1,
+        "missing_question": 1,
+        "bad_question": 1,
+        "missing_answer": 1,
+        "bad_answer": 1,
+        "not_an_object": 1,
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 6" in warnings[0]
+
+
+def test_jsonl_eval_drops_train_questions(tmp_path):
+    row = lambda q, a: json.dumps({"question": q, "answer": a})  # noqa: E731
+    cfg = _jsonl_cfg(tmp_path, [row("a", "1"), row("b", "2")], [row("b", "2"), row("c", "3")])
+    ev = load_prompts(cfg, "eval")
+    assert [p.question for p in ev] == ["c"] and ev.skip_reasons == {"in_train": 1}
+
+
+def test_jsonl_missing_file_is_one_clear_error(tmp_path):
+    cfg = DataConfig(source="jsonl", train_path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"data.train_path: no such file .*nope.jsonl") as e:
+        load_prompts(cfg, "train")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="data.eval_path is empty"):
+        load_prompts(cfg, "eval")
+
+
+def test_jsonl_with_no_usable_rows_fails(tmp_path):
+    with pytest.raises(ValueError, match="no usable train prompts"):
+        load_prompts(_jsonl_cfg(tmp_path, ["{bad", "[]"]), "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_sampler_epochs_cover_every_prompt_once():
+    ps = load_prompts(dataclasses.replace(SMALL, train_size=10), "train")
+    sampler = PromptSampler(ps, batch_size=4, seed=3)
+    drawn = [p.index for _ in range(5) for p in next(sampler)]  # 20 draws = 2 epochs, batches straddle them
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert drawn[:10] != drawn[10:]  # reshuffled per epoch
+    assert sampler.state_dict() == {"epoch": 2, "position": 0, "seed": 3, "num_prompts": 10}
+    first_other = [p.index for p in next(PromptSampler(ps, batch_size=10, seed=4))]
+    assert first_other != drawn[:10]
+
+
+def test_sampler_resume_continues_with_the_same_batches():
+    ps = load_prompts(dataclasses.replace(SMALL, train_size=37), "train")
+    run = PromptSampler(ps, batch_size=8, seed=11)
+    for _ in range(6):  # 48 draws: into the second epoch, mid-epoch
+        next(run)
+    state = json.loads(json.dumps(run.state_dict()))  # as a checkpoint would store it
+    expected = [[p.index for p in run.next_batch()] for _ in range(10)]
+
+    resumed = PromptSampler(ps, batch_size=8, seed=0)  # the seed comes from the state
+    resumed.load_state_dict(state)
+    assert [[p.index for p in next(resumed)] for _ in range(10)] == expected
+
+    with pytest.raises(ValueError, match="same data config"):
+        PromptSampler(ps.items[:5], batch_size=2).load_state_dict(state)
+
+
+def test_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="empty"):
+        PromptSampler([], batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        PromptSampler(load_prompts(dataclasses.replace(SMALL, train_size=3), "train"), batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from megatron_r1.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(tokenizer_training_texts(1500, seed=77), vocab_size=600, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from megatron_r1.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_dir)
+
+
+def test_special_tokens_are_single_ids(tok):
+    from megatron_r1.data.tokenizer import SPECIAL_TOKENS
+
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0 and tok.pad_token_id == 0
+    for t in SPECIAL_TOKENS:
+        assert len(tok.encode(t, add_special_tokens=False)) == 1
+        assert len(tok.encode(f"x {t} y", add_special_tokens=False)) == 5  # x, space, tag, space, y
+    assert tok.encode("abc", add_special_tokens=True) == tok.encode("abc", add_special_tokens=False)  # no bos/eos
+
+
+def test_round_trip_and_digits(tok):
+    texts = tokenizer_training_texts(20, seed=5) + ["Ünïcödé ✓ 3.14\n\ttabs  and  spaces", "-17 + 0 = -17"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    ids = tok.encode("1234567890 + 42", add_special_tokens=False)
+    digit_tokens = [t for t in tok.convert_ids_to_tokens(ids) if any(c.isdigit() for c in t)]
+    assert digit_tokens == list("123456789042")
+
+
+def test_decoding_keeps_tags_unless_skipped(tok):
+    text = " <think> 5 + 3 = 8 </think> <answer> 8 </answer>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    # The pitfall rewards must avoid: skipping special tokens removes the tags.
+    assert "<answer>" not in tok.decode(ids, skip_special_tokens=True)
+
+
+def test_reload_gives_identical_ids(tok, tok_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_r1.data.tokenizer import load_tokenizer
+
+    text = "".join(tokenizer_training_texts(3, seed=9))
+    ids = tok.encode(text, add_special_tokens=False)
+    assert json.loads((tok_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert AutoTokenizer.from_pretrained(str(tok_dir)).encode(text, add_special_tokens=False) == ids
+    # Beside a Qwen2 model config, AutoTokenizer swaps the pre-tokenizer; load_tokenizer must not.
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_text((tok_dir / f).read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    reloaded = load_tokenizer(tmp_path)
+    assert reloaded.encode(text, add_special_tokens=False) == ids
+    assert str(reloaded.backend_tokenizer.pre_tokenizer) == str(tok.backend_tokenizer.pre_tokenizer)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_prompt_and_completion_tokenize_independently(tok):
+    # The trainer concatenates prompt ids and completion ids; that must equal tokenizing the whole text.
+    stream = CorpusStream(seed=123, worked_share_start=0.5, worked_share_end=0.5, total_examples=50)
+    for prompt, comp in stream:
+        whole = tok.encode(prompt + comp, add_special_tokens=False)
+        assert tok.encode(prompt, add_special_tokens=False) + tok.encode(comp, add_special_tokens=False) == whole
+
+
+def test_prompts_with_tokenizer_get_ids_and_length_filter(tok):
+    ps = load_prompts(dataclasses.replace(SMALL, train_size=50), "train", tokenizer=tok)
+    assert len(ps) == 50 and all(p.prompt_ids == tok.encode(p.prompt, add_special_tokens=False) for p in ps)
+    lengths = sorted(len(p.prompt_ids) for p in ps)
+    assert lengths[-1] <= DataConfig().max_prompt_tokens
+    cut = lengths[len(lengths) // 2]
+    short = load_prompts(dataclasses.replace(SMALL, train_size=50, max_prompt_tokens=cut), "train", tokenizer=tok)
+    assert all(len(p.prompt_ids) <= cut for p in short)
+    assert len(short) + short.skip_reasons["too_long"] == 50 and short.skip_reasons["too_long"] > 0
+
+
+def test_tokenizer_vocab_too_small(tmp_path):
+    from megatron_r1.data.tokenizer import train_tokenizer
+
+    with pytest.raises(ValueError, match="at least 261"):
+        train_tokenizer(["a"], vocab_size=100, out_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny corpus
+
+
+def test_parse_chain():
+    assert parse_chain("5 + 3 - 7") == (5, [("+", 3), ("-", 7)])
+    assert parse_chain("5-3") == (5, [("-", 3)])
+    assert parse_chain("-5 + -3 - -2") == (-5, [("+", -3), ("-", -2)])
+    assert parse_chain(" 12 ") == (12, [])
+    for bad in ("", "5 +", "5 * 3", "5 3", "+"):
+        with pytest.raises(ValueError):
+            parse_chain(bad)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DataConfig().task_options,
+        {"min_terms": 2, "max_terms": 9, "min_digits": 1, "max_digits": 3, "allow_negation": True},
+    ],
+)
+def test_worked_solution_arithmetic(options):
+    ds = make_gym_dataset("chain_sum", options, seed=PRETRAIN_SEED, size=1000)
+    step = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+    for i in range(1000):
+        entry = ds[i]
+        steps = worked_solution(entry).split(", ")
+        running = None
+        for s in steps:
+            a, op, b, c = step.match(s).groups()
+            assert running is None or int(a) == running  # each step starts from the last result
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            running = int(c)
+        assert running == int(entry["answer"])
+        assert len(steps) == entry["metadata"]["num_terms"] - 1
+
+
+def test_worked_solution_rejects_a_wrong_answer():
+    entry = dict(make_gym_dataset("chain_sum", DataConfig().task_options, seed=1, size=1)[0])
+    entry["answer"] = str(int(entry["answer"]) + 1)
+    with pytest.raises(ValueError, match="entry answer"):
+        worked_solution(entry)
+
+
+def test_completion_format():
+    entry = {"question": "State the final answer to the following arithmetic problem: 5 + 3 - 7 =", "answer": "1"}
+    assert completion(entry, worked=True) == " <think> 5 + 3 = 8, 8 - 7 = 1 </think> <answer> 1 </answer>"
+    assert completion(entry, worked=False) == " <think> this is easy </think> <answer> 1 </answer>"
+
+
+def test_annealing_schedule():
+    stream = CorpusStream(seed=PRETRAIN_SEED, worked_share_start=0.5, worked_share_end=0.05, total_examples=4001)
+    assert stream.worked_share(0) == 0.5
+    assert stream.worked_share(4000) == pytest.approx(0.05)
+    assert stream.worked_share(2000) == pytest.approx(0.275)
+    first = sum(stream.is_worked(i) for i in range(400)) / 400  # mean share 0.478
+    last = sum(stream.is_worked(i) for i in range(3601, 4001)) / 400  # mean share 0.072
+    assert 0.40 < first < 0.56 and 0.03 < last < 0.12
+    worked = [" = " in comp.split("</think>")[0] for _, comp in stream.examples(3900)]
+    assert worked == [stream.is_worked(i) for i in range(3900, 4001)]
+
+
+def test_corpus_is_deterministic_and_resumable():
+    a = list(CorpusStream(seed=5, total_examples=300))
+    assert a == list(CorpusStream(seed=5, total_examples=300))
+    assert a != list(CorpusStream(seed=6, total_examples=300))
+    assert list(CorpusStream(seed=5, total_examples=300).examples(start=120)) == a[120:]
+    prompt, comp = a[0]
+    assert prompt.startswith("A conversation between User and Assistant") and prompt.endswith("=. Assistant:")
+    assert comp.startswith(" <think> ") and comp.endswith(" </answer>") and "<|endoftext|>" not in comp
+
+
+def test_pretraining_questions_stay_out_of_the_default_eval_set():
+    ev = {p.question for p in load_prompts(DataConfig(), "eval")}
+    stream = CorpusStream(total_examples=5000)  # default pretraining seed
+    pretrain = {stream.entry(i)["question"] for i in range(5000)}
+    assert not pretrain & ev
+    # Chance collisions between different items are ruled out by excluding the eval questions.
+    some = set(list(pretrain)[:25])
+    filtered = CorpusStream(total_examples=5000, exclude_questions=some)
+    kept = list(filtered)
+    assert len(kept) == 5000 - filtered.excluded and filtered.excluded >= 25
+    assert not {render_prompt("r1_zero", q) for q in some} & {p for p, _ in kept}
+
+
+def test_tokenizer_training_texts():
+    texts = tokenizer_training_texts(200, seed=3)
+    assert len(texts) == 200 and texts == tokenizer_training_texts(200, seed=3)
+    assert all("<think>" in t and "</answer>" in t for t in texts)
+    assert 50 < sum(" = " in t.split("<think>")[-1] for t in texts) < 150  # about half worked
+
+
+def test_worked_shares_need_a_worked_task():
+    with pytest.raises(ValueError, match="worked solutions exist for chain_sum"):
+        CorpusStream(task="basic_arithmetic", total_examples=10)
+    with pytest.raises(ValueError, match="worked_share_start"):
+        CorpusStream(worked_share_start=1.5)
