@@ -1,0 +1,31 @@
+"""Rule rewards for R1-style responses: accuracy, format, language consistency, plug-ins."""
+
+from megatron_r1.rewards.accuracy import extract_answer, gym_accuracy, math_accuracy
+from megatron_r1.rewards.format import FORMAT_MODES, extract_think, format_properties, format_reward
+from megatron_r1.rewards.language import LANGUAGES, detect_language, language_consistency, word_languages
+from megatron_r1.rewards.reward_fn import (
+    RewardBatch,
+    RewardFn,
+    RewardTimeout,
+    call_with_timeout,
+    load_reward_function,
+)
+
+__all__ = [
+    "FORMAT_MODES",
+    "LANGUAGES",
+    "RewardBatch",
+    "RewardFn",
+    "RewardTimeout",
+    "call_with_timeout",
+    "detect_language",
+    "extract_answer",
+    "extract_think",
+    "format_properties",
+    "format_reward",
+    "gym_accuracy",
+    "language_consistency",
+    "load_reward_function",
+    "math_accuracy",
+    "word_languages",
+]
