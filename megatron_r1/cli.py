@@ -1,0 +1,75 @@
+"""`megatron-r1 <command> CONFIG [section.field=value ...]`
+
+Commands:
+  r1-zero      GRPO straight on a base model with rule rewards (DeepSeek-R1-Zero)
+  pretrain     train a tokenizer and pretrain the tiny base model (conf/stages/pretrain_tiny.yaml)
+  show-config  print the resolved config (YAML) and exit
+
+Under torchrun or srun every rank runs the same command; rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+from megatron_r1.config import ConfigError, load_config, to_dict
+
+COMMANDS = {
+    "r1-zero": "megatron_r1.train.rl:run",
+    "pretrain": "megatron_r1.train.pretrain:run",
+    "show-config": None,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-r1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=sorted(COMMANDS))
+    p.add_argument("config", help="stage YAML (a path, or a name under conf/stages/)")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. optimizer.lr=1e-5")
+    p.add_argument("--log-level", default=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO"))
+    return p
+
+
+def _quiet_third_party() -> None:
+    """Keep the console for our progress bar and summaries: libraries' chatter goes to WARNING."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("vllm", "megatron", "transformers", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _quiet_third_party()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megatron-r1: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "show-config":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    module_name, func_name = COMMANDS[args.command].split(":")
+    import importlib
+
+    run = getattr(importlib.import_module(module_name), func_name)
+    try:
+        run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"megatron-r1: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
