@@ -234,8 +234,28 @@ def setup() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     # Entered for the life of the process: every Megatron call from here on sees a CPU "cuda".
-    CudaToCpuMode().__enter__()
+    mode = CudaToCpuMode()
+    mode.__enter__()
+    _keep_mode_during_backward(mode)
     log.debug("installed the Megatron-Core CPU adaptation")
+
+
+def _keep_mode_during_backward(mode: CudaToCpuMode) -> None:
+    """`Tensor.backward()` reaches the autograd engine from inside our mode's handler, where torch
+    has suspended the mode; Megatron's backward functions (e.g. TP gathers) would then see the real,
+    absent CUDA. Re-enter the mode right where the engine is started."""
+    import torch.autograd
+    from torch.overrides import _get_current_function_mode_stack
+
+    run_backward = torch.autograd._engine_run_backward
+
+    def run_backward_in_mode(*args, **kwargs):
+        if mode in _get_current_function_mode_stack():
+            return run_backward(*args, **kwargs)
+        with mode:
+            return run_backward(*args, **kwargs)
+
+    torch.autograd._engine_run_backward = run_backward_in_mode
 
 
 def _megatron_without_te() -> None:

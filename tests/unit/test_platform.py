@@ -66,3 +66,23 @@ def test_backend_and_description():
     assert platform.distributed_backend("nccl") == "nccl"
     assert "CPU" in platform.describe()
     assert platform.device().type == "cpu"
+
+
+class _AllocatesOnCudaInBackward(torch.autograd.Function):
+    """Like Megatron's TP gathers: the backward allocates with device=cuda."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.full_like(grad, 2.0, device=torch.cuda.current_device())
+
+
+def test_backward_runs_under_the_adaptation():
+    x = torch.ones(3, requires_grad=True)
+    _AllocatesOnCudaInBackward.apply(x).sum().backward()  # Tensor.backward
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+    (g,) = torch.autograd.grad(_AllocatesOnCudaInBackward.apply(x).sum(), x)  # autograd.grad
+    assert torch.equal(g, torch.full((3,), 2.0))

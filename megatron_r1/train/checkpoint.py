@@ -1,0 +1,333 @@
+"""Resumable checkpoints with Megatron's `dist_checkpointing`: any TP/PP/DP layout, every rank writes its shard.
+
+Layout under a checkpoint root (e.g. ``<run_dir>/checkpoints``)::
+
+    latest                  text: the step of the newest complete checkpoint (written last, atomically)
+    step_<N>/               one complete checkpoint
+        metadata.json, ...  dist_checkpointing: model weights + optimizer state (sharded tensors)
+        trainer_state.json  step, lr-scheduler state, whether Adam state was saved, `extra_state` (rank 0)
+        rng/rank_<R>.pt     RNG states of rank R (python, numpy, torch, CUDA, Megatron's tracker)
+    step_<N>.partial/       a save in progress (renamed to step_<N> once complete; ignored otherwise)
+
+A crash mid-save leaves at most a ``.partial`` directory: ``latest`` still names the previous
+complete checkpoint, and the next save cleans the leftover up. Keys in the sharded state dict are
+those of the bare GPTModel (never the DDP wrapper), so weights load into a wrapped or bare model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_r1 import platform
+from megatron_r1.config import ConfigError
+from megatron_r1.train.optim import unwrap
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# How the distributed optimizer lays out its state: each DP rank writes its own buckets in parallel
+# (no gather on one rank); resuming needs the same TP/PP layout, DP size may change.
+# Non-distributed optimizers ignore it.
+_OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint directory that cannot be used; the message names the directory and the fix."""
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives."""
+    return Path(root) / f"step_{step}"
+
+
+def latest_step(root: str | Path) -> int | None:
+    """The step of the newest complete checkpoint under `root`, or None when there is none."""
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} should hold a step number, found {text[:40]!r}; delete it to start afresh")
+    return int(text)
+
+
+def saved_steps(root: str | Path) -> list[int]:
+    """Steps of the complete checkpoint directories under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+
+
+def _sharding_metadata() -> dict:
+    # A fresh dict each call: Megatron adds process groups to it while building the state dict.
+    return {"distrib_optim_sharding_type": _OPTIMIZER_SHARDING, "chained_optim_avoid_prefix": True}
+
+
+def _inner_optimizers(optimizer: MegatronOptimizer) -> list[tuple[MegatronOptimizer, torch.optim.Optimizer]]:
+    """(Megatron optimizer, the torch optimizer it drives) for each of a ChainedOptimizer's parts."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [(opt, opt.optimizer) for opt in parts if getattr(opt, "optimizer", None) is not None]
+
+
+def _has_stepped(optimizer: MegatronOptimizer) -> bool:
+    """Whether Adam has any state yet (it creates it lazily on its first step); agreed by all ranks."""
+    stepped = torch.tensor(
+        [float(any(len(inner.state) > 0 for _, inner in _inner_optimizers(optimizer)))], device=platform.device()
+    )
+    if dist.is_initialized():
+        dist.all_reduce(stepped, op=dist.ReduceOp.MAX)
+    return bool(stepped.item())
+
+
+def _prepare_distributed_adam_for_load(optimizer: MegatronOptimizer) -> None:
+    """Give a not-yet-stepped torch AdamW inside Megatron's DistributedOptimizer its zero state.
+
+    Without Apex / Transformer Engine (e.g. on CPU), Megatron 0.16 backs the distributed optimizer
+    with torch's AdamW and reads Adam's `step` from its per-parameter state even to build the state
+    dict it loads *into*; a fresh AdamW has no state, and that read fails. The load overwrites it.
+    """
+    for opt, inner in _inner_optimizers(optimizer):
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state.setdefault("exp_avg", torch.zeros_like(param))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param))
+
+
+def _sharded_state_dict(model: torch.nn.Module, optimizer: MegatronOptimizer | None, is_loading: bool) -> dict:
+    """Megatron's sharded state dicts of the bare GPTModel and, when given, of the optimizer."""
+    gpt = unwrap(model)
+    model_sd = gpt.sharded_state_dict(metadata=_sharding_metadata())
+    state = {"model": model_sd}
+    if optimizer is not None:
+        if is_loading:
+            _prepare_distributed_adam_for_load(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_sharding_metadata())
+    return state
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Saving.
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    extra_state: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Save everything needed to resume at `step`; collective: every rank calls it.
+
+    `extra_state` (data position, metrics, ...) must be JSON-serialisable; `load_checkpoint`
+    returns it. Keeps the newest `keep_last` checkpoints (0 keeps all). Returns the directory.
+    """
+    root = Path(root)
+    final, partial = step_dir(root, step), root / f"step_{step}.partial"
+    main = _rank() == 0
+    try:  # on every rank, so that all of them stop together
+        json.dumps(extra_state or {})
+    except TypeError as e:
+        raise TypeError(f"extra_state must be JSON-serialisable: {e}") from e
+    if main:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    _barrier()
+
+    # Before its first step Adam has no state to save (and Megatron drops a step count of 0), so
+    # such a checkpoint holds only the model; loading it leaves the optimizer fresh, which is exact.
+    with_optimizer = optimizer is not None and _has_stepped(optimizer)
+    sharded = _sharded_state_dict(model, optimizer if with_optimizer else None, is_loading=False)
+    dist_checkpointing.save(sharded, str(partial))
+    _save_rng(partial / "rng" / f"rank_{_rank():05d}.pt")
+    if main:
+        state = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "optimizer_state": with_optimizer,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": extra_state or {},
+        }
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    _barrier()  # every rank's shard and RNG file is on disk
+
+    if main:
+        if final.exists():  # re-saving a step: the old copy goes only now that the new one is complete
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomically(root / LATEST, f"{step}\n")
+        _prune(root, keep_last, step)
+        log.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int, newest: int) -> None:
+    """Drop leftovers of interrupted saves and all but the newest `keep_last` checkpoints."""
+    for leftover in root.glob("step_*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    older = [s for s in saved_steps(root) if s <= newest]
+    for step in older[:-keep_last]:
+        shutil.rmtree(step_dir(root, step), ignore_errors=True)
+
+
+def _save_rng(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if platform.has_cuda() else None,
+        "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    torch.save(state, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer | None = None,
+    scheduler: OptimizerParamScheduler | None = None,
+    load_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore the checkpoint of `step` into `model` (DDP-wrapped or bare) and, when given, the
+    optimizer, scheduler and RNG states; collective. Returns the `extra_state` saved with it.
+
+    Pass `optimizer=None` to load weights only (evaluation, export); the TP/PP layout may then
+    differ from the one that saved. Raises `CheckpointError` (one line) for a missing or unusable
+    directory.
+    """
+    path = step_dir(root, step)
+    trainer_state = _check_layout(path)
+
+    with_optimizer = optimizer is not None and trainer_state.get("optimizer_state", False)
+    state = _sharded_state_dict(model, optimizer if with_optimizer else None, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+        # Copies into parameters (and the distributed optimizer's views of them) are not for autograd.
+        with torch.no_grad():
+            unwrap(model).load_state_dict(loaded["model"], strict=True)
+            if with_optimizer:
+                optimizer.load_state_dict(loaded["optimizer"])
+            elif optimizer is not None:  # saved before the first step: a fresh optimizer on the loaded weights
+                _reset_optimizer(optimizer)
+    except (CheckpointingException, TorchCheckpointException, KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot load {path}: {_reason(e)} (was it saved with the same model config and TP/PP layout?)"
+        ) from e
+
+    if scheduler is not None and trainer_state.get("scheduler"):
+        # Megatron's load_state_dict *advances* the schedule by the saved step count: start from 0.
+        scheduler.num_steps = 0
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    if load_rng:
+        _load_rng(path / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    log.info("loaded checkpoint %s", path)
+    return trainer_state.get("extra", {})
+
+
+def _reset_optimizer(optimizer: MegatronOptimizer) -> None:
+    """Forget Adam's moments and copy the model's weights into fp32 master weights, if any."""
+    for _, inner in _inner_optimizers(optimizer):
+        inner.state.clear()
+    optimizer.reload_model_params()
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a load failed (torch.distributed.checkpoint wraps per-rank errors)."""
+    if isinstance(error, TorchCheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:300]
+
+
+def _check_layout(path: Path) -> dict:
+    """Fail early, with one line, on a directory that is not one of our checkpoints."""
+    if not path.is_dir():
+        root = path.parent
+        steps = saved_steps(root)
+        found = f"saved steps there: {steps}" if steps else "no checkpoints there"
+        raise CheckpointError(f"no checkpoint at {path} ({found}); check the run directory / step")
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+        raise CheckpointError(
+            f"{path} is not a Megatron distributed checkpoint (no valid metadata.json); "
+            "it is incomplete or was not written by save_checkpoint"
+        )
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {TRAINER_STATE}; the save was interrupted, use an earlier step") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / TRAINER_STATE} is not valid JSON ({e}); use an earlier step") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / TRAINER_STATE}: unknown checkpoint format {state.get('format') if isinstance(state, dict) else state!r}")
+    return state
+
+
+def _load_rng(path: Path) -> None:
+    if not path.is_file():
+        # A resume on more ranks than saved: the new ranks keep their seeded streams.
+        log.warning("no RNG state %s (different world size?); keeping this rank's seeded RNG", path)
+        return
+    # Our own file, holding numpy and python RNG tuples, which the weights-only loader refuses.
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and platform.has_cuda():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])

@@ -1,0 +1,412 @@
+"""Megatron forward/backward over micro-batches: the one implementation behind pretraining, SFT and RL.
+
+Data layout. A `Batch` holds right-padded sequences `tokens [B, S]` and a token-aligned
+`loss_mask [B, S]` (1 on the tokens the model is trained to predict, e.g. the response). The model
+predicts token t+1 from tokens[:t+1], so losses work on *targets* `tokens[:, 1:]` and on
+target-aligned tensors of width S-1: `logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])`,
+the layout `compute_logprobs` returns (and so the layout of old/ref logprobs).
+
+Loss normalisation (the convention every `loss_fn` follows):
+
+* A `loss_fn(logprobs, entropy, micro) -> (loss, metrics)` is called once per micro-batch and
+  returns that micro-batch's *share* of the whole batch's loss: it divides by a denominator of the
+  whole batch, `micro.num_tokens` (masked targets) or `micro.num_sequences`, never by a count of
+  its own micro-batch. Summed over micro-batches, the shares are the full-batch loss, so neither
+  the loss nor the gradient depends on `micro_batch_size`.
+* Megatron's schedules divide a `(loss, metrics)` return by the number of micro-batches (their
+  legacy "mean over micro-batches" mode; the `(loss, num_tokens, metrics)` mode would divide by the
+  micro-batch's own token count instead). We hand Megatron `loss * num_microbatches`, so its
+  division cancels and the gradient is exactly that of the sum of the shares.
+* Data parallelism: each DP rank runs its own `Batch`, and Megatron's DDP *averages* gradients over
+  the DP group. So that the average is the global token mean (and not a mean of per-rank means),
+  `micro.num_tokens` and `micro.num_sequences` are the counts over *all* DP ranks divided by the DP
+  size. With DP = 1 they are simply the batch's counts.
+* Metrics are different: each value in `metrics` is a plain mean over the micro-batch (e.g. the
+  clip fraction of its masked targets). `forward_backward` averages them over micro-batches and DP
+  ranks weighted by masked-target counts, which makes a per-token mean exact for the whole batch.
+  The reported `loss` is the sum of the shares, averaged over DP ranks: the global loss.
+
+Every rank returns the same metrics (the last pipeline stage computes them; they are broadcast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.utils import get_model_config
+
+from megatron_r1 import platform
+from megatron_r1.train.optim import current_lr
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences and what the loss needs about them (this data-parallel rank's part).
+
+    Per-token tensors (`old_logprobs`, `ref_logprobs`, 2-D `extras`) are target-aligned `[B, S-1]`,
+    as `compute_logprobs` returns them; a token-aligned `[B, S]` one (value t belongs to
+    tokens[:, t]) is shifted to the targets before the loss sees it. `extras` holds anything else
+    a custom loss needs, per sequence `[B]` or per token.
+    """
+
+    tokens: Tensor  # [B, S] int64
+    loss_mask: Tensor  # [B, S], 1 on tokens that are predicted (token-aligned)
+    advantages: Tensor | None = None  # [B] per sequence (GRPO)
+    old_logprobs: Tensor | None = None  # [B, S-1] log-probs of the policy that sampled (off-policy ratio)
+    ref_logprobs: Tensor | None = None  # [B, S-1] log-probs of the reference model (KL penalty)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2:
+            raise ValueError(f"Batch.tokens must be [B, S], got shape {tuple(self.tokens.shape)}")
+        if self.loss_mask.shape != self.tokens.shape:
+            raise ValueError(f"Batch.loss_mask {tuple(self.loss_mask.shape)} must match tokens {tuple(self.tokens.shape)}")
+        if self.tokens.shape[1] < 2:
+            raise ValueError("sequences need at least 2 tokens (one input, one target)")
+        for name, value in self._row_tensors().items():
+            if value.shape[0] != self.tokens.shape[0]:
+                raise ValueError(f"Batch.{name} has {value.shape[0]} rows, tokens have {self.tokens.shape[0]}")
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def _row_tensors(self) -> dict[str, Tensor]:
+        """Every per-sequence/per-token tensor (not the tokens and mask), by name."""
+        named = {f: getattr(self, f) for f in ("advantages", "old_logprobs", "ref_logprobs")}
+        named.update({f"extras[{k!r}]": v for k, v in self.extras.items()})
+        return {k: v for k, v in named.items() if v is not None}
+
+    def rows(self, index: slice) -> Batch:
+        """The sequences `index` selects, with everything that belongs to them."""
+
+        def pick(value):
+            return None if value is None else value[index]
+
+        return replace(
+            self,
+            tokens=self.tokens[index],
+            loss_mask=self.loss_mask[index],
+            advantages=pick(self.advantages),
+            old_logprobs=pick(self.old_logprobs),
+            ref_logprobs=pick(self.ref_logprobs),
+            extras={k: v[index] for k, v in self.extras.items()},
+        )
+
+    def split(self, parts: int) -> list[Batch]:
+        """`parts` contiguous mini-batches of near-equal size (e.g. PPO-style updates per rollout)."""
+        bounds = torch.linspace(0, self.size, parts + 1).round().long().tolist()
+        return [self.rows(slice(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+@dataclass
+class MicroBatch(Batch):
+    """What a loss function sees: one micro-batch (on the compute device) and whole-batch denominators.
+
+    Per-token fields are target-aligned `[b, S-1]`; `loss_mask` stays token-aligned like the
+    `Batch`'s, and `mask` is its target-aligned float view.
+    """
+
+    num_tokens: float = 1.0  # masked targets in the whole batch (summed over DP ranks, / DP size)
+    num_sequences: float = 1.0  # sequences in the whole batch (summed over DP ranks, / DP size)
+
+    @property
+    def targets(self) -> Tensor:
+        """[b, S-1]: the token each position predicts."""
+        return self.tokens[:, 1:]
+
+    @property
+    def mask(self) -> Tensor:
+        """[b, S-1] float: 1 where the target is trained on."""
+        return self.loss_mask[:, 1:].float()
+
+
+LossFn = Callable[[Tensor, Tensor | None, MicroBatch], tuple[Tensor, dict[str, Tensor | float]]]
+
+
+# --------------------------------------------------------------------------------------------
+# Vocab-parallel log-probabilities and entropy.
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) from vocab-parallel logits `[..., V/TP]`; exact under tensor parallelism.
+
+    Megatron's `vocab_parallel_cross_entropy` (= -logprob) all-reduces the max and the sum of
+    exponentials over the TP group. It works in place on an fp32 copy, so `logits` is untouched.
+    """
+    work = logits.clone() if logits.dtype == torch.float32 else logits.float()
+    return -tensor_parallel.vocab_parallel_cross_entropy(work, targets)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the full softmax from vocab-parallel logits `[..., V/TP]` -> `[...]`, differentiable.
+
+    H = log Z - sum_i p_i z_i with z = logits - max; the max and both sums run over the TP group.
+    """
+    z = logits.float()
+    group = parallel_state.get_tensor_model_parallel_group()
+    max_z = z.detach().amax(dim=-1, keepdim=True)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(max_z, op=dist.ReduceOp.MAX, group=group)
+    z = z - max_z  # a constant shift: no gradient needed through the max
+    exp_z = z.exp()
+    # Each rank holds part of the vocabulary: sum the partial sums (identity in the backward pass,
+    # since every TP rank computes the same downstream loss from the reduced value).
+    sum_exp = reduce_from_tensor_model_parallel_region(exp_z.sum(dim=-1), group)
+    sum_exp_z = reduce_from_tensor_model_parallel_region((exp_z * z).sum(dim=-1), group)
+    return sum_exp.log() - sum_exp_z / sum_exp
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batches.
+
+
+def _num_microbatches(batch_size: int, micro_batch_size: int) -> int:
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    micro_batch_size = min(micro_batch_size, batch_size)
+    n = -(-batch_size // micro_batch_size)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and batch_size % micro_batch_size:
+        # Pipeline stages exchange activations of a fixed [S, micro_batch_size, hidden] shape.
+        raise ValueError(
+            f"with pipeline parallelism the batch ({batch_size}) must split evenly into micro-batches of {micro_batch_size}"
+        )
+    return n
+
+
+def _dp_mean_denominators(batch: Batch) -> tuple[float, float]:
+    """Whole-batch masked-target and sequence counts, summed over DP ranks and divided by DP size."""
+    counts = torch.tensor(
+        [float(batch.loss_mask[:, 1:].sum()), float(batch.size)], dtype=torch.float64, device=platform.device()
+    )
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp > 1:
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        counts /= dp
+    return max(counts[0].item(), 1e-8), counts[1].item()
+
+
+def _to_targets(value: Tensor | None, seq_len: int, device: torch.device) -> Tensor | None:
+    """Move to the device; shift a token-aligned per-token tensor [b, S] to the targets [b, S-1]."""
+    if value is None:
+        return None
+    if value.dim() >= 2 and value.shape[1] == seq_len:
+        value = value[:, 1:]
+    return value.to(device)
+
+
+def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_sequences: float) -> Iterator[MicroBatch]:
+    device, S = platform.device(), batch.seq_len
+    for start in range(0, batch.size, micro_batch_size):
+        part = batch.rows(slice(start, start + micro_batch_size))
+        yield MicroBatch(
+            tokens=part.tokens.to(device, torch.long),
+            loss_mask=part.loss_mask.to(device),
+            advantages=_to_targets(part.advantages, S, device),
+            old_logprobs=_to_targets(part.old_logprobs, S, device),
+            ref_logprobs=_to_targets(part.ref_logprobs, S, device),
+            extras={k: _to_targets(v, S, device) for k, v in part.extras.items()},
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+        )
+
+
+def _forward(model: torch.nn.Module, tokens: Tensor) -> Tensor:
+    """Logits `[b, S, V/TP]` on the last pipeline stage, hidden states (sent onward) elsewhere."""
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    # No attention mask: the batch is right-padded, so causal attention never lets a real token see padding.
+    return model(tokens, position_ids, attention_mask=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward/backward.
+
+_WEIGHT, _LOSS = "__weight__", "loss"  # keys of the per-micro-batch records Megatron collects for us
+
+
+def forward_backward(
+    ddp_model: torch.nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    micro_batch_size: int,
+    forward_only: bool = False,
+    with_entropy: bool = False,
+) -> dict[str, float]:
+    """Run `loss_fn` over `batch` in micro-batches; accumulate gradients (unless `forward_only`).
+
+    Gradients land in the DDP buffers and are reduced over data-parallel ranks after the last
+    micro-batch, so call this once per optimizer step (after `zero_grad_buffer`), as `train_step` does.
+    `with_entropy` computes the per-target entropy for the loss (bonus or metric); else it is None.
+    Returns the loss_fn's metrics (token-weighted means over the batch and DP ranks), `loss` (the
+    whole-batch loss) and `num_tokens` (masked targets over all DP ranks).
+    """
+    config = get_model_config(ddp_model)
+    if parallel_state.get_context_parallel_world_size() != 1:
+        raise NotImplementedError("context parallelism needs the batch split along the sequence; not supported here")
+    if config.calculate_per_token_loss:
+        raise ValueError("set calculate_per_token_loss=False: losses arrive already normalised (see module docstring)")
+    num_microbatches = _num_microbatches(batch.size, micro_batch_size)
+    micro_batch_size = min(micro_batch_size, batch.size)
+    num_tokens, num_sequences = _dp_mean_denominators(batch)
+
+    def loss_closure(micro: MicroBatch, logits: Tensor) -> tuple[Tensor, dict]:
+        logits = logits[:, :-1]  # the last position predicts past the sequence
+        logprobs = token_logprobs(logits, micro.targets)
+        entropy = token_entropy(logits) if with_entropy else None
+        loss, metrics = loss_fn(logprobs, entropy, micro)
+        # Metrics are weighted by this micro-batch's masked targets; kept as tensors (no device sync
+        # per micro-batch) and reduced once in _reduce_metrics.
+        weight = micro.mask.sum().double()
+        reported = {k: torch.as_tensor(v).detach().double().mean() * weight for k, v in metrics.items()}
+        reported[_WEIGHT] = weight
+        reported[_LOSS] = loss.detach().double()
+        # Megatron divides what we return by num_microbatches; undo it (the loss is already a share).
+        return loss * num_microbatches, reported
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        micro = next(data_iterator)
+        return _forward(model, micro.tokens), partial(loss_closure, micro)
+
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        per_micro = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=_micro_batches(batch, micro_batch_size, num_tokens, num_sequences),
+            model=[ddp_model],
+            num_microbatches=num_microbatches,
+            seq_length=batch.seq_len,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+    metrics = _reduce_metrics(per_micro)
+    metrics["num_tokens"] = num_tokens * parallel_state.get_data_parallel_world_size()
+    return metrics
+
+
+def _reduce_metrics(per_micro: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Token-weighted means over micro-batches and DP ranks (the loss: a sum, then a DP mean);
+    then every pipeline stage gets the last stage's result."""
+    metrics: dict[str, float] | None = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        keys = sorted({k for m in per_micro for k in m} | {_WEIGHT, _LOSS})
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=platform.device())
+        for m in per_micro:
+            for i, k in enumerate(keys):
+                if k in m:
+                    sums[i] += m[k].to(sums)
+        dp = parallel_state.get_data_parallel_world_size()
+        if dp > 1:
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        totals = dict(zip(keys, sums.tolist()))
+        weight = totals.pop(_WEIGHT)
+        metrics = {k: v / weight if weight > 0 else 0.0 for k, v in totals.items()}
+        metrics[_LOSS] = totals[_LOSS] / dp
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [metrics]
+        dist.broadcast_object_list(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        metrics = box[0]
+    return metrics
+
+
+@torch.no_grad()
+def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int) -> Tensor:
+    """Forward-only log p(tokens[:, t+1] | tokens[:, :t+1]) -> `[B, S-1]` float32, on every rank.
+
+    Takes the DDP wrapper or the bare GPTModel. Exact under TP (vocab-parallel reduction); with
+    pipeline parallelism the last stage's result is broadcast, so every rank returns the same tensor.
+    """
+    batch = Batch(tokens=tokens, loss_mask=torch.zeros_like(tokens))
+    num_microbatches = _num_microbatches(batch.size, micro_batch_size)
+    micro_batch_size = min(micro_batch_size, batch.size)
+
+    def collect(micro: MicroBatch, logits: Tensor) -> tuple[Tensor, dict]:
+        lp = token_logprobs(logits[:, :-1], micro.targets)
+        return torch.zeros((), device=lp.device), {"logprobs": lp}
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        micro = next(data_iterator)
+        return _forward(model, micro.tokens), partial(collect, micro)
+
+    was_training = model.training
+    model.eval()
+    try:
+        per_micro = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=_micro_batches(batch, micro_batch_size, 1.0, 1.0),
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=batch.seq_len,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    finally:
+        model.train(was_training)
+
+    out = torch.empty(batch.size, batch.seq_len - 1, dtype=torch.float32, device=platform.device())
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        out = torch.cat([m["logprobs"] for m in per_micro]).float()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            out,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step, and the language-model loss.
+
+
+def train_step(
+    ddp_model: torch.nn.Module,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    batch: Batch,
+    loss_fn: LossFn,
+    micro_batch_size: int,
+    with_entropy: bool = False,
+) -> dict[str, float]:
+    """zero grads -> forward/backward over micro-batches -> clip + Adam step -> advance the lr schedule.
+
+    Metrics: everything `forward_backward` returns, plus `grad_norm` (before clipping), `lr` (the
+    rate this step used) and `update_successful` (0 when fp16 loss scaling skipped the step; the
+    schedule then does not advance, as in Megatron-LM).
+    """
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    lr = current_lr(optimizer)
+    metrics = forward_backward(ddp_model, batch, loss_fn, micro_batch_size, with_entropy=with_entropy)
+    update_successful, grad_norm, _num_zeros = optimizer.step()
+    if update_successful:
+        scheduler.step(1)
+    metrics.update(
+        grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+        lr=lr,
+        update_successful=float(bool(update_successful)),
+    )
+    return metrics
+
+
+def lm_loss_fn(logprobs: Tensor, entropy: Tensor | None, micro: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-mean negative log-likelihood over the masked targets of the whole batch (pretraining, SFT)."""
+    nll = -(logprobs * micro.mask).sum() / micro.num_tokens
+    return nll, {}
