@@ -171,6 +171,12 @@ class _DefaultStream:
     def query(self) -> bool:
         return True
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def __eq__(self, other) -> bool:
         return isinstance(other, _DefaultStream)
 
@@ -212,6 +218,19 @@ def _cuda_stand_ins() -> dict:
 _installed = False
 
 
+def install_cuda_stand_ins() -> None:
+    """Put the CPU meanings of `torch.cuda.*` in place. `setup()` does it once; call it again after
+    starting vLLM's CPU engine, whose worker replaces `torch.cuda.Stream`/`Event`/`stream`
+    process-wide with placeholders that Megatron's code cannot use."""
+    if has_cuda():
+        return
+    for name, value in _cuda_stand_ins().items():
+        setattr(torch.cuda, name, value)
+    # torch.cuda.random.* is what megatron.core.tensor_parallel.random imports by name.
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+
+
 def setup() -> None:
     """Prepare this process for Megatron-Core; idempotent. On CPU, installs the adaptation."""
     global _installed
@@ -224,11 +243,7 @@ def setup() -> None:
         _megatron_without_te()
     if has_cuda():
         return
-    for name, value in _cuda_stand_ins().items():
-        setattr(torch.cuda, name, value)
-    # torch.cuda.random.* is what megatron.core.tensor_parallel.random imports by name.
-    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
-    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
+    install_cuda_stand_ins()
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
