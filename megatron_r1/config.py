@@ -412,6 +412,10 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError("model.num_experts must be divisible by parallel.expert_model_parallel_size")
     if m.num_experts is not None and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         raise ConfigError("MoE with tensor parallelism needs parallel.sequence_parallel=true")
+    if m.arch == "deepseek_v3":
+        from megatron_r1.models.hf.deepseek_v3 import check_config  # what Hugging Face can express
+
+        check_config(m)
     if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:
         raise ConfigError("grpo.clip_eps_low and grpo.clip_eps_high must be >= 0")
 

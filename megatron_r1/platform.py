@@ -114,6 +114,8 @@ class CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _CPU
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
+        if func is torch.device and args and _is_cuda_device(args[0]):
+            return _CPU  # e.g. `with torch.device(torch.cuda.current_device()):` in yarn RoPE
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and "dtype" not in kwargs:
@@ -245,9 +247,14 @@ def setup() -> None:
         return
     install_cuda_stand_ins()
     from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.router import TopKRouter
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # Megatron wraps this tiny elementwise function in torch.compile (`jit_fuser`); on CPU the
+    # first call would spend seconds generating C++ for no measurable gain.
+    if hasattr(TopKRouter._apply_expert_bias, "__wrapped__"):
+        TopKRouter._apply_expert_bias = TopKRouter._apply_expert_bias.__wrapped__
     # Entered for the life of the process: every Megatron call from here on sees a CPU "cuda".
     mode = CudaToCpuMode()
     mode.__enter__()
