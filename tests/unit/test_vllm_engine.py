@@ -1,0 +1,277 @@
+"""The colocated vLLM engine on CPU: layout, sampling, logprobs, scoring, sleep, in-memory weights.
+
+Real vLLM and real transformers on tiny random models; one engine per model for the whole module.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from megatron_r1.config import RolloutConfig
+from megatron_r1.rollout.vllm_engine import (
+    VLLMEngine,
+    engine_group,
+    engine_layout,
+    engine_visible_devices,
+    owns_engine,
+)
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("vllm")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout (pure functions).
+
+
+def test_cpu_layout_one_engine_on_rank_zero():
+    assert engine_layout(1, 0, 1) == [[0]]
+    assert engine_layout(2, 0, 1) == [[0]]
+    assert owns_engine(0, 2, 0, 1) and not owns_engine(1, 2, 0, 1)
+    assert engine_group(1, 2, 0, 1) is None
+    with pytest.raises(ValueError, match="must be 1"):
+        engine_layout(2, 0, 2)
+
+
+def test_gpu_layout_groups_stay_inside_nodes():
+    assert engine_layout(16, 8, 1) == [[r] for r in range(16)]
+    assert engine_layout(16, 8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert engine_layout(16, 8, 8) == [list(range(8)), list(range(8, 16))]
+    assert engine_layout(4, 8, 2) == [[0, 1], [2, 3]]  # a job smaller than a node
+    leaders = [r for r in range(16) if owns_engine(r, 16, 8, 2)]
+    assert leaders == list(range(0, 16, 2))
+    assert engine_group(13, 16, 8, 4) == [12, 13, 14, 15]
+    with pytest.raises(ValueError, match="divide"):
+        engine_layout(16, 8, 3)
+    with pytest.raises(ValueError, match="whole number of nodes"):
+        engine_layout(12, 8, 1)
+
+
+def test_visible_devices_put_own_gpu_first():
+    assert engine_visible_devices(3, 8, 1) == "3"
+    assert engine_visible_devices(4, 8, 4) == "4,5,6,7"  # leader: its group for vLLM's workers
+    assert engine_visible_devices(5, 8, 4) == "5"
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny Qwen2 shared by the module.
+
+
+def tiny_qwen2(path, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, max_position_embeddings=512,
+        torch_dtype="float32",
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logprobs(model, seq: list[int]) -> torch.Tensor:
+    """log p(seq[j] | seq[:j]) for j >= 1 under a Hugging Face model."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0, :-1].double()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[1:])[:, None]).flatten().float()
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    return tiny_qwen2(path), str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(qwen):
+    threads = torch.get_num_threads()
+    engine = VLLMEngine(RolloutConfig(max_model_len=256), qwen[1])
+    engine.threads_before = threads
+    yield engine
+    engine.shutdown()
+
+
+PROMPTS = [[5, 17, 42], [7, 7, 300, 12, 99, 4], [1]]
+
+
+def test_start_gives_the_trainer_its_threads_back(engine):
+    assert torch.get_num_threads() == engine.threads_before
+    torch.set_num_threads(1)  # vLLM replaces this with a no-op; the engine puts the real one back
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(engine.threads_before)
+
+
+def test_generate_is_prompt_major_with_raw_logprobs(engine, qwen):
+    n = 3
+    out = engine.generate(PROMPTS, n=n, temperature=1.0, top_p=1.0, max_tokens=8)
+    assert len(out) == n * len(PROMPTS)
+    for k, r in enumerate(out):
+        assert r.prompt_index == k // n
+        assert r.prompt_ids == PROMPTS[k // n]
+        assert r.finish_reason == "length" and len(r.response_ids) == 8
+        assert len(r.logprobs) == len(r.response_ids)
+        # At temperature 1 the sampler's logprobs are the model's: compare with transformers.
+        ref = hf_logprobs(qwen[0], r.prompt_ids + r.response_ids)[len(r.prompt_ids) - 1 :]
+        assert torch.allclose(torch.tensor(r.logprobs), ref, atol=1e-4), (r.logprobs, ref)
+
+
+def test_logprobs_stay_raw_under_temperature_and_top_p(engine, qwen):
+    out = engine.generate(PROMPTS[:1], n=2, temperature=0.7, top_p=0.9, max_tokens=6)
+    for r in out:
+        ref = hf_logprobs(qwen[0], r.prompt_ids + r.response_ids)[len(r.prompt_ids) - 1 :]
+        assert torch.allclose(torch.tensor(r.logprobs), ref, atol=1e-4)
+
+
+def test_stop_token_ends_a_response_and_is_kept(engine):
+    greedy = engine.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_tokens=12)[0].response_ids
+    stop = greedy[4]
+    cut = greedy.index(stop)
+    out = engine.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_tokens=12, stop_token_ids=[stop])[0]
+    assert out.finish_reason == "stop"
+    assert out.response_ids == greedy[: cut + 1]
+
+
+def test_sampling_follows_torch_seed(engine):
+    def sample():
+        return [r.response_ids for r in engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=10)]
+
+    torch.manual_seed(123)
+    first = sample()
+    torch.manual_seed(123)
+    assert sample() == first
+    torch.manual_seed(124)
+    assert sample() != first
+
+
+def test_prompt_logprobs_match_transformers(engine, qwen):
+    seqs = [[3, 9, 27, 81, 243, 100, 7], [11, 12]]
+    out = engine.prompt_logprobs(seqs)
+    for seq, lp in zip(seqs, out):
+        assert lp.shape == (len(seq) - 1,)
+        assert torch.allclose(lp, hf_logprobs(qwen[0], seq), atol=1e-4)
+    tail = engine.prompt_logprobs(seqs[:1], prompt_lens=[4])[0]
+    assert torch.allclose(tail, out[0][3:])
+
+
+def test_sleep_and_wake_are_logged_no_ops_on_cpu(engine, caplog):
+    with caplog.at_level(logging.INFO, logger="megatron_r1.rollout.vllm_engine"):
+        engine.sleep()
+        engine.wake_up()
+        engine.sleep()
+    notes = [r for r in caplog.records if "no-ops" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO  # once per engine
+    assert engine.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_tokens=2)
+
+
+def test_load_weights_swaps_in_memory(engine, qwen):
+    model = qwen[0]
+    seq = [3, 1, 4, 1, 5, 9, 2, 6]
+    before = engine.prompt_logprobs([seq])[0]
+    new = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    engine.load_weights(iter(new.items()))
+    changed = engine.prompt_logprobs([seq])[0]
+    assert (changed - before).abs().max() > 1e-2
+    swapped = copy.deepcopy(model)
+    swapped.load_state_dict(new, strict=False)  # the head is tied to the embedding
+    assert torch.allclose(changed, hf_logprobs(swapped, seq), atol=1e-4)
+    engine.load_weights(model.state_dict().items())  # back to the module's weights
+    assert torch.allclose(engine.prompt_logprobs([seq])[0], before, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSeek-V3 (MLA + MoE) on the CPU engine.
+
+
+def tiny_deepseek_v3(path, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(
+        vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=None,
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,  # CPU MLA: 512 + 64
+        topk_method="noaux_tc", scoring_func="sigmoid", max_position_embeddings=512,
+        tie_word_embeddings=False, num_nextn_predict_layers=0, torch_dtype="float32",
+    )
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(path)
+
+
+def test_deepseek_v3_loads_generates_and_hot_swaps(tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_deepseek_v3(tmp_path)
+    base = load_file(tmp_path / "model.safetensors")  # checkpoint names: experts one by one
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in base
+    engine = VLLMEngine(RolloutConfig(max_model_len=256), str(tmp_path))
+    out = engine.generate([[1, 2, 3]], n=2, temperature=1.0, top_p=1.0, max_tokens=6)
+    assert [len(r.response_ids) for r in out] == [6, 6]
+    assert all(0 <= t < 512 for r in out for t in r.response_ids)
+
+    seq = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+    before = engine.prompt_logprobs([seq])[0]
+    engine.load_weights((k, v + 0.05 * torch.randn_like(v)) for k, v in base.items())
+    assert (engine.prompt_logprobs([seq])[0] - before).abs().max() > 1e-2
+    # The router's expert bias is loaded too (it moves with Megatron's aux-loss-free balancing).
+    biased = {k: (v + 1.0 * torch.arange(8) if k.endswith("e_score_correction_bias") else v) for k, v in base.items()}
+    engine.load_weights(biased.items())
+    assert (engine.prompt_logprobs([seq])[0] - before).abs().max() > 1e-3
+    engine.load_weights(base.items())
+    assert torch.allclose(engine.prompt_logprobs([seq])[0], before, atol=1e-6)
+    engine.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Two gloo ranks: one engine on rank 0, the trainer's collectives unaffected.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank: int, port: int, model_dir: str, results) -> None:
+    import torch.distributed as dist
+
+    from megatron_r1 import platform
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    platform.setup()  # as in training: the CPU adaptation is active while vLLM runs
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    before = dist.new_group([0, 1])
+    out = None
+    if owns_engine(rank, 2, 0, 1):
+        engine = VLLMEngine(RolloutConfig(max_model_len=128), model_dir)
+        out = engine.generate([[1, 2, 3]], n=2, temperature=1.0, top_p=1.0, max_tokens=4)
+        out = [r.response_ids for r in out]
+    # The trainer's world is intact: same size, groups made before and after the engine work.
+    after = dist.new_group([0, 1])
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total, group=before)
+    dist.all_reduce(total, group=after)
+    box = [out]
+    dist.broadcast_object_list(box, src=0)
+    results.put((rank, dist.get_world_size(), float(total), box[0]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_engine_on_rank_zero_of_two_gloo_ranks(qwen):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, qwen[1], results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [g[:3] for g in got] == [(0, 2, 6.0), (1, 2, 6.0)]
+    assert got[0][3] == got[1][3] and len(got[0][3]) == 2 and all(len(r) == 4 for r in got[0][3])
