@@ -1,0 +1,403 @@
+"""The GRPO loop (DeepSeek-R1-Zero): rollout -> reward -> advantages -> logprobs -> update -> sync.
+
+Read `run` top to bottom: it is the algorithm. Megatron-Core holds the policy (any TP/PP/EP);
+the colocated vLLM engine on the main rank samples the rollouts and receives every new policy in
+memory; the other ranks take part in the collectives (logprobs, update, weight gathering).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_r1 import distributed, platform
+from megatron_r1.algorithms import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_loss
+from megatron_r1.algorithms.sampling import GroupAccumulator
+from megatron_r1.config import StageConfig, to_dict
+from megatron_r1.data.prompts import PromptSampler, load_prompts
+from megatron_r1.data.templates import TEMPLATES
+from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.models.build import build_model, num_parameters
+from megatron_r1.models.hf.base import export_hf_tensors, load_hf, read_hf_config, save_hf
+from megatron_r1.rewards.reward_fn import RewardFn
+from megatron_r1.rollout.vllm_engine import VLLMEngine
+from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync
+from megatron_r1.train import checkpoint as ckpt
+from megatron_r1.train.evaluate import evaluate
+from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
+from megatron_r1.train.optim import build_optimizer
+from megatron_r1.train.step import Batch, compute_logprobs, train_step
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: base model, policy (+ reference), engine, data, rewards.
+
+
+def _base_model_dir(cfg: StageConfig) -> Path:
+    """The Hugging Face directory the policy starts from; pretrains the tiny base when asked to."""
+    hf_dir = Path(cfg.checkpoint.load_hf)
+    if not cfg.checkpoint.load_hf:
+        raise FileNotFoundError("checkpoint.load_hf is empty: name the Hugging Face base model directory")
+    base_stage = cfg.extra.get("base_stage")
+    if base_stage and not (hf_dir / "config.json").exists():
+        from megatron_r1.train.pretrain import ensure_base_model
+
+        log.info("no base model at %s: pretraining it with %s", hf_dir, base_stage)
+        ensure_base_model(base_stage, list(cfg.extra.get("base_overrides", [])))
+        distributed.init_model_parallel(cfg.parallel, cfg.seed)
+    if not (hf_dir / "config.json").exists():
+        raise FileNotFoundError(f"no Hugging Face model at {hf_dir} (config.json missing)")
+    return hf_dir
+
+
+def _build_policy(cfg: StageConfig, hf_dir: Path):
+    model_cfg = dataclasses.replace(
+        read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe
+    )
+    model = build_model(model_cfg, cfg.parallel)
+    load_hf(model, model_cfg, hf_dir)
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps)
+    reference = None
+    if cfg.grpo.kl_beta > 0:  # beta = 0 skips the reference model: no memory, no forward
+        reference = build_model(model_cfg, cfg.parallel)
+        load_hf(reference, model_cfg, hf_dir)
+        reference.eval().requires_grad_(False)
+    return model_cfg, model, ddp, optimizer, scheduler, reference
+
+
+def _engine_call(engine, method: str, *args) -> None:
+    """Sleep/wake the engine on the rank that owns it (a logged no-op on CPU)."""
+    if engine is not None:
+        getattr(engine, method)(*args)
+
+
+def _broadcast(obj, src: int = 0):
+    """Send a picklable object from the engine rank to every rank (no-op in a 1-rank job)."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# One phase per function.
+
+
+def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
+    """Sample G responses per prompt and score them. With dynamic sampling, groups whose rewards
+    are all equal (no signal: zero advantage) are dropped and more prompts are sampled until the
+    batch is full or the round cap is reached."""
+    g = cfg.rollout.n_samples_per_prompt
+    dynamic = cfg.grpo.dynamic_sampling
+    acc = GroupAccumulator(cfg.grpo.prompts_per_step, cfg.grpo.max_sampling_rounds if dynamic else 1)
+    failures, timings = 0, {"rollout": 0.0, "reward": 0.0}
+    while not acc.done:
+        prompts = sampler.next_batch()
+        t0 = time.perf_counter()
+        rollouts = None
+        if engine is not None:
+            # Seeded per step so that a resumed run samples exactly what an uninterrupted one would.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + acc.rounds)
+            out = engine.generate(
+                [p.prompt_ids for p in prompts],
+                n=g,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_tokens=cfg.rollout.max_response_tokens,
+                stop_token_ids=[tokenizer.eos_token_id],
+            )
+            rollouts = [(r.prompt_ids, r.response_ids, r.finish_reason) for r in out]
+        rollouts = _broadcast(rollouts)
+        timings["rollout"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        texts = [tokenizer.decode(resp, skip_special_tokens=False).replace(tokenizer.eos_token, "") for _, resp, _ in rollouts]
+        items = [prompts[i // g] for i in range(len(rollouts))]
+        scored = reward_fn([p.prompt for p in items], texts, [p.as_reward_item() for p in items])
+        rewards = scored.total.clone()
+        lengths = torch.tensor([len(resp) for _, resp, _ in rollouts], dtype=torch.float32)
+        if cfg.grpo.overlong_buffer_tokens > 0:
+            rewards += overlong_penalty(lengths, cfg.rollout.max_response_tokens, cfg.grpo.overlong_buffer_tokens, cfg.grpo.overlong_penalty)
+        failures += scored.failures
+        timings["reward"] += time.perf_counter() - t0
+
+        groups = [
+            {
+                "rollouts": rollouts[i * g : (i + 1) * g],
+                "lengths": lengths[i * g : (i + 1) * g],
+                "components": {k: v[i * g : (i + 1) * g] for k, v in scored.components.items()},
+            }
+            for i in range(len(prompts))
+        ]
+        acc.add(rewards.view(-1, g), groups, keep=None if dynamic else torch.ones(len(prompts), dtype=torch.bool))
+    groups, rewards = acc.result()
+    batch = {
+        "rollouts": [r for grp in groups for r in grp["rollouts"]],
+        "rewards": rewards.flatten(),
+        "lengths": torch.cat([grp["lengths"] for grp in groups]) if groups else torch.zeros(0),
+        "components": {k: torch.cat([grp["components"][k] for grp in groups]) for k in (groups[0]["components"] if groups else {})},
+    }
+    stats = {"reward/failures": float(failures), **{f"sampling/{k}": float(v) for k, v in acc.stats().items()}}
+    return batch, stats, timings
+
+
+def make_batch(rollouts, advantages, pad_id) -> Batch:
+    """Right-padded prompt+response tokens; the loss covers response tokens only."""
+    width = max(len(p) + len(r) for p, r, _ in rollouts)
+    tokens = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rollouts), width), dtype=torch.float32)
+    for i, (prompt, response, _) in enumerate(rollouts):
+        seq = prompt + response
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        mask[i, len(prompt) : len(seq)] = 1.0
+    return Batch(tokens=tokens, loss_mask=mask, advantages=advantages.float())
+
+
+def grpo_loss_fn(cfg: StageConfig):
+    """The GRPO objective for one micro-batch. Losses are divided by whole-batch denominators
+    (`micro.num_tokens` / `micro.num_sequences`), so micro-batch losses add up to the batch loss."""
+    g = cfg.grpo
+    max_tokens = cfg.rollout.max_response_tokens
+
+    def loss_fn(logprobs, entropy, micro):
+        mask = micro.mask
+        denominator = micro.num_tokens if g.loss_agg == "token-mean" else micro.num_sequences
+        # On-policy (one update per rollout): the sampling policy IS the current one, so the ratio
+        # is exactly 1 and only its gradient matters: no separate old-logprob forward is needed.
+        old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        loss, metrics = policy_loss(
+            logprobs, old, micro.advantages, mask,
+            clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,
+            loss_agg=g.loss_agg, max_response_tokens=max_tokens, global_denominator=denominator,
+        )
+        if g.kl_beta > 0:
+            kl = kl_penalty(logprobs, micro.ref_logprobs, g.kl_estimator)
+            loss = loss + g.kl_beta * aggregate(kl, mask, g.loss_agg, max_tokens, denominator)
+            metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+        if entropy is not None:
+            metrics["entropy"] = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+            if g.entropy_coeff:
+                loss = loss - g.entropy_coeff * aggregate(entropy, mask, g.loss_agg, max_tokens, denominator)
+        return loss, metrics
+
+    return loss_fn
+
+
+def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch) -> dict:
+    """Reference logprobs (if beta > 0), then the policy update in `updates_per_rollout` mini-batches."""
+    mb = cfg.grpo.micro_batch_size
+    if cfg.grpo.kl_beta > 0:
+        batch.ref_logprobs = compute_logprobs(reference, batch.tokens, mb)
+    if cfg.grpo.updates_per_rollout > 1:  # later mini-batches are off-policy: keep the sampler's logprobs
+        batch.old_logprobs = compute_logprobs(ddp, batch.tokens, mb)
+    metrics: dict[str, float] = {}
+    parts = batch.split(cfg.grpo.updates_per_rollout)
+    for part in parts:
+        out = train_step(ddp, optimizer, scheduler, part, grpo_loss_fn(cfg), mb, with_entropy=True)
+        for k, v in out.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / len(parts)
+    return metrics
+
+
+def sync_phase(model, model_cfg, syncer, probe, step: int, probe_every: int) -> dict:
+    """Stream HF-named full tensors into the engine (bucketed), then check logprob parity."""
+    s = syncer.sync(export_hf_tensors(model, model_cfg))  # ranks without an engine only gather
+    stats = {"sync/seconds": s.seconds, "sync/gb_per_s": s.gb_per_s, "sync/buckets": float(s.buckets)}
+    if probe_every and step % probe_every == 0:
+        stats.update(probe.check())
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+
+
+def run(cfg: StageConfig) -> dict:
+    """Run R1-Zero GRPO as configured; returns the summary (also written to summary.json)."""
+    wall_start = time.perf_counter()
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    main = distributed.is_main()
+    run_dir = Path(cfg.logging.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    hf_dir = _base_model_dir(cfg)
+    tokenizer = load_tokenizer(hf_dir)
+
+    model_cfg, model, ddp, optimizer, scheduler, reference = _build_policy(cfg, hf_dir)
+    train_set = load_prompts(cfg.data, "train", tokenizer)
+    eval_set = load_prompts(cfg.data, "eval", tokenizer)
+    sampler = PromptSampler(train_set, cfg.grpo.prompts_per_step, seed=cfg.seed)
+    reward_fn = RewardFn(cfg.reward)
+    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
+
+    start_step, prior_wall, base_accuracy = 0, 0.0, None
+    if cfg.checkpoint.resume and (latest := ckpt.latest_step(ckpt_dir)) is not None:
+        extra = ckpt.load_checkpoint(ckpt_dir, latest, ddp, optimizer, scheduler)
+        sampler.load_state_dict(extra["sampler"])
+        start_step, prior_wall, base_accuracy = latest, extra["wall_seconds"], extra.get("base_accuracy")
+        metrics.truncate_after(latest)
+        if main:
+            log.info("resumed from %s at step %d", ckpt_dir, latest)
+
+    engine = VLLMEngine(cfg.rollout, str(hf_dir)) if main else None  # one engine, on rank 0
+    platform.install_cuda_stand_ins()  # vLLM's CPU worker replaces torch.cuda's streams/events
+    syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
+    if main:
+        log.info("policy: %s parameters on %s; engine ready", f"{num_parameters(model):,}", platform.describe())
+    probe = _make_probe(cfg, engine, tokenizer, eval_set, model)
+    if start_step > 0:  # the engine loaded the base weights; bring it to the resumed policy
+        sync_phase(model, model_cfg, syncer, probe, 0, 1)
+
+    def run_eval(step: int) -> dict:
+        result = None
+        if main:
+            result = evaluate(engine, tokenizer, eval_set.items, reward_fn, cfg.rollout.max_response_tokens, cfg.logging.eval_samples, cfg.rollout.temperature)
+        result = _broadcast(result)
+        return result
+
+    if base_accuracy is None:
+        base = run_eval(0)
+        base_accuracy = base.accuracy
+        metrics.log(0, base.metrics(cfg.logging.eval_samples))
+        if main:
+            log.info("base model: held-out accuracy %.1f %%, format %.1f %%, %.1f tokens; e.g. %r",
+                     100 * base.accuracy, 100 * base.format_rate, base.length_mean, base.samples[0]["response"][:120])
+
+    timer = PhaseTimer()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="GRPO", disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
+    last_eval = None
+    for step in bar:
+        # 1-2. rollout and reward
+        sampled, sampling_stats, timings = rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step)
+        for phase, seconds in timings.items():
+            timer.seconds[phase] += seconds
+        if not sampled["rollouts"]:  # dynamic sampling found no group with signal: nothing to learn
+            metrics.log(step + 1, {**sampling_stats, **timer.finish()})
+            continue
+        rollouts, rewards, lengths, components = sampled["rollouts"], sampled["rewards"], sampled["lengths"], sampled["components"]
+        # 3. advantages
+        advantages = group_advantages(rewards, cfg.rollout.n_samples_per_prompt, scale_by_std=cfg.grpo.scale_advantages_by_std)
+        batch = make_batch(rollouts, advantages, tokenizer.pad_token_id)
+        # 4-5. logprobs and policy update, with the engine's GPU memory handed to the trainer
+        _engine_call(engine, "sleep")
+        with timer("train"):
+            train_metrics = update_phase(cfg, ddp, optimizer, scheduler, reference, batch)
+        # 6. weight sync into the engine (weights first, then its KV cache comes back)
+        _engine_call(engine, "wake_up", ["weights"])
+        with timer("sync"):
+            sync_metrics = sync_phase(model, model_cfg, syncer, probe, step + 1, cfg.rollout.probe_every)
+        _engine_call(engine, "wake_up", ["kv_cache"])
+        # 7. metrics, evaluation, checkpoint
+        row = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
+            **sampling_stats,
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/clipped_ratio": sum(r[2] == "length" for r in rollouts) / len(rollouts),
+            "perf/tokens_per_s": float(lengths.sum()) / max(timer.seconds["rollout"], 1e-9),
+            **{f"train/{k}": v for k, v in train_metrics.items()},
+            **sync_metrics,
+        }
+        done = step + 1
+        if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 or done == cfg.steps:
+            with timer("eval"):
+                last_eval = run_eval(done)
+            row.update(last_eval.metrics(cfg.logging.eval_samples))
+        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == cfg.steps:
+            with timer("checkpoint"):
+                wall = prior_wall + time.perf_counter() - wall_start
+                ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
+                                     {"sampler": sampler.state_dict(), "wall_seconds": wall, "base_accuracy": base_accuracy},
+                                     keep_last=cfg.checkpoint.keep_last)
+        row.update(timer.finish())
+        row["time/wall"] = prior_wall + time.perf_counter() - wall_start
+        metrics.log(done, row)
+        bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=f"{row.get('reward/accuracy', 0):.2f}", len=f"{row['response/length_mean']:.0f}")
+    bar.close()
+
+    if last_eval is None:  # resumed at the end: evaluate what we have
+        last_eval = run_eval(cfg.steps)
+    summary = _finish(cfg, run_dir, model, model_cfg, hf_dir, metrics, base_accuracy, last_eval, prior_wall + time.perf_counter() - wall_start)
+    return summary
+
+
+def _make_probe(cfg, engine, tokenizer, eval_set, model):
+    """The logprob parity probe: a fixed batch scored by vLLM and by the trainer after each sync."""
+    if not cfg.rollout.probe_every:
+        return None
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in eval_set.items[: cfg.rollout.probe_prompts]]
+
+    def trainer_logprobs(sequences):
+        width = max(len(s) for s in sequences)
+        tokens = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            tokens[i, : len(s)] = torch.tensor(s)
+        lp = compute_logprobs(model, tokens, cfg.grpo.micro_batch_size)
+        return [lp[i, : len(s) - 1] for i, s in enumerate(sequences)]
+
+    return ParityProbe(engine, trainer_logprobs, prompts, cfg.rollout.probe_threshold)
+
+
+def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall) -> dict:
+    """Export the policy, write summary.json and plot.png, print the table."""
+    if cfg.checkpoint.export_hf:
+        save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=base_dir)
+    metrics.close()
+    if not distributed.is_main():
+        return {}
+    from megatron_r1.train.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "time/step" in r]
+    phases = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("time/") and k not in ("time/step", "time/wall"):
+                phases[k[5:]] = phases.get(k[5:], 0.0) + v
+    task = {"name": cfg.data.task, "options": cfg.data.task_options} if cfg.data.source == "reasoning_gym" else {"name": "jsonl", "path": cfg.data.train_path}
+    summary = {
+        "base_accuracy": base_accuracy,
+        "final_accuracy": final.accuracy,
+        "final_maj_accuracy": final.maj_accuracy,
+        "final_format_rate": final.format_rate,
+        "final_response_length": final.length_mean,
+        "steps": cfg.steps,
+        "wall_seconds": round(wall, 1),
+        "seconds_by_phase": {k: round(v, 1) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
+        "task": task,
+        "eval_size": cfg.data.eval_size,
+        "prompt_template": TEMPLATES[cfg.data.template],
+        "base_model": str(base_dir),
+        "examples": final.samples,
+        "config": to_dict(cfg),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_run(run_dir / "metrics.jsonl", run_dir / "plot.png", title=f"R1-Zero GRPO on {task['name']} ({cfg.steps} steps)")
+    _print_table(summary, run_dir)
+    return summary
+
+
+def _print_table(s: dict, run_dir: Path) -> None:
+    lines = [
+        "",
+        f"R1-Zero finished: {run_dir}",
+        f"  held-out accuracy   base {100 * s['base_accuracy']:5.1f} %  ->  final {100 * s['final_accuracy']:5.1f} %  (maj@k {100 * s['final_maj_accuracy']:.1f} %)",
+        f"  format rate         {100 * s['final_format_rate']:.1f} %",
+        f"  response length     {s['final_response_length']:.1f} tokens",
+        f"  steps               {s['steps']}",
+        f"  wall time           {s['wall_seconds']:.0f} s",
+        "  time by phase       " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds_by_phase"].items()),
+        f"  plot                {run_dir / 'plot.png'}",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
