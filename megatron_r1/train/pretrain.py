@@ -1,0 +1,142 @@
+"""Pretrain the tiny base model that the CPU R1-Zero run starts from.
+
+1. Train a BPE tokenizer on R1-template task text (`data.tokenizer`).
+2. Pretrain a small dense Megatron model on a stream of R1-template examples (`data.tiny_corpus`):
+   question, then either worked steps or a direct answer inside <think>, then <answer>. The share
+   of worked-step examples is annealed from `worked_share_start` to `worked_share_end`, so the
+   base mostly answers directly (low accuracy, short responses) but has seen the long form: the
+   latent behaviour that GRPO can select, as in the R1-Zero paper's picture of accuracy and
+   response length rising together. With too few worked examples RL finds nothing to select.
+3. Save the result in Hugging Face format (weights, config, tokenizer) to `<run_dir>/hf`.
+
+The result is cached: `ensure_base_model` reuses `<run_dir>/hf` when it is already complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron.core import parallel_state
+
+from megatron_r1 import distributed
+from megatron_r1.config import StageConfig, load_config, to_dict
+from megatron_r1.data.tiny_corpus import CorpusStream, tokenizer_training_texts
+from megatron_r1.data.tokenizer import load_tokenizer, train_tokenizer
+from megatron_r1.models.build import build_model, num_parameters
+from megatron_r1.models.hf.base import save_hf
+from megatron_r1.train.metrics import MetricsLogger
+from megatron_r1.train.optim import build_optimizer
+from megatron_r1.train.step import Batch, lm_loss_fn, train_step
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = "pretrain_done.json"
+
+
+def ensure_base_model(stage_config: str | Path, overrides: list[str] | None = None) -> Path:
+    """The HF directory of the pretrained tiny base model, pretraining it first if needed."""
+    cfg = load_config(stage_config, overrides or [])
+    hf_dir = Path(cfg.logging.run_dir) / "hf"
+    if not (Path(cfg.logging.run_dir) / DONE_MARKER).exists():
+        run(cfg)
+    return hf_dir
+
+
+def _encode_examples(tokenizer, stream, n: int, seq_len: int) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per example; the completion ends with eos."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt, completion in (next(stream) for _ in range(n)):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = prompt_ids + tokenizer.encode(completion, add_special_tokens=False) + [eos]
+        out.append((ids[:seq_len], len(prompt_ids)))
+    return out
+
+
+def _pad(examples: list[tuple[list[int], int]], pad_id: int) -> Batch:
+    """Right-padded batch whose loss covers the completions only: the question's digits are random,
+    so predicting them is irreducible noise that would drown the arithmetic we want learned."""
+    width = max(len(ids) for ids, _ in examples)
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.float32)
+    for i, (ids, prompt_len) in enumerate(examples):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        mask[i, prompt_len : len(ids)] = 1.0
+    return Batch(tokens=tokens, loss_mask=mask)
+
+
+def run(cfg: StageConfig) -> Path:
+    """Train the tokenizer and the base model; returns the Hugging Face output directory."""
+    extra = cfg.extra
+    run_dir = Path(cfg.logging.run_dir)
+    hf_dir = run_dir / "hf"
+    tok_dir = run_dir / "tokenizer"
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    main = distributed.is_main()
+    torch.manual_seed(cfg.seed)
+
+    # Every rank trains the same tokenizer from the same seed: cheaper than broadcasting files.
+    texts = tokenizer_training_texts(int(extra.get("tokenizer_texts", 20000)), seed=int(extra.get("corpus_seed", 100000)))
+    tokenizer = train_tokenizer(texts, int(extra.get("tokenizer_vocab_size", cfg.model.vocab_size)), tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.vocab_size={cfg.model.vocab_size}")
+
+    model = build_model(cfg.model, cfg.parallel)
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps)
+    if main:
+        log.info("pretraining the tiny base model: %d parameters, up to %d steps", num_parameters(model), cfg.steps)
+
+    batch_size = int(extra.get("batch_size", 32))
+    seq_len = int(extra.get("seq_len", 160))
+    budget = float(extra.get("time_budget_s", 300))
+    stream = iter(
+        CorpusStream(
+            task=cfg.data.task,
+            task_options=cfg.data.task_options,
+            # Tensor/pipeline peers must see the same examples; data-parallel ranks different ones.
+            seed=int(extra.get("corpus_seed", 100000)) + 7919 * parallel_state.get_data_parallel_rank(),
+            worked_share_start=float(extra.get("worked_share_start", 0.5)),
+            worked_share_end=float(extra.get("worked_share_end", 0.05)),
+            total_examples=cfg.steps * batch_size,
+        )
+    )
+    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
+    metrics.path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
+    steps_done = 0
+    loss = float("nan")
+    for step in bar:
+        batch = _pad(_encode_examples(tokenizer, stream, batch_size, seq_len), tokenizer.pad_token_id)
+        out = train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, micro_batch_size=batch_size)
+        loss = float(out["loss"])
+        steps_done = step + 1
+        if step % 10 == 0:
+            metrics.log(step, {"pretrain/loss": loss, "pretrain/lr": out.get("lr", 0.0), "pretrain/grad_norm": out.get("grad_norm", 0.0)})
+            bar.set_postfix(loss=f"{loss:.3f}")
+        if time.perf_counter() - start > budget:
+            if main:
+                log.info("pretraining time budget (%.0f s) reached after %d steps", budget, steps_done)
+            break
+    bar.close()
+    metrics.close()
+
+    save_hf(model, cfg.model, hf_dir, tokenizer_dir=tok_dir)
+    if main:
+        summary = {
+            "steps": steps_done,
+            "final_loss": loss,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "parameters": num_parameters(model),
+            "config": to_dict(cfg),
+        }
+        (run_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
+        log.info("tiny base model saved to %s (loss %.3f after %d steps)", hf_dir, loss, steps_done)
+    return hf_dir
