@@ -220,7 +220,9 @@ class VLLMEngine:
         else:
             kwargs.update(self._cpu_kwargs())
 
-        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        # torch._C's original, not `torch.set_num_threads`: an earlier engine in this process may
+        # already have replaced that one with vLLM's no-op.
+        threads, set_threads = torch.get_num_threads(), torch._C.set_num_threads
         from vllm import LLM
         from vllm.distributed import parallel_state
 
