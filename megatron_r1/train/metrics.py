@@ -107,7 +107,7 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, title: str = "") ->
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (key, label) in zip(axes, panels):
         x, y = series(key)
-        ax.plot(x, y, marker="o" if key.startswith("eval") else None, markersize=4)
+        ax.plot(x, y, marker="o" if key.startswith("eval") else None, markersize=4, label="pass@1")
         ax.set_xlabel("RL step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -115,8 +115,7 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, title: str = "") ->
             xm, ym = series("eval/maj_accuracy")
             if xm:
                 ax.plot(xm, ym, marker="s", markersize=3, alpha=0.7, label="maj@k")
-                ax.plot([], [], label="pass@1")
-                ax.legend(["pass@1", "maj@k"])
+                ax.legend()
             ax.set_ylim(0, 1)
     if title:
         fig.suptitle(title)
