@@ -257,7 +257,7 @@ def forward_backward(
     """
     config = get_model_config(ddp_model)
     if parallel_state.get_context_parallel_world_size() != 1:
-        raise NotImplementedError("context parallelism needs the batch split along the sequence; not supported here")
+        raise ValueError("parallel.context_parallel_size > 1 is not supported by the training step (the batch would need splitting along the sequence); set it to 1")
     if config.calculate_per_token_loss:
         raise ValueError("set calculate_per_token_loss=False: losses arrive already normalised (see module docstring)")
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
