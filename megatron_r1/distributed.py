@@ -52,7 +52,8 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (single-process runs and multi-process tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -77,7 +78,7 @@ def read_env(environ: dict | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
-    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=_free_port())
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port())
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: DistEnv | None = None) -> DistEnv:

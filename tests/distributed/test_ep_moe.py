@@ -10,7 +10,6 @@ assertions run in the parent.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -18,10 +17,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from megatron_r1.config import ModelConfig, ParallelConfig, load_config
-from megatron_r1.distributed import destroy, init_distributed
+from megatron_r1.distributed import destroy, free_port, init_distributed
 from megatron_r1.models.build import build_model
 from megatron_r1.models.hf import export_hf_tensors, load_hf
 from megatron_r1.models.hf.deepseek_v3 import ADAPTER
+from tests.unit.test_hf_deepseek_v3 import make_hf_checkpoint
 
 WORLD = 2
 SEQ = 24
@@ -34,21 +34,6 @@ def tiny() -> ModelConfig:
 def batches(cfg: ModelConfig) -> torch.Tensor:
     """One [2, SEQ] batch of token ids per rank."""
     return torch.randint(0, cfg.vocab_size, (WORLD, 2, SEQ), generator=torch.Generator().manual_seed(7))
-
-
-def make_hf_checkpoint(cfg: ModelConfig, out: Path) -> Path:
-    """Random DeepseekV3ForCausalLM with a non-zero router correction bias, saved as a HF directory."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    hf_cfg = {k: v for k, v in ADAPTER.hf_config(cfg).items() if k not in ("architectures", "model_type")}
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_cfg))
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(0.1 * torch.randn_like(buf))
-    model.save_pretrained(out)
-    return out
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -74,16 +59,11 @@ def _worker(rank: int, port: int, hf_dir: str, out_dir: str) -> None:
         destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ep2_matches_single_process(tmp_path):
     cfg = tiny()
     hf_dir = make_hf_checkpoint(cfg, tmp_path / "hf")
-    mp.spawn(_worker, args=(_free_port(), str(hf_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(hf_dir), str(tmp_path)), nprocs=WORLD, join=True)
 
     # The reference: the whole model in this process (EP=1, every expert local).
     init_distributed(ParallelConfig())

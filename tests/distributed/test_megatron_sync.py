@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from megatron_r1.distributed import free_port
 
 PROMPTS = [[11, 12, 13, 14], [200, 17, 5], [42] * 6]
 NEW_TOKENS = 12
@@ -27,11 +28,6 @@ LAYOUTS = {
     "moe_ep2": ("tiny_moe", 2, {"expert_model_parallel_size": 2}),
 }
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _job(rank: int, world: int, port: int, preset: str, parallel: dict, out: str) -> None:
@@ -83,7 +79,7 @@ def _hf_greedy(model_dir: Path) -> list[list[int]]:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_engine_generates_what_the_trained_policy_generates(layout, tmp_path):
     preset, world, parallel = LAYOUTS[layout]
-    mp.spawn(_job, args=(world, _free_port(), preset, parallel, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_job, args=(world, free_port(), preset, parallel, str(tmp_path)), nprocs=world, join=True)
     engine = json.loads((tmp_path / "engine.json").read_text())
     assert engine["buckets"] > 1  # streamed in several buckets
     after = _hf_greedy(tmp_path / "after")

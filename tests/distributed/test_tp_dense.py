@@ -18,7 +18,6 @@ model loaded from the same HF weights:
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from megatron_r1.config import ModelConfig, ParallelConfig, load_config
+from megatron_r1.distributed import free_port
 
 WORLD = 2
 CONFIGS = {
@@ -129,11 +129,6 @@ def _worker(rank: int, port: int, hf_dirs: dict[str, str], out_dir: str) -> None
         destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -141,7 +136,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_dense")
     configs = {**CONFIGS, "moe": moe_config()}
     hf_dirs = {key: str(make_hf_checkpoint(cfg, tmp / key, seed=i)) for i, (key, cfg) in enumerate(configs.items())}
-    mp.spawn(_worker, args=(_free_port(), hf_dirs, str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), hf_dirs, str(tmp)), nprocs=WORLD, join=True)
     return hf_dirs, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

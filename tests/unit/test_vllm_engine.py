@@ -8,13 +8,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from megatron_r1.config import RolloutConfig
+from megatron_r1.distributed import free_port
 from megatron_r1.rollout.vllm_engine import (
     VLLMEngine,
     engine_group,
@@ -230,11 +230,6 @@ def test_deepseek_v3_loads_generates_and_hot_swaps(tmp_path):
 # Two gloo ranks: one engine on rank 0, the trainer's collectives unaffected.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_rank_worker(rank: int, port: int, model_dir: str, results) -> None:
     import torch.distributed as dist
@@ -265,7 +260,7 @@ def _two_rank_worker(rank: int, port: int, model_dir: str, results) -> None:
 def test_engine_on_rank_zero_of_two_gloo_ranks(qwen):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_two_rank_worker, args=(r, port, qwen[1], results)) for r in range(2)]
     for p in procs:
         p.start()

@@ -7,7 +7,6 @@ Hugging Face model. One engine for the module, plus one for the memory test.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import weakref
@@ -17,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_r1.config import RolloutConfig
+from megatron_r1.distributed import free_port
 from megatron_r1.rollout.vllm_engine import VLLMEngine
 from megatron_r1.rollout.weight_sync import MB, ParityProbe, WeightSync, WeightSyncError, bucketed, tensor_bytes
 
@@ -271,11 +271,6 @@ def test_sync_peak_memory_is_one_bucket_plus_the_tensors_in_flight(tmp_path):
 # Two gloo ranks, as in training: the engine on rank 0, both ranks sync and probe.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_rank_worker(rank: int, port: int, model_dir: str, results) -> None:
     import torch.distributed as dist
@@ -318,7 +313,7 @@ def test_two_gloo_ranks_sync_and_probe_together(tmp_path):
     tiny_qwen2(model_dir, seed=3)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_two_rank_worker, args=(r, port, str(model_dir), results)) for r in range(2)]
     for p in procs:
         p.start()

@@ -47,6 +47,14 @@ from megatron_r1.config import ModelConfig
 # Adapters.
 
 
+# Whole-model tensors every decoder-only HF family names alike (Megatron name -> HF name).
+WHOLE_MODEL_NAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
 class HFAdapter(abc.ABC):
     """Names, layouts and config of one HF architecture; pure functions of full tensors."""
 

@@ -45,16 +45,10 @@ from collections.abc import Callable
 import torch
 
 from megatron_r1.config import ConfigError, ModelConfig
-from megatron_r1.models.hf.base import HFAdapter
+from megatron_r1.models.hf.base import WHOLE_MODEL_NAMES, HFAdapter
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 
-# Whole-model tensors (Megatron name -> HF name).
-_GLOBAL = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
 
 # Per-layer tensors that map one to one (suffix after `decoder.layers.L.` -> after `model.layers.L.`).
 # The `layer_norm_weight` names are Transformer Engine's spec, where a norm is fused into the
@@ -102,8 +96,8 @@ def _is_skipped(name: str) -> bool:
 
 def hf_names(name: str) -> list[str]:
     """The HF tensors one Megatron tensor becomes, in the order they are stacked in it."""
-    if name in _GLOBAL:
-        return [_GLOBAL[name]]
+    if name in WHOLE_MODEL_NAMES:
+        return [WHOLE_MODEL_NAMES[name]]
     match = _LAYER.fullmatch(name)
     if match is None:
         raise KeyError(f"no DeepSeek-V3 mapping for Megatron tensor {name!r}")

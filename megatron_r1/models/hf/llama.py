@@ -24,13 +24,8 @@ import torch
 from torch import Tensor
 
 from megatron_r1.config import ConfigError, ModelConfig
-from megatron_r1.models.hf.base import HFAdapter
+from megatron_r1.models.hf.base import WHOLE_MODEL_NAMES, HFAdapter
 
-_GLOBAL = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
 _LAYER_RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -179,8 +174,8 @@ class LlamaAdapter(HFAdapter):
         """One full Megatron tensor (global name) -> its HF tensors; [] for what HF does not store."""
         if name.endswith("_extra_state") or (name == "output_layer.weight" and cfg.tie_embeddings):
             return []
-        if name in _GLOBAL:
-            return [(_GLOBAL[name], tensor)]
+        if name in WHOLE_MODEL_NAMES:
+            return [(WHOLE_MODEL_NAMES[name], tensor)]
         prefix, rest = self._layer(name)
         if rest in _LAYER_RENAMES:
             return [(prefix + _LAYER_RENAMES[rest], tensor)]
@@ -198,9 +193,9 @@ class LlamaAdapter(HFAdapter):
         if name.endswith("_extra_state"):
             return None
         if name == "output_layer.weight" and cfg.tie_embeddings:  # tied checkpoints store no lm_head
-            return get(_GLOBAL["embedding.word_embeddings.weight"])
-        if name in _GLOBAL:
-            return get(_GLOBAL[name])
+            return get(WHOLE_MODEL_NAMES["embedding.word_embeddings.weight"])
+        if name in WHOLE_MODEL_NAMES:
+            return get(WHOLE_MODEL_NAMES[name])
         prefix, rest = self._layer(name)
         if rest in _LAYER_RENAMES:
             return get(prefix + _LAYER_RENAMES[rest])
