@@ -329,15 +329,17 @@ def test_parse_chain():
 )
 def test_worked_solution_arithmetic(options):
     ds = make_gym_dataset("chain_sum", options, seed=PRETRAIN_SEED, size=1000)
-    step = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+    first = re.compile(r"^(-?\d+) ([+-]) (-?\d+) = (-?\d+)$")
+    later = re.compile(r"^([+-]) (-?\d+) = (-?\d+)$")  # continues from the last result
     for i in range(1000):
         entry = ds[i]
         steps = worked_solution(entry).split(", ")
-        running = None
-        for s in steps:
-            a, op, b, c = step.match(s).groups()
-            assert running is None or int(a) == running  # each step starts from the last result
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        a, op, b, c = first.match(steps[0]).groups()
+        assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        running = int(c)
+        for s in steps[1:]:
+            op, b, c = later.match(s).groups()
+            assert int(c) == (running + int(b) if op == "+" else running - int(b))
             running = int(c)
         assert running == int(entry["answer"])
         assert len(steps) == entry["metadata"]["num_terms"] - 1
@@ -352,7 +354,7 @@ def test_worked_solution_rejects_a_wrong_answer():
 
 def test_completion_format():
     entry = {"question": "State the final answer to the following arithmetic problem: 5 + 3 - 7 =", "answer": "1"}
-    assert completion(entry, worked=True) == " <think> 5 + 3 = 8, 8 - 7 = 1 </think> <answer> 1 </answer>"
+    assert completion(entry, worked=True) == " <think> 5 + 3 = 8, - 7 = 1 </think> <answer> 1 </answer>"
     assert completion(entry, worked=False) == " <think> this is easy </think> <answer> 1 </answer>"
 
 
