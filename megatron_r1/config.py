@@ -32,12 +32,12 @@ class ModelConfig:
     """Architecture. Field names follow Megatron-Core's TransformerConfig where one exists."""
 
     arch: str = "qwen2"  # Hugging Face family: qwen2 | llama | deepseek_v3 (picks the adapter)
-    vocab_size: int = 1024  # padded vocabulary size (embedding rows)
+    vocab_size: int = 512  # padded vocabulary size (embedding rows)
     hidden_size: int = 128  # model width
     ffn_hidden_size: int = 512  # dense MLP width (SwiGLU intermediate size)
     num_layers: int = 2  # transformer blocks
     num_attention_heads: int = 2  # query heads
-    num_query_groups: int = 1  # key/value heads (GQA); equal to heads for plain MHA
+    num_query_groups: int = 2  # key/value heads (GQA when fewer than the query heads)
     kv_channels: int = 64  # head dim (vLLM's CPU attention needs 64/128-style sizes)
     max_position_embeddings: int = 1024  # longest sequence the rotary table covers
     rotary_base: float = 10000.0  # RoPE theta

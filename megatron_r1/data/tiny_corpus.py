@@ -5,9 +5,11 @@ selects and strengthens behaviour the base has, it does not invent it. So the ti
 pretrained on R1-template text for reasoning-gym ``chain_sum`` where some completions show the
 running sum inside ``<think>`` ("5 + 3 = 8, - 7 = 1, ...") and the rest answer directly
 ("<think> this is easy </think> <answer> 23 </answer>"). Directly answering a chain of 5-8 terms is
-mostly guessing; the worked steps are nearly always right. Annealing the worked share from 50 % to
-5 % over pretraining gives a base that mostly guesses (about 15-22 % held out) but keeps the worked
-behaviour as a rare mode, which GRPO then raises to over 90 % (measured; see FIELD_NOTES.md).
+mostly guessing; the worked steps are nearly always right. Showing only worked steps for the first
+half of pretraining, then annealing their share to 5 %, first teaches step-by-step addition, then
+mostly direct answers: the base guesses (4-10 % right held out, greedy) and keeps the worked
+behaviour as a rare mode (about 5 % of samples, most of them right), which GRPO then raises to the
+accuracy of that mode (see README).
 
 Seeds: a stream seed owns its own block of reasoning-gym item seeds (see `gym.py`), so the
 pretraining stream (seed 10_000 by default) never generates the items of the RL prompts
@@ -117,9 +119,10 @@ def completion(entry: dict[str, Any], worked: bool) -> str:
 class CorpusStream:
     """`total_examples` (prompt_text, completion_text) pairs with an annealed share of worked solutions.
 
-    Example i shows worked steps with probability `worked_share(i)`, which falls linearly from
-    `worked_share_start` (first example) to `worked_share_end` (last). Every example is a pure
-    function of (seed, i), so `examples(start=k)` resumes a stream exactly at example k.
+    Example i shows worked steps with probability `worked_share(i)`: `worked_share_start` for the
+    first `worked_share_hold` fraction of the stream, then falling linearly to `worked_share_end`
+    at the last example. Every example is a pure function of (seed, i), so `examples(start=k)`
+    resumes a stream exactly at example k.
     """
 
     def __init__(
@@ -127,15 +130,18 @@ class CorpusStream:
         task: str = "chain_sum",
         task_options: dict[str, Any] | None = None,
         seed: int = PRETRAIN_SEED,
-        worked_share_start: float = 0.5,
+        worked_share_start: float = 1.0,
         worked_share_end: float = 0.05,
         total_examples: int = 100_000,
+        worked_share_hold: float = 0.0,
         template: str = "r1_zero",
         exclude_questions: Iterable[str] = (),
     ):
         for name, share in (("worked_share_start", worked_share_start), ("worked_share_end", worked_share_end)):
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {share}")
+        if not 0.0 <= worked_share_hold < 1.0:
+            raise ValueError(f"worked_share_hold must be in [0, 1), got {worked_share_hold}")
         if (worked_share_start or worked_share_end) and task not in WORKED_TASKS:
             raise ValueError(f"worked solutions exist for {', '.join(WORKED_TASKS)} only; set the worked shares to 0")
         if total_examples < 1:
@@ -145,6 +151,7 @@ class CorpusStream:
         self.seed = seed
         self.worked_share_start = worked_share_start
         self.worked_share_end = worked_share_end
+        self.worked_share_hold = worked_share_hold
         self.total_examples = total_examples
         self.template = template
         self.exclude_questions = frozenset(exclude_questions)
@@ -155,8 +162,9 @@ class CorpusStream:
         return self.total_examples
 
     def worked_share(self, i: int) -> float:
-        """Probability that example i shows worked steps (linear from start to end)."""
+        """Probability that example i shows worked steps (held at start, then linear to end)."""
         frac = i / (self.total_examples - 1) if self.total_examples > 1 else 0.0
+        frac = max(0.0, frac - self.worked_share_hold) / (1.0 - self.worked_share_hold)
         return self.worked_share_start + (self.worked_share_end - self.worked_share_start) * frac
 
     def is_worked(self, i: int) -> bool:

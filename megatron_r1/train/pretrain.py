@@ -8,6 +8,8 @@
    latent behaviour that GRPO can select, as in the R1-Zero paper's picture of accuracy and
    response length rising together. With too few worked examples RL finds nothing to select.
 3. Save the result in Hugging Face format (weights, config, tokenizer) to `<run_dir>/hf`.
+4. Probe it (`train.base_probe`): held-out accuracy, and how often and how accurately it shows
+   worked steps when sampled, the latent ability R1-Zero selects (`extra.probe_samples`, 0: skip).
 
 The result is cached: `ensure_base_model` reuses `<run_dir>/hf` when it is already complete.
 """
@@ -30,6 +32,7 @@ from megatron_r1.data.tiny_corpus import CorpusStream, tokenizer_training_texts
 from megatron_r1.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
 from megatron_r1.models.hf.base import save_hf
+from megatron_r1.train.base_probe import describe, probe_base_model
 from megatron_r1.train.metrics import MetricsLogger
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.step import Batch, lm_loss_fn, train_step
@@ -102,8 +105,9 @@ def run(cfg: StageConfig) -> Path:
             task_options=cfg.data.task_options,
             # Tensor/pipeline peers must see the same examples; data-parallel ranks different ones.
             seed=int(extra.get("corpus_seed", 100000)) + 7919 * parallel_state.get_data_parallel_rank(),
-            worked_share_start=float(extra.get("worked_share_start", 0.5)),
+            worked_share_start=float(extra.get("worked_share_start", 1.0)),
             worked_share_end=float(extra.get("worked_share_end", 0.05)),
+            worked_share_hold=float(extra.get("worked_share_hold", 0.0)),
             total_examples=cfg.steps * batch_size,
         )
     )
@@ -129,14 +133,20 @@ def run(cfg: StageConfig) -> Path:
     metrics.close()
 
     save_hf(model, cfg.model, hf_dir, tokenizer_dir=tok_dir)
+    wall = time.perf_counter() - start
     if main:
         summary = {
             "steps": steps_done,
             "final_loss": loss,
-            "wall_seconds": round(time.perf_counter() - start, 1),
+            "wall_seconds": round(wall, 1),
             "parameters": num_parameters(model),
             "config": to_dict(cfg),
         }
+        samples = int(extra.get("probe_samples", 8))
+        if samples > 0:  # what R1-Zero will have to work with; see train/base_probe.py
+            probe = probe_base_model(hf_dir, cfg, k=samples)
+            log.info("base model: %s", describe(probe))
+            summary["base_probe"] = probe.as_dict()
         (run_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))
         log.info("tiny base model saved to %s (loss %.3f after %d steps)", hf_dir, loss, steps_done)
     return hf_dir

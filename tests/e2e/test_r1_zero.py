@@ -35,8 +35,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def base_model(tmp_path_factory) -> Path:
     """A quickly pretrained tiny base model (the real stage, with a short time budget)."""
     run_dir = tmp_path_factory.mktemp("tiny_base")
-    _cli("pretrain", str(PRETRAIN), f"logging.run_dir={run_dir}", "extra.time_budget_s=20", "logging.progress_bar=false")
+    _cli(
+        "pretrain", str(PRETRAIN), f"logging.run_dir={run_dir}", "extra.time_budget_s=20", "logging.progress_bar=false",
+        "data.eval_size=16", "extra.probe_samples=2", "rollout.max_response_tokens=48",
+    )
     assert (run_dir / "hf/config.json").exists()
+    probe = json.loads((run_dir / "pretrain_done.json").read_text())["base_probe"]
+    assert probe["samples"] == 32 and 0.0 <= probe["worked_share"] <= 1.0 and 0.0 <= probe["greedy_accuracy"] <= 1.0
     return run_dir / "hf"
 
 

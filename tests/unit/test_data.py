@@ -370,6 +370,15 @@ def test_annealing_schedule():
     assert worked == [stream.is_worked(i) for i in range(3900, 4001)]
 
 
+def test_annealing_schedule_with_a_hold():
+    stream = CorpusStream(worked_share_start=1.0, worked_share_end=0.05, worked_share_hold=0.4, total_examples=1001)
+    assert stream.worked_share(0) == stream.worked_share(400) == 1.0  # held for the first 40 %
+    assert stream.worked_share(700) == pytest.approx(0.525) and stream.worked_share(1000) == pytest.approx(0.05)
+    assert all(stream.is_worked(i) for i in range(400))
+    with pytest.raises(ValueError, match="worked_share_hold"):
+        CorpusStream(worked_share_hold=1.0)
+
+
 def test_corpus_is_deterministic_and_resumable():
     a = list(CorpusStream(seed=5, total_examples=300))
     assert a == list(CorpusStream(seed=5, total_examples=300))

@@ -1,0 +1,111 @@
+"""What the tiny base model can already do: the latent ability that R1-Zero selects.
+
+GRPO raises behaviour the base model already shows now and then; it does not invent it. For the
+tiny chain_sum base this is measured right after pretraining: sample k responses per held-out
+prompt, split them into worked-steps responses (anything inside ``<think>`` other than the direct
+"this is easy") and direct answers, and score each mode. R1-Zero can climb only when the worked mode
+exists and is more accurate than answering directly; `BaseProbe.verdict` says which case a base is.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megatron_r1.config import StageConfig
+from megatron_r1.data.tiny_corpus import DIRECT_THOUGHT
+
+log = logging.getLogger(__name__)
+
+_THOUGHT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def thought(response: str) -> str | None:
+    """The text inside the first <think>...</think>, stripped; None when there is none."""
+    m = _THOUGHT.search(response)
+    return m.group(1).strip() if m else None
+
+
+def is_worked(response: str) -> bool:
+    """A response that reasons inside <think> rather than giving the direct thought (or none)."""
+    t = thought(response)
+    return bool(t) and t != DIRECT_THOUGHT
+
+
+@dataclass
+class BaseProbe:
+    greedy_accuracy: float  # held-out pass@1, greedy: what `base_accuracy` of the RL run reports
+    samples: int  # sampled responses scored
+    worked_share: float  # share of sampled responses that show worked steps
+    worked_accuracy: float | None  # accuracy among them (None: there were none)
+    direct_accuracy: float | None  # accuracy among the other responses
+
+    def verdict(self) -> str:
+        if not self.worked_share:
+            return "the base never shows worked steps: GRPO has nothing better to select"
+        if self.direct_accuracy is not None and (self.worked_accuracy or 0.0) <= self.direct_accuracy:
+            return "worked steps are no more accurate than direct answers: GRPO has nothing better to select"
+        return "worked steps are rarer and more accurate than direct answers: GRPO can select them"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict()}
+
+
+def summarize_modes(responses: list[str], accuracy: list[float], greedy_accuracy: float) -> BaseProbe:
+    """Split sampled `responses` (with their 0/1 `accuracy`) into worked and direct answers."""
+    if len(responses) != len(accuracy) or not responses:
+        raise ValueError(f"need one accuracy per response and at least one response, got {len(responses)} and {len(accuracy)}")
+    worked = [a for r, a in zip(responses, accuracy) if is_worked(r)]
+    direct = [a for r, a in zip(responses, accuracy) if not is_worked(r)]
+    return BaseProbe(
+        greedy_accuracy=greedy_accuracy,
+        samples=len(responses),
+        worked_share=len(worked) / len(responses),
+        worked_accuracy=sum(worked) / len(worked) if worked else None,
+        direct_accuracy=sum(direct) / len(direct) if direct else None,
+    )
+
+
+def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BaseProbe:
+    """Sample `k` responses per held-out prompt of `cfg.data` from the model in `hf_dir` with vLLM."""
+    from megatron_r1.data.prompts import load_prompts
+    from megatron_r1.data.tokenizer import load_tokenizer
+    from megatron_r1.rewards.reward_fn import RewardFn
+    from megatron_r1.rollout.vllm_engine import VLLMEngine
+
+    tokenizer = load_tokenizer(hf_dir)
+    prompts = load_prompts(cfg.data, "eval", tokenizer).items
+    reward_fn = RewardFn(cfg.reward)
+    engine = VLLMEngine(cfg.rollout, str(hf_dir))
+    try:
+        ids = [p.prompt_ids for p in prompts]
+        stop = [tokenizer.eos_token_id]
+        budget = cfg.rollout.max_response_tokens
+
+        def score(rollouts, items):
+            texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in rollouts]
+            scored = reward_fn([p.prompt for p in items], texts, [p.as_reward_item() for p in items])
+            return texts, scored.components["accuracy"].tolist()
+
+        greedy = engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=budget, stop_token_ids=stop)
+        _, greedy_acc = score(greedy, prompts)
+        sampled = engine.generate(ids, n=k, temperature=1.0, top_p=1.0, max_tokens=budget, stop_token_ids=stop)
+        texts, acc = score(sampled, [prompts[i // k] for i in range(len(sampled))])
+    finally:
+        engine.shutdown()
+    return summarize_modes(texts, acc, sum(greedy_acc) / len(greedy_acc))
+
+
+def describe(probe: BaseProbe) -> str:
+    """One log line: "greedy 5.9 %; sampled: 4.9 % worked steps (83 % right), 95.1 % direct (6 % right): ..."."""
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f} %"
+
+    return (
+        f"held-out accuracy {100 * probe.greedy_accuracy:.1f} % greedy; of {probe.samples} samples "
+        f"{100 * probe.worked_share:.1f} % show worked steps ({pct(probe.worked_accuracy)} right), "
+        f"{100 * (1 - probe.worked_share):.1f} % answer directly ({pct(probe.direct_accuracy)} right): {probe.verdict()}"
+    )
