@@ -297,7 +297,7 @@ def test_vllm_greedy_generation_equals_transformers(one_rank, in_process_vllm, t
     small_tokenizer(tmp_path / "tok")  # the export carries tokenizer files and generation_config.json
     out = save_hf(model, cfg, tmp_path / "export", tokenizer_dir=tmp_path / "tok")
 
-    prompts, n = [[5, 17, 300, 42, 9], [100, 200, 300, 400, 500, 600, 7]], 16
+    prompts, n = [[5, 17, 300, 42, 9], [100, 200, 300, 400, 500, 60, 7]], 16
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     expected = [hf.generate(torch.tensor([p]), generation_config=gen)[0, len(p) :].tolist() for p in prompts]
