@@ -83,11 +83,13 @@ def _chain(entry: dict[str, Any]) -> tuple[int, list[tuple[str, int]]]:
 def worked_solution(entry: dict[str, Any]) -> str:
     """The running sum of a chain_sum entry, one step per operator: "5 + 3 = 8, - 7 = 1, + 4 = 5".
 
-    Each later step starts with its operator, not with a copy of the running total: the step after
-    ", " then only has to find the next operator in the question, which a 2-layer model learns
-    reliably (greedy worked accuracy 98.5 % held out after 2,500 steps of worked-only text), while
-    "8 - 7 = 1, 1 + 4 = 5" makes it predict the operator right after a digit it has just copied, and
-    it copied the operators badly (14 %) with everything else equal. The final value is checked against the entry's answer, so a parsing slip can never teach wrong
+    Each later step starts with its operator, not with a copy of the running total: the token after
+    ", " then only has to find the next operator in the question, which the 2-layer tiny model learns
+    reliably (greedy held-out accuracy 98.5 % after 2,500 steps of worked-only text). Written as
+    "8 - 7 = 1, 1 + 4 = 5" it must predict the operator right after a digit it has just copied, and
+    with everything else equal it copied the operators badly (14 %).
+
+    The final value is checked against the entry's answer, so a parsing slip can never teach wrong
     arithmetic.
     """
     total, steps = _chain(entry)
