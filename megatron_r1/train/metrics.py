@@ -89,6 +89,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_run(metrics_path: str | Path, out_path: str | Path, title: str = "") -> None:
     """reward, held-out accuracy and mean response length against step (and wall time) in one PNG."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,13 +105,25 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, title: str = "") ->
         ("eval/accuracy", "held-out accuracy (greedy pass@1)"),
         ("response/length_mean", "mean response length (tokens)"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    # RL training time on a second x axis: step -> minutes by interpolating the logged wall clock.
+    wall_steps, wall_seconds = series("time/wall")
+    if wall_steps and wall_steps[0] > 0:
+        wall_steps, wall_seconds = [0, *wall_steps], [0.0, *wall_seconds]  # the RL clock starts at step 0
+    wall_minutes = [w / 60.0 for w in wall_seconds]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for ax, (key, label) in zip(axes, panels):
         x, y = series(key)
         ax.plot(x, y, marker="o" if key.startswith("eval") else None, markersize=4, label="pass@1")
         ax.set_xlabel("RL step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
+        if len(wall_steps) >= 2:
+            top = ax.secondary_xaxis(
+                "top",
+                functions=(lambda s: np.interp(s, wall_steps, wall_minutes), lambda m: np.interp(m, wall_minutes, wall_steps)),
+            )
+            top.set_xlabel("RL wall time (min)", fontsize=8)
+            top.tick_params(labelsize=8)
         if key == "eval/accuracy":
             xm, ym = series("eval/maj_accuracy")
             if xm:

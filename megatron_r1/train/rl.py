@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 # Set-up: base model, policy (+ reference), engine, data, rewards.
 
 
-def _base_model_dir(cfg: StageConfig) -> Path:
-    """The Hugging Face directory the policy starts from; pretrains the tiny base when asked to."""
+def _base_model_dir(cfg: StageConfig) -> tuple[Path, float]:
+    """The Hugging Face directory the policy starts from, and the seconds spent pretraining it
+    (the tiny base is pretrained first when `extra.base_stage` names its stage and it is missing)."""
     hf_dir = Path(cfg.checkpoint.load_hf)
+    seconds = 0.0
     if not cfg.checkpoint.load_hf:
         raise FileNotFoundError("checkpoint.load_hf is empty: name the Hugging Face base model directory")
     base_stage = cfg.extra.get("base_stage")
@@ -52,11 +54,13 @@ def _base_model_dir(cfg: StageConfig) -> Path:
         from megatron_r1.train.pretrain import ensure_base_model
 
         log.info("no base model at %s: pretraining it with %s", hf_dir, base_stage)
+        start = time.perf_counter()
         ensure_base_model(base_stage, list(cfg.extra.get("base_overrides", [])))
+        seconds = time.perf_counter() - start
         distributed.init_model_parallel(cfg.parallel, cfg.seed)
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"no Hugging Face model at {hf_dir} (config.json missing)")
-    return hf_dir
+    return hf_dir, seconds
 
 
 def _build_policy(cfg: StageConfig, hf_dir: Path):
@@ -224,12 +228,12 @@ def sync_phase(model, model_cfg, syncer, probe, step: int, probe_every: int) -> 
 
 def run(cfg: StageConfig) -> dict:
     """Run R1-Zero GRPO as configured; returns the summary (also written to summary.json)."""
-    wall_start = time.perf_counter()
     distributed.init_distributed(cfg.parallel, cfg.seed)
     main = distributed.is_main()
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    hf_dir = _base_model_dir(cfg)
+    hf_dir, base_seconds = _base_model_dir(cfg)
+    wall_start = time.perf_counter()  # pretraining the base is its own stage: the RL clock starts here
     tokenizer = load_tokenizer(hf_dir)
 
     model_cfg, model, ddp, optimizer, scheduler, reference = _build_policy(cfg, hf_dir)
@@ -328,7 +332,8 @@ def run(cfg: StageConfig) -> dict:
 
     if last_eval is None:  # resumed at the end: evaluate what we have
         last_eval = run_eval(cfg.steps)
-    summary = _finish(cfg, run_dir, model, model_cfg, hf_dir, metrics, base_accuracy, last_eval, prior_wall + time.perf_counter() - wall_start)
+    wall = prior_wall + time.perf_counter() - wall_start
+    summary = _finish(cfg, run_dir, model, model_cfg, hf_dir, metrics, base_accuracy, last_eval, wall, base_seconds)
     return summary
 
 
@@ -349,7 +354,7 @@ def _make_probe(cfg, engine, tokenizer, eval_set, model):
     return ParityProbe(engine, trainer_logprobs, prompts, cfg.rollout.probe_threshold)
 
 
-def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall) -> dict:
+def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall, base_seconds) -> dict:
     """Export the policy, write summary.json and plot.png, print the table."""
     if cfg.checkpoint.export_hf:
         save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=base_dir)
@@ -372,7 +377,8 @@ def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, fi
         "final_format_rate": final.format_rate,
         "final_response_length": final.length_mean,
         "steps": cfg.steps,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 1),  # RL only: checkpoints keep it across restarts
+        "base_pretrain_seconds": round(base_seconds, 1),  # 0 unless this run pretrained the base
         "seconds_by_phase": {k: round(v, 1) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "task": task,
         "eval_size": cfg.data.eval_size,
@@ -395,7 +401,8 @@ def _print_table(s: dict, run_dir: Path) -> None:
         f"  format rate         {100 * s['final_format_rate']:.1f} %",
         f"  response length     {s['final_response_length']:.1f} tokens",
         f"  steps               {s['steps']}",
-        f"  wall time           {s['wall_seconds']:.0f} s",
+        f"  wall time           {s['wall_seconds']:.0f} s"
+        + (f" (after {s['base_pretrain_seconds']:.0f} s pretraining the base model)" if s["base_pretrain_seconds"] else ""),
         "  time by phase       " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds_by_phase"].items()),
         f"  plot                {run_dir / 'plot.png'}",
         "",
