@@ -20,6 +20,9 @@ from megatron_r1.data.tiny_corpus import DIRECT_THOUGHT
 log = logging.getLogger(__name__)
 
 _THOUGHT = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+# Worked steps must beat direct answers by this much to count as something GRPO can select: a
+# smaller gap is within the noise of a few hundred samples and gives the advantages little to climb.
+MIN_MARGIN = 0.05
 
 
 def thought(response: str) -> str | None:
@@ -45,8 +48,8 @@ class BaseProbe:
     def verdict(self) -> str:
         if not self.worked_share:
             return "the base never shows worked steps: GRPO has nothing better to select"
-        if self.direct_accuracy is not None and (self.worked_accuracy or 0.0) <= self.direct_accuracy:
-            return "worked steps are no more accurate than direct answers: GRPO has nothing better to select"
+        if self.direct_accuracy is not None and (self.worked_accuracy or 0.0) < self.direct_accuracy + MIN_MARGIN:
+            return "worked steps are not clearly more accurate than direct answers: GRPO has nothing better to select"
         return "worked steps are rarer and more accurate than direct answers: GRPO can select them"
 
     def as_dict(self) -> dict:
@@ -74,28 +77,25 @@ def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BasePr
     from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.rewards.reward_fn import RewardFn
     from megatron_r1.rollout.vllm_engine import VLLMEngine
+    from megatron_r1.train.evaluate import evaluate
 
     tokenizer = load_tokenizer(hf_dir)
     prompts = load_prompts(cfg.data, "eval", tokenizer).items
     reward_fn = RewardFn(cfg.reward)
     engine = VLLMEngine(cfg.rollout, str(hf_dir))
     try:
-        ids = [p.prompt_ids for p in prompts]
-        stop = [tokenizer.eos_token_id]
         budget = cfg.rollout.max_response_tokens
-
-        def score(rollouts, items):
-            texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in rollouts]
-            scored = reward_fn([p.prompt for p in items], texts, [p.as_reward_item() for p in items])
-            return texts, scored.components["accuracy"].tolist()
-
-        greedy = engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=budget, stop_token_ids=stop)
-        _, greedy_acc = score(greedy, prompts)
-        sampled = engine.generate(ids, n=k, temperature=1.0, top_p=1.0, max_tokens=budget, stop_token_ids=stop)
-        texts, acc = score(sampled, [prompts[i // k] for i in range(len(sampled))])
+        greedy = evaluate(engine, tokenizer, prompts, reward_fn, budget, k=1)  # the RL run's base_accuracy
+        sampled = engine.generate(
+            [p.prompt_ids for p in prompts], n=k, temperature=1.0, top_p=1.0, max_tokens=budget,
+            stop_token_ids=[tokenizer.eos_token_id],
+        )
+        items = [prompts[i // k] for i in range(len(sampled))]
+        texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in sampled]
+        accuracy = reward_fn([p.prompt for p in items], texts, [p.as_reward_item() for p in items]).components["accuracy"]
     finally:
         engine.shutdown()
-    return summarize_modes(texts, acc, sum(greedy_acc) / len(greedy_acc))
+    return summarize_modes(texts, accuracy.tolist(), greedy.accuracy)
 
 
 def describe(probe: BaseProbe) -> str:

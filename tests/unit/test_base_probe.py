@@ -33,7 +33,9 @@ def test_verdicts_when_there_is_nothing_to_select():
     never = summarize_modes([DIRECT, DIRECT], [1.0, 0.0], greedy_accuracy=0.5)
     assert never.worked_accuracy is None and "never shows worked steps" in never.verdict()
     worse = summarize_modes([WORKED, DIRECT], [0.0, 1.0], greedy_accuracy=1.0)
-    assert "no more accurate" in worse.verdict()
+    assert "not clearly more accurate" in worse.verdict()
+    barely = summarize_modes([WORKED] * 100 + [DIRECT] * 100, [0.03] * 100 + [0.0] * 100, greedy_accuracy=0.0)
+    assert barely.worked_accuracy > barely.direct_accuracy and "not clearly more accurate" in barely.verdict()
     only_worked = summarize_modes([WORKED], [1.0], greedy_accuracy=1.0)
     assert only_worked.direct_accuracy is None and "can select" in only_worked.verdict()
 
