@@ -81,20 +81,35 @@ def read_env(environ: dict | None = None) -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port())
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: DistEnv | None = None) -> DistEnv:
-    """Initialise torch.distributed and Megatron's model-parallel groups; idempotent per process."""
-    platform.setup()
+def ensure_process_group(backend: str = "auto", env: DistEnv | None = None) -> DistEnv:
+    """Initialise torch.distributed from the launcher's environment unless it already is; idempotent.
+
+    Also exports RANK and LOCAL_RANK, which vLLM's external launcher reads (a Slurm task or a
+    plain `python` process has no torchrun to set them). Nothing else is exported, so a child
+    process started from here does not mistake itself for a member of this job.
+    """
     env = env or read_env()
     if not dist.is_initialized():
         if platform.has_cuda():
             torch.cuda.set_device(env.local_rank)
         dist.init_process_group(
-            backend=platform.distributed_backend(parallel.backend),
+            backend=platform.distributed_backend(backend),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(minutes=30),
         )
+    launched = env.world_size == dist.get_world_size() and env.rank == dist.get_rank()
+    os.environ["RANK"] = str(dist.get_rank())
+    # A group made by hand (tests, notebooks) on one machine: the local rank is the rank.
+    os.environ["LOCAL_RANK"] = str(env.local_rank if launched else dist.get_rank())
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), env.master_addr, env.master_port)
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: DistEnv | None = None) -> DistEnv:
+    """Initialise torch.distributed and Megatron's model-parallel groups; idempotent per process."""
+    platform.setup()
+    env = ensure_process_group(parallel.backend, env)
     init_model_parallel(parallel, seed)
     return env
 

@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -241,3 +241,32 @@ class RewardFn:
                     name, type(e).__name__, e, type(e).__name__,
                 )
             return None
+
+
+Split = Callable[[Sequence[int], Callable[[list[int]], list]], list]
+
+
+def score_split(reward_fn: RewardFn, prompts: list[str], responses: list[str], items: list[dict], split: Split | None = None) -> RewardBatch:
+    """`reward_fn` over the samples, with the work divided by `split(indices, fn)`: a function that
+    runs `fn` on parts of `indices` (e.g. one part per rank of an engine) and returns every result
+    in order (`rollout.layout.EngineGroups.split_work`). Without `split`, one call does it all."""
+    if split is None:
+        return reward_fn(prompts, responses, items)
+
+    def score(indices: list[int]) -> list[tuple[float, dict[str, float], int]]:
+        if not indices:
+            return []
+        part = reward_fn([prompts[i] for i in indices], [responses[i] for i in indices], [items[i] for i in indices])
+        # The failure count of a part is attached to its first sample; the totals add up the same.
+        return [
+            (float(part.total[j]), {k: float(v[j]) for k, v in part.components.items()}, part.failures if j == 0 else 0)
+            for j in range(len(indices))
+        ]
+
+    rows = split(list(range(len(responses))), score)
+    names = list(rows[0][1]) if rows else list(reward_fn.weights)
+    return RewardBatch(
+        total=torch.tensor([r[0] for r in rows], dtype=torch.float32),
+        components={k: torch.tensor([r[1][k] for r in rows], dtype=torch.float32) for k in names},
+        failures=sum(r[2] for r in rows),
+    )

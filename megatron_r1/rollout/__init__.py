@@ -1,9 +1,12 @@
-"""Rollouts: the colocated vLLM engine and the weight sync that keeps it on the current policy."""
+"""Rollouts: the colocated vLLM engines (one worker per trainer rank), their layout, and weight sync."""
 
-from megatron_r1.rollout.vllm_engine import Rollout, VLLMEngine, engine_group, engine_layout, engine_visible_devices, owns_engine
+from megatron_r1.rollout.layout import EngineGroups, EngineLayout
+from megatron_r1.rollout.vllm_engine import Rollout, VLLMEngine
 from megatron_r1.rollout.weight_sync import ParityProbe, SyncStats, WeightSync, WeightSyncError, bucketed
 
 __all__ = [
+    "EngineGroups",
+    "EngineLayout",
     "ParityProbe",
     "Rollout",
     "SyncStats",
@@ -11,8 +14,4 @@ __all__ = [
     "WeightSync",
     "WeightSyncError",
     "bucketed",
-    "engine_group",
-    "engine_layout",
-    "engine_visible_devices",
-    "owns_engine",
 ]

@@ -1,47 +1,26 @@
 """The colocated vLLM engine: generate rollouts, score sequences, sleep/wake, load new weights in memory.
 
-Who runs an engine
-------------------
-Trainer ranks are numbered node by node (global rank = node * gpus_per_node + local rank). Inside a
-node the GPUs are cut into consecutive groups of ``engine_tensor_parallel_size`` (t); each group is one
-vLLM engine with tensor parallelism t, and the group's first rank, its *leader*, owns the
-`VLLMEngine` object: it builds `vllm.LLM`, calls `generate`, and drives weight loading. An engine
-never spans nodes, so its all-reduces stay on NVLink. `engine_layout` computes the groups:
+SPMD colocation
+---------------
+Every trainer rank hosts one vLLM worker, in its own process and in the trainer's own
+torch.distributed world: `vllm.LLM(..., distributed_executor_backend="external_launcher")`. vLLM
+groups the workers of consecutive ranks into engines of ``engine_tensor_parallel_size x
+engine_pipeline_parallel_size`` ranks and numbers the engines as its data-parallel ranks (see
+`rollout.layout`); it builds its own process groups over the trainer's ranks. An engine may span
+nodes (TP x PP up to the whole job), as a 671B model needs.
 
-    N GPUs per node, t dividing N: node k holds ranks kN .. kN+N-1 and the engines
-    [kN + jt, ..., kN + jt + t - 1] for j = 0 .. N/t - 1, led by rank kN + jt.
-    2 nodes x 8 GPUs, t = 1: 16 engines, every rank leads its own.
-    2 nodes x 8 GPUs, t = 4: engines [0..3] [4..7] [8..11] [12..15]; leaders 0, 4, 8, 12.
+Every rank of an engine runs the same scheduler on the same requests with the same seed, so all of
+them return the same outputs; the engines of different data-parallel ranks sample different
+prompts and keep each other in step (vLLM all-reduces "work left?" over its DP group and runs dummy
+batches on an engine that finished first). So every rank calls `generate` the same number of
+times, each with its engine's share of the prompts.
 
-Each GPU therefore hosts one trainer rank and one vLLM worker: the engine takes
+Each GPU therefore holds one trainer rank and one vLLM worker: the engine takes
 ``gpu_memory_utilization`` of the device, the trainer the rest, and sleep mode hands the engine's
-share back to the trainer between rollouts.
+share back to the trainer between rollouts. After an update every rank loads new weights into its
+own worker, in-process (`load_weights`, driven by `rollout.weight_sync`).
 
-How new weights reach an engine (after every policy update)
-------------------------------------------------------------
-The model adapters turn the trainer's TP/PP/EP shards into full Hugging Face tensors one at a time,
-on every rank (all-gathers inside the TP/EP groups, a broadcast across pipeline stages), so every
-rank sees the same stream of ``(hf_name, full_tensor)``. Then (see `rollout.weight_sync`):
-
-* t = 1: the engine lives in the leader's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`); the
-  stream goes by reference into one `reload_weights` call and vLLM copies each tensor into its own
-  parameters on the same device. Nothing is serialised and the model is never held twice.
-* t > 1: the engine's workers are separate processes, one per GPU of the group. Every rank of the
-  group exports CUDA IPC handles of its copy of the current bucket, the leader gathers them and
-  calls vLLM's weight-transfer API (`start_weight_update` / `update_weights` / `finish_weight_update`,
-  IPC backend); each worker maps the tensor that lives on its own GPU and its weight loader keeps its
-  TP shard. For this the launcher gives the leader the group's GPUs, its own first, and every other
-  rank only its own GPU (`engine_visible_devices`), before CUDA is initialised.
-
-Rollouts: each leader samples its share of the prompts; the loop gathers them to the trainer ranks.
-
-CPU (gloo, no GPU: ``gpus_per_node = 0``): one in-process engine on global rank 0. With 2 ranks,
-rank 1 holds no engine; it takes part in the gathers that build the full tensors and in the
-trainer's logprob collectives only.
-
-An in-process engine must not join the trainer's process group (vLLM would build its groups over
-all trainer ranks and wait for ranks that never build an engine), so `VLLMEngine` gives vLLM a
-private one-rank world while it starts (`_private_torch_distributed`).
+On CPU the same code runs over gloo with vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -56,15 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from megatron_r1.config import RolloutConfig
+from megatron_r1 import distributed
+from megatron_r1.config import ConfigError, RolloutConfig
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
-# torch names process groups by a process-wide counter that must agree across trainer ranks; the
-# engines' own groups are numbered from here, so they never shift or collide with the trainer's.
-_engine_group_count = 1_000_000
 
 
 @dataclass
@@ -79,85 +57,21 @@ class Rollout:
 
 
 # --------------------------------------------------------------------------------------------
-# Layout: which ranks form an engine.
-
-
-def engine_layout(world_size: int, gpus_per_node: int, engine_tp: int) -> list[list[int]]:
-    """The engine groups (lists of global ranks, leader first) of a job; see the module docstring.
-
-    ``gpus_per_node = 0`` means a CPU job: one engine on rank 0, whatever the world size.
-    """
-    if world_size < 1 or engine_tp < 1:
-        raise ValueError(f"world_size and engine_tp must be >= 1, got {world_size} and {engine_tp}")
-    if gpus_per_node <= 0:
-        if engine_tp != 1:
-            raise ValueError(f"a CPU engine runs in one process: engine_tensor_parallel_size must be 1, got {engine_tp}")
-        return [[0]]
-    per_node = min(gpus_per_node, world_size)
-    if world_size % per_node:
-        raise ValueError(f"world_size {world_size} is not a whole number of nodes of {gpus_per_node} GPUs")
-    if per_node % engine_tp:
-        raise ValueError(
-            f"rollout.engine_tensor_parallel_size={engine_tp} must divide the GPUs per node ({per_node}): "
-            "an engine never spans nodes"
-        )
-    return [list(range(start, start + engine_tp)) for start in range(0, world_size, engine_tp)]
-
-
-def engine_group(rank: int, world_size: int, gpus_per_node: int, engine_tp: int) -> list[int] | None:
-    """The engine group `rank` belongs to, or None when it serves no engine (CPU ranks other than 0)."""
-    for group in engine_layout(world_size, gpus_per_node, engine_tp):
-        if rank in group:
-            return group
-    return None
-
-
-def owns_engine(rank: int, world_size: int, gpus_per_node: int, engine_tp: int) -> bool:
-    """True on the ranks that build a `VLLMEngine` (the leaders)."""
-    group = engine_group(rank, world_size, gpus_per_node, engine_tp)
-    return group is not None and group[0] == rank
-
-
-def engine_visible_devices(local_rank: int, gpus_per_node: int, engine_tp: int) -> str:
-    """CUDA_VISIBLE_DEVICES for one process: its own GPU first (vLLM and the trainer use device 0),
-    then, on a leader with t > 1, the other GPUs of its engine group for vLLM's worker processes."""
-    if engine_tp == 1 or local_rank % engine_tp:
-        return str(local_rank)
-    return ",".join(str(g) for g in range(local_rank, local_rank + engine_tp))
-
-
-# --------------------------------------------------------------------------------------------
 # The engine.
 
 
-def _uses_mla(model_dir: str) -> bool:
+def _hf_config(model_dir: str) -> dict:
     config = Path(model_dir) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("kv_lora_rank") is not None
+    return json.loads(config.read_text()) if config.is_file() else {}
 
 
-@contextlib.contextmanager
-def _private_torch_distributed() -> Iterator[None]:
-    """Let vLLM build its own one-rank torch.distributed world, then give the trainer its own back.
+def _uses_mla(model_dir: str) -> bool:
+    return _hf_config(model_dir).get("kv_lora_rank") is not None
 
-    An in-process vLLM worker calls `init_process_group` only when no default group exists; if the
-    trainer's exists it builds its groups over all trainer ranks, which blocks in `new_group` until
-    ranks that never build an engine join. So the trainer's default group is hidden while vLLM
-    starts and restored afterwards; vLLM keeps references to the groups it made. The group-name
-    counter is moved out of the way for vLLM's groups and restored, so the trainer's next groups get
-    the same names on every rank.
-    """
-    from torch.distributed import distributed_c10d as c10d
 
-    global _engine_group_count
-    world, count = c10d._world.default_pg, c10d._world.group_count
-    c10d._world.default_pg = None
-    c10d._world.group_count = _engine_group_count
-    try:
-        yield
-    finally:
-        _engine_group_count = c10d._world.group_count  # a later engine numbers on from here
-        c10d._world.default_pg = world
-        c10d._world.group_count = count
+def _is_moe(model_dir: str) -> bool:
+    config = _hf_config(model_dir)
+    return any(config.get(key) for key in ("n_routed_experts", "num_experts", "num_local_experts"))
 
 
 def _refresh_cpu_kernels(worker) -> dict[str, int]:
@@ -188,26 +102,75 @@ def _refresh_cpu_kernels(worker) -> dict[str, int]:
     return refreshed
 
 
+def _forget_previous_engine() -> None:
+    """vLLM keeps its process groups in module globals: a second engine in this process would reuse
+    the first one's, built for another layout. Destroy vLLM's groups (not the trainer's world, which
+    `destroy_distributed_environment` would also take down) so the next engine builds its own."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        log.info("a vLLM engine was started in this process before: rebuilding vLLM's process groups")
+        parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+
+
+@contextlib.contextmanager
+def _trainer_world_kept() -> Iterator[None]:
+    """vLLM's teardown ends with `torch.distributed.destroy_process_group()`, which would take the
+    trainer's world, and Megatron's groups with it, down too. Let it destroy only its own groups."""
+    destroy = dist.destroy_process_group
+
+    def destroy_unless_world(group=None):
+        if group is None or group is dist.GroupMember.WORLD:
+            return
+        destroy(group)
+
+    dist.destroy_process_group = destroy_unless_world
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 class VLLMEngine:
-    """A `vllm.LLM` colocated with the trainer. Prompts and responses are token ids (no tokenizer)."""
+    """This rank's vLLM worker (SPMD, see the module docstring). Prompts and responses are token ids.
+
+    Collective: every rank of the job builds its engine at the same time, and calls `generate`,
+    `prompt_logprobs` and `shutdown` the same number of times.
+    """
 
     def __init__(self, cfg: RolloutConfig, model_dir: str) -> None:
+        from megatron_r1.rollout.layout import EngineGroups, EngineLayout
+
         self.cfg = cfg
         self.model_dir = str(model_dir)
         self.on_gpu = torch.cuda.is_available()
-        tp = cfg.engine_tensor_parallel_size
-        if not self.on_gpu and tp != 1:
-            raise ValueError(f"rollout.engine_tensor_parallel_size={tp}: a CPU engine runs in one process; set it to 1")
-        # The engine core runs in this process: no spawned process, and weights are handed over by
-        # reference. With t > 1 on GPUs the workers are still separate processes (vLLM's mp executor).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        distributed.ensure_process_group()  # vLLM joins the trainer's world (or a 1-rank one)
+        self.layout = EngineLayout.from_config(cfg, dist.get_world_size(), dist.get_rank())
+        if not self.on_gpu and self.layout.num_engines > 1 and _is_moe(self.model_dir):
+            # Data-parallel MoE engines exchange tokens with `all_gatherv`, which vLLM 0.32's CPU
+            # communicator does not implement (CUDA's does).
+            raise ConfigError(
+                f"a mixture-of-experts model on CPU needs one engine over all {self.layout.world_size} ranks: "
+                f"set rollout.engine_tensor_parallel_size={self.layout.world_size} (vLLM's CPU build cannot run "
+                "data-parallel MoE engines)"
+            )
         kwargs = dict(
             model=self.model_dir,
             skip_tokenizer_init=True,
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
-            tensor_parallel_size=tp,
+            tensor_parallel_size=self.layout.tensor_parallel_size,
+            pipeline_parallel_size=self.layout.pipeline_parallel_size,
+            data_parallel_size=self.layout.num_engines,
+            # One worker in this process, in the trainer's torch.distributed world; every rank of an
+            # engine runs the scheduler itself (this also keeps the engine core in-process).
+            distributed_executor_backend="external_launcher",
             enforce_eager=cfg.enforce_eager,
+            # Ranks of one engine must draw the same samples: same seed everywhere (the loop seeds
+            # torch per step and engine before each call).
             seed=cfg.seed,
             # Logprobs of the model's own distribution (before temperature/top-p): the quantity the
             # trainer computes, so importance ratios and the parity probe compare like with like.
@@ -215,25 +178,17 @@ class VLLMEngine:
         )
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
-            if tp > 1:
-                kwargs["weight_transfer_config"] = {"backend": "ipc"}
         else:
             kwargs.update(self._cpu_kwargs())
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # external_launcher requires it
 
         # torch._C's original, not `torch.set_num_threads`: an earlier engine in this process may
         # already have replaced that one with vLLM's no-op.
         threads, set_threads = torch.get_num_threads(), torch._C.set_num_threads
         from vllm import LLM
-        from vllm.distributed import parallel_state
 
-        with _private_torch_distributed():
-            if parallel_state.model_parallel_is_initialized():
-                # vLLM keeps its process groups in module globals: a second engine in this process
-                # would reuse the first one's, built for another model. Start from a clean slate.
-                log.info("a vLLM engine was started in this process before: rebuilding vLLM's process groups")
-                parallel_state.destroy_model_parallel()
-                parallel_state.destroy_distributed_environment()
-            self.llm = LLM(**kwargs)
+        _forget_previous_engine()
+        self.llm = LLM(**kwargs)
         # vLLM's CPU worker pins its threads and replaces `torch.set_num_threads` with a no-op for
         # the whole process; the trainer shares the process and needs its threads back.
         torch.set_num_threads = set_threads
@@ -241,10 +196,10 @@ class VLLMEngine:
         # vLLM freezes the garbage collector's heap after start (a server optimisation); in a shared
         # process that would pin everything the trainer had allocated so far.
         gc.unfreeze()
-        if self.on_gpu and tp > 1:
-            self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"packed": False}})
+        self.groups = EngineGroups(self.layout)
         self._sleep_noted = False
-        log.info("vLLM engine ready: %s (%s, TP %d)", self.model_dir, "GPU" if self.on_gpu else "CPU", tp)
+        if self.layout.rank == 0:
+            log.info("vLLM engines ready: %s (%s; %s)", self.model_dir, "GPU" if self.on_gpu else "CPU", self.layout.describe())
 
     def _cpu_kwargs(self) -> dict:
         gb = self.cfg.cpu_kvcache_space_gb
@@ -266,11 +221,6 @@ class VLLMEngine:
             # the reference CPU MLA backend runs float32.
             kwargs["attention_config"] = {"backend": "CPU_MLA"}
         return kwargs
-
-    @property
-    def in_process(self) -> bool:
-        """True when vLLM's model lives in this process (CPU, or t = 1): weights go by reference."""
-        return self.cfg.engine_tensor_parallel_size == 1
 
     # ----------------------------------------------------------------------------------------
     # Sampling and scoring.
@@ -360,41 +310,20 @@ class VLLMEngine:
     # Weights.
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights in memory with Hugging Face-named tensors: every tensor of
-        the checkpoint (a tied LM head excepted), in one call.
+        """Replace this worker's weights in memory with Hugging Face-named full tensors: every tensor
+        of the checkpoint (a tied LM head excepted), in one call.
 
-        In-process engines only (CPU, or GPU with t = 1; see `in_process`). The iterable is consumed
-        lazily inside one `reload_weights` call, so a generator keeps only what it has yielded and
-        vLLM has not yet copied alive. One call, not one per bucket: vLLM rebuilds every fused
-        module it receives part of (q/k/v, gate/up, experts) from the parts in *that* call, so a
-        module split across calls would be left partly uninitialised (and on CPU the MoE experts are
-        re-packed after every call, which assumes they were all loaded).
+        vLLM's weight loaders keep what this worker holds (its engine TP shard of each tensor; with
+        engine PP, its stage's layers). The iterable is consumed lazily inside one `reload_weights`
+        call, so a generator keeps only what it has yielded and vLLM has not yet copied alive. One
+        call, not one per bucket: vLLM rebuilds every fused module it receives part of (q/k/v,
+        gate/up, experts) from the parts in *that* call, so a module split across calls would be
+        left partly uninitialised (and on CPU the MoE experts are re-packed after every call, which
+        assumes they were all loaded).
         """
-        if not self.in_process:
-            raise RuntimeError("this engine's workers run in other processes: use WeightSync (IPC weight transfer)")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         if not self.on_gpu:
             self.llm.collective_rpc(_refresh_cpu_kernels)
-        self.reset_prefix_cache()
-
-    def start_weight_update(self) -> None:
-        """Begin an IPC weight update (GPU, t > 1): vLLM prepares layer-by-layer reloading."""
-        self.llm.collective_rpc("start_weight_update")
-
-    def update_weights_ipc(self, names: list[str], tensors_meta: list[tuple[str, list[int]]], handles: list[dict]) -> None:
-        """Load one bucket from CUDA IPC handles (`{gpu_uuid: rebuild args}` per tensor, one entry
-        per GPU of the group); `tensors_meta` holds each tensor's dtype name and shape."""
-        update_info = {
-            "names": names,
-            "dtype_names": [dtype for dtype, _ in tensors_meta],
-            "shapes": [shape for _, shape in tensors_meta],
-            "ipc_handles": handles,
-        }
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
-
-    def finish_weight_update(self) -> None:
-        """End an IPC weight update: vLLM post-processes the layers, then cached prefixes are dropped."""
-        self.llm.collective_rpc("finish_weight_update")
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
@@ -402,12 +331,12 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        """Free the engine's memory. The trainer's process groups are left alone (vLLM's own
-        teardown would destroy whatever default group it finds)."""
+        """Free the engine's memory (collective: every rank shuts its worker down). The trainer's
+        process groups are left alone."""
         if self.llm is None:
             return
-        with _private_torch_distributed():
-            self.llm.llm_engine.engine_core.shutdown()
+        with _trainer_world_kept():
+            self.llm.llm_engine.engine_core.shutdown()  # also destroys vLLM's own process groups
+        _forget_previous_engine()
         self.llm = None
         gc.collect()
-

@@ -1,22 +1,22 @@
-"""Move the trainer's new weights into the rollout engine after every update, and prove they arrived.
+"""Move the trainer's new weights into this rank's engine worker after every update, and prove they arrived.
 
 The producer is a generator of ``(hf_name, full_tensor)`` pairs that the model adapters build one at
-a time from the Megatron shards (gathers across TP/EP, broadcast across PP). `bucketed` groups that
-stream into buckets of a bounded size, and `WeightSync` hands them to the engine without ever
-holding the whole model a second time:
+a time from the Megatron shards (gathers across the trainer's TP/EP groups, broadcasts across its
+pipeline stages). Every rank runs it in step with the others and feeds the stream, in buckets of
+bounded size, into its *own* vLLM worker, in its own process (`VLLMEngine.load_weights`): vLLM's
+weight loaders keep the worker's engine-TP shard of each tensor and drop the rest. Nothing is
+serialised, nothing crosses a process boundary beyond the trainer's own gathers, and the model is
+never held a second time.
 
-* in-process engine (CPU; GPU with engine TP 1): all buckets flow lazily through *one*
-  `reload_weights` call (`VLLMEngine.load_weights`), each tensor dropped as soon as vLLM has copied
-  it. One call per bucket is not safe in vLLM 0.32: a call rebuilds every fused module (q/k/v,
-  gate/up, experts) it touches from the parts in that call alone, so a bucket boundary that splits
-  one would leave the rest of it uninitialised. Peak extra memory: about one bucket plus one tensor
-  on the producer side, plus the one module vLLM is rebuilding.
-* out-of-process workers (GPU, engine TP > 1): one bucket at a time through vLLM's weight-transfer
-  API with CUDA IPC handles gathered from every GPU of the engine group (see `vllm_engine`).
+All buckets flow lazily through *one* `reload_weights` call, each tensor dropped as soon as vLLM
+has copied it. One call per bucket is not safe in vLLM 0.32: a call rebuilds every fused module
+(q/k/v, gate/up, experts) it touches from the parts in that call alone, so a bucket boundary that
+split one would leave the rest of it uninitialised. Peak extra memory: about one bucket plus one
+tensor on the producer side, plus the one module vLLM is rebuilding.
 
-`ParityProbe` then scores a fixed batch with the engine and with the trainer and fails loudly when
-they disagree: a stale or misnamed tensor shows up as a logprob gap long before it shows up as a
-bad reward curve.
+`ParityProbe` then scores a fixed batch with every engine and with the trainer and fails loudly
+when they disagree: a stale or misnamed tensor shows up as a logprob gap long before it shows up
+as a bad reward curve.
 """
 
 from __future__ import annotations
@@ -69,81 +69,55 @@ def bucketed(named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> Iterato
 
 @dataclass(frozen=True)
 class SyncStats:
-    """What one sync moved and how fast."""
+    """What one sync moved on this rank and how fast."""
 
-    bytes: int
+    bytes: int  # full tensors streamed into this rank's worker (vLLM keeps its shard of each)
     seconds: float
     buckets: int
     tensors: int
     gb_per_s: float  # 1e9 bytes per second, including the producer's gathers
+    received_bytes: int = 0  # bytes this rank received from others in the trainer's gathers
+    peak_extra_bytes: int = 0  # CUDA: allocator peak above the start; CPU: most bucket bytes alive at once
 
 
 class WeightSync:
-    """Streams HF-named tensors into an engine, bucket by bucket.
+    """Streams HF-named tensors into this rank's engine worker, bucket by bucket."""
 
-    `engine` is None on ranks without one: they only drive the producer (their part of the
-    gathers). For an engine whose workers run in other processes (GPU, engine TP > 1), every rank
-    of the engine group passes `group`, the process group of exactly those ranks, leader first.
-    """
-
-    def __init__(self, engine: VLLMEngine | None, bucket_mb: float, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, engine: VLLMEngine, bucket_mb: float) -> None:
         self.engine = engine
         self.bucket_bytes = max(1, int(bucket_mb * MB))
-        self.group = group
-        if engine is not None and not engine.in_process and group is None:
-            raise ValueError("an engine with out-of-process workers needs the engine group's process group")
 
-    def sync(self, named_tensors: Iterable[NamedTensor]) -> SyncStats:
-        """Load every tensor of `named_tensors` into the engine; the engine's prefix cache is reset."""
-        counts = {"bytes": 0, "buckets": 0, "tensors": 0}
+    def sync(self, named_tensors: Iterable[NamedTensor], traffic: dict[str, int] | None = None) -> SyncStats:
+        """Load every tensor of `named_tensors` into the worker; its prefix cache is reset.
+        `traffic` is the dict the producer counts its received bytes in (`export_hf_tensors`)."""
+        counts = {"bytes": 0, "buckets": 0, "tensors": 0, "peak": 0}
+        on_cuda = torch.cuda.is_available()
+        base = torch.cuda.memory_allocated() if on_cuda else 0
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
 
         def counted() -> Iterator[list[NamedTensor]]:
             for bucket in bucketed(named_tensors, self.bucket_bytes):
+                nbytes = sum(tensor_bytes(t) for _, t in bucket)
                 counts["buckets"] += 1
                 counts["tensors"] += len(bucket)
-                counts["bytes"] += sum(tensor_bytes(t) for _, t in bucket)
+                counts["bytes"] += nbytes
+                counts["peak"] = max(counts["peak"], nbytes)
                 yield bucket
 
         start = time.perf_counter()
-        if self.group is not None and dist.get_world_size(self.group) > 1:
-            self._sync_ipc(counted())
-        elif self.engine is not None:
-            self.engine.load_weights(_drain(counted()))
-        else:
-            for _ in _drain(counted()):  # no engine here: only take part in the gathers
-                pass
+        self.engine.load_weights(_drain(counted()))
         seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - base if on_cuda else counts["peak"]
         return SyncStats(
             bytes=counts["bytes"],
             seconds=seconds,
             buckets=counts["buckets"],
             tensors=counts["tensors"],
             gb_per_s=counts["bytes"] / max(seconds, 1e-9) / 1e9,
+            received_bytes=int((traffic or {}).get("received", 0)),
+            peak_extra_bytes=int(peak),
         )
-
-    def _sync_ipc(self, buckets: Iterator[list[NamedTensor]]) -> None:
-        """GPU, engine TP > 1: each rank shares its copy of a bucket by CUDA IPC; the leader loads it."""
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        leader = self.engine is not None
-        if leader:
-            self.engine.start_weight_update()
-        for bucket in buckets:
-            # Handles do not keep storage alive: hold the tensors until every worker has copied them.
-            tensors = [t.detach().contiguous() for _, t in bucket]
-            torch.cuda.synchronize()  # the producer's gathers may still be in flight
-            mine = [{uuid: reduce_tensor(t)[1]} for t in tensors]
-            gathered: list = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(gathered, mine, group=self.group)
-            if leader:
-                handles = [{k: v for rank in gathered for k, v in rank[i].items()} for i in range(len(tensors))]
-                meta = [(str(t.dtype).removeprefix("torch."), list(t.shape)) for t in tensors]
-                self.engine.update_weights_ipc([name for name, _ in bucket], meta, handles)
-            dist.barrier(group=self.group)
-            del tensors, bucket
-        if leader:
-            self.engine.finish_weight_update()
 
 
 def _drain(buckets: Iterator[list[NamedTensor]]) -> Iterator[NamedTensor]:
@@ -158,8 +132,29 @@ def _drain(buckets: Iterator[list[NamedTensor]]) -> Iterator[NamedTensor]:
 # --------------------------------------------------------------------------------------------
 # The parity probe.
 
+# Default failure thresholds on |logprob_engine - logprob_trainer| per engine dtype: (mean, max).
+# float32: the same math in two implementations; measured on CPU after a correct sync (tiny
+# Qwen2): mean ~1e-6, max ~1e-5. bfloat16/float16: kernels and reduction orders differ; NeMo-RL
+# measured mean 0.032 / max 0.097 for a correct bf16 DeepSeek-V3 sync. A stale or misnamed tensor
+# moves the mean far beyond these; `rollout.probe_mean_threshold` / `probe_max_threshold` override.
+PROBE_THRESHOLDS = {
+    "float32": (1e-4, 1e-3),
+    "bfloat16": (0.1, 1.0),
+    "float16": (0.05, 0.5),
+}
 
-def _broadcast(obj, src: int):
+
+def probe_thresholds(cfg) -> tuple[float, float]:
+    """(mean, max) failure thresholds for a `RolloutConfig`: its overrides, else the dtype's default."""
+    dtype = {"float": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+    mean, worst = PROBE_THRESHOLDS.get(dtype, PROBE_THRESHOLDS["bfloat16"])
+    return (
+        mean if cfg.probe_mean_threshold is None else cfg.probe_mean_threshold,
+        worst if cfg.probe_max_threshold is None else cfg.probe_max_threshold,
+    )
+
+
+def _broadcast(obj, src: int = 0):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -167,66 +162,89 @@ def _broadcast(obj, src: int):
     return box[0]
 
 
-class ParityProbe:
-    """Scores a fixed probe batch with the engine and the trainer; raises when they disagree.
+def _all_gather(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
-    The batch is `prompts`, each extended by a greedy continuation the engine generates on the
-    first check, so it covers the kind of tokens the policy actually produces.
-    `trainer_logprobs_fn(sequences)` returns, per sequence, the trainer's logprob of every token
-    given the ones before it (``len(seq) - 1`` values). In a distributed job every rank calls
-    `check` (the trainer side is collective); the engine rank `src_rank` (the only one with an
-    engine, the others pass None) shares the sequences and the verdict, so all ranks raise together.
+
+class ParityProbe:
+    """Scores a fixed probe batch with every rank's engine and with the trainer; raises on every
+    rank when any engine disagrees.
+
+    The batch is `prompts`, each extended by a greedy continuation generated on the first check,
+    so it covers the kind of tokens the policy actually produces (rank 0's sequences are shared, so
+    every rank scores the same batch). `trainer_logprobs_fn(sequences)` returns, per sequence, the
+    trainer's logprob of every token given the ones before it (``len(seq) - 1`` values); it is
+    collective, like everything else here: every rank calls `check` together.
+
+    A check fails when the mean |engine - trainer| over the batch exceeds `mean_threshold` or the
+    largest one exceeds `max_threshold`, on any rank; the error names the ranks and engines.
     """
 
     def __init__(
         self,
-        engine: VLLMEngine | None,
+        engine: VLLMEngine,
         trainer_logprobs_fn: Callable[[list[list[int]]], Sequence[torch.Tensor]],
         prompts: Sequence[Sequence[int]],
-        threshold: float,
+        mean_threshold: float,
+        max_threshold: float,
         continuation_tokens: int = 16,
-        src_rank: int = 0,
     ) -> None:
         if not prompts:
             raise ValueError("the parity probe needs at least one prompt")
         self.engine = engine
         self.trainer_logprobs_fn = trainer_logprobs_fn
         self.prompts = [list(p) for p in prompts]
-        self.threshold = threshold
+        self.mean_threshold = mean_threshold
+        self.max_threshold = max_threshold
         self.continuation_tokens = continuation_tokens
-        self.src_rank = src_rank
         self._sequences: list[list[int]] | None = None
 
     def sequences(self) -> list[list[int]]:
         """The probe batch: prompts plus their greedy continuations (made once)."""
         if self._sequences is None:
-            seqs = None
-            if self.engine is not None:
-                out = self.engine.generate(self.prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=self.continuation_tokens)
-                seqs = [r.prompt_ids + r.response_ids for r in out]
-            self._sequences = _broadcast(seqs, self.src_rank)
+            # Every engine generates (engines step together), rank 0's result is used everywhere.
+            out = self.engine.generate(self.prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=self.continuation_tokens)
+            self._sequences = _broadcast([r.prompt_ids + r.response_ids for r in out])
         return self._sequences
 
     def check(self) -> dict[str, float]:
         """Compare engine and trainer logprobs on the probe batch; returns `sync/*` metrics."""
         start = time.perf_counter()
         seqs = self.sequences()
-        engine_lp = self.engine.prompt_logprobs(seqs) if self.engine is not None else None
+        engine_lp = self.engine.prompt_logprobs(seqs)
         trainer_lp = self.trainer_logprobs_fn(seqs)
-        verdict = _compare(seqs, engine_lp, trainer_lp) if self.engine is not None else None
-        stats, (seq_index, token) = _broadcast(verdict, self.src_rank)
-        stats["sync/probe_seconds"] = time.perf_counter() - start
-        if stats["sync/logprob_abs_diff_max"] > self.threshold:
+        stats, where = _compare(seqs, engine_lp, trainer_lp)
+        engine_index = getattr(getattr(self.engine, "layout", None), "engine_index", 0)
+        per_rank = _all_gather((stats, where, engine_index))
+        worst_rank = max(range(len(per_rank)), key=lambda r: per_rank[r][0]["sync/logprob_abs_diff_max"])
+        result = {
+            "sync/logprob_abs_diff_max": max(r[0]["sync/logprob_abs_diff_max"] for r in per_rank),
+            "sync/logprob_abs_diff_mean": max(r[0]["sync/logprob_abs_diff_mean"] for r in per_rank),  # the worst engine's
+            "sync/probe_tokens": stats["sync/probe_tokens"],
+            "sync/probe_seconds": time.perf_counter() - start,
+        }
+        failing = [
+            r for r, (st, _, _) in enumerate(per_rank)
+            if st["sync/logprob_abs_diff_mean"] > self.mean_threshold or st["sync/logprob_abs_diff_max"] > self.max_threshold
+        ]
+        if failing:
+            st, (seq_index, token), engine_index = per_rank[worst_rank]
             raise WeightSyncError(
-                f"logprob parity probe failed after the weight sync: max |vLLM - trainer| = "
-                f"{stats['sync/logprob_abs_diff_max']:.3g} > rollout.probe_threshold={self.threshold:g} "
-                f"(mean {stats['sync/logprob_abs_diff_mean']:.3g} over {int(stats['sync/probe_tokens'])} tokens; "
-                f"worst: probe sequence {seq_index}, token {token}). "
-                "The engine is not running the trainer's weights: a tensor was probably not exported or got "
+                f"logprob parity probe failed after the weight sync on rank(s) {failing} "
+                f"(engine(s) {sorted({per_rank[r][2] for r in failing})}): |vLLM - trainer| mean "
+                f"{st['sync/logprob_abs_diff_mean']:.3g} (threshold {self.mean_threshold:g}), max "
+                f"{st['sync/logprob_abs_diff_max']:.3g} (threshold {self.max_threshold:g}) on rank {worst_rank}, "
+                f"worst at probe sequence {seq_index}, token {token}, over {int(st['sync/probe_tokens'])} tokens. "
+                "That engine is not running the trainer's weights: a tensor was probably not exported or got "
                 "a wrong Hugging Face name (compare the adapter's names with the checkpoint's), or "
-                "rollout.dtype differs from the trainer's precision. Raise the threshold only for a numerical gap."
+                "rollout.dtype differs from the trainer's precision. Raise rollout.probe_mean_threshold / "
+                "probe_max_threshold only for a numerical gap."
             )
-        return stats
+        return result
 
 
 def _compare(

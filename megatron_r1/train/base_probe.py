@@ -72,10 +72,13 @@ def summarize_modes(responses: list[str], accuracy: list[float], greedy_accuracy
 
 
 def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BaseProbe:
-    """Sample `k` responses per held-out prompt of `cfg.data` from the model in `hf_dir` with vLLM."""
+    """Sample `k` responses per held-out prompt of `cfg.data` from the model in `hf_dir` with vLLM.
+    Collective: every rank of the job runs it (each engine samples its share of the prompts)."""
+    import torch
+
     from megatron_r1.data.prompts import load_prompts
     from megatron_r1.data.tokenizer import load_tokenizer
-    from megatron_r1.rewards.reward_fn import RewardFn
+    from megatron_r1.rewards.reward_fn import RewardFn, score_split
     from megatron_r1.rollout.vllm_engine import VLLMEngine
     from megatron_r1.train.evaluate import evaluate
 
@@ -86,16 +89,19 @@ def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BasePr
     try:
         budget = cfg.rollout.max_response_tokens
         greedy = evaluate(engine, tokenizer, prompts, reward_fn, budget, k=1)  # the RL run's base_accuracy
+        mine = engine.layout.shard(prompts)
+        torch.manual_seed(cfg.seed * 1_000_003 + engine.layout.engine_index)
         sampled = engine.generate(
-            [p.prompt_ids for p in prompts], n=k, temperature=1.0, top_p=1.0, max_tokens=budget,
+            [p.prompt_ids for p in mine], n=k, temperature=1.0, top_p=1.0, max_tokens=budget,
             stop_token_ids=[tokenizer.eos_token_id],
         )
-        items = [prompts[i // k] for i in range(len(sampled))]
+        items = [mine[i // k] for i in range(len(sampled))]
         texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in sampled]
-        accuracy = reward_fn([p.prompt for p in items], texts, [p.as_reward_item() for p in items]).components["accuracy"]
+        accuracy = score_split(reward_fn, [p.prompt for p in items], texts, [p.as_reward_item() for p in items], engine.groups.split_work)
+        rows = engine.groups.gather(list(zip(texts, accuracy.components["accuracy"].tolist())))
     finally:
         engine.shutdown()
-    return summarize_modes(texts, accuracy.tolist(), greedy.accuracy)
+    return summarize_modes([t for t, _ in rows], [a for _, a in rows], greedy.accuracy)
 
 
 def describe(probe: BaseProbe) -> str:

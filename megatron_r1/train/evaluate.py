@@ -1,12 +1,19 @@
-"""Held-out evaluation with the rollout engine: greedy pass@1 and majority vote over k samples."""
+"""Held-out evaluation with the rollout engines: greedy pass@1 and majority vote over k samples.
+
+SPMD like the rollouts: every engine evaluates its share of the prompts, the ranks of an engine
+split the scoring, and every rank returns the result over all prompts.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from megatron_r1.rewards.accuracy import extract_answer
 from megatron_r1.rewards.format import format_reward
+from megatron_r1.rewards.reward_fn import score_split
 
 
 @dataclass
@@ -27,37 +34,50 @@ class EvalResult:
         }
 
 
-def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, temperature: float = 1.0) -> EvalResult:
-    """Score `prompts` (PromptItems) with greedy decoding and with maj@k sampling."""
-    prompt_ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
+def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+    """Score `prompts` (PromptItems) with greedy decoding and with maj@k sampling (collective)."""
+    layout, groups = engine.layout, engine.groups
+    mine = layout.shard(prompts)
+    prompt_ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in mine]
     stop = [tokenizer.eos_token_id]
-    greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop)
-    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False) for r in greedy]
-    texts = [t.replace(tokenizer.eos_token, "") for t in texts]
-    items = [p.as_reward_item() for p in prompts]
-    scored = reward_fn([p.prompt for p in prompts], texts, items)
-    accuracy = scored.components["accuracy"]
 
-    maj = 0.0
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.eos_token, "")
+
+    greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop)
+    texts = [decode(r.response_ids) for r in greedy]
+    items = [p.as_reward_item() for p in mine]
+    accuracy = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components["accuracy"]
+
+    maj = accuracy.tolist()
     if k > 1:
+        torch.manual_seed(seed * 1_000_003 + layout.engine_index)  # every rank of an engine draws alike
         sampled = engine.generate(prompt_ids, n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop)
-        for i, prompt in enumerate(prompts):
-            group = sampled[i * k : (i + 1) * k]
-            group_texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False) for r in group]
+        winners, voted = [], []
+        for i in range(len(mine)):
+            group_texts = [decode(r.response_ids) for r in sampled[i * k : (i + 1) * k]]
             answers = [extract_answer(t) for t in group_texts]
             votes = Counter(a for a in answers if a is not None)
-            if not votes:
-                continue
-            winner = votes.most_common(1)[0][0]
-            text = group_texts[answers.index(winner)]  # accuracy depends on the extracted answer only
-            maj += float(reward_fn([prompt.prompt], [text], [items[i]]).components["accuracy"][0])
-        maj /= len(prompts)
+            if votes:  # accuracy depends on the extracted answer only: score one text that gives it
+                winners.append(group_texts[answers.index(votes.most_common(1)[0][0])])
+                voted.append(i)
+        maj = [0.0] * len(mine)
+        if voted:
+            scored = score_split(reward_fn, [mine[i].prompt for i in voted], winners, [items[i] for i in voted], groups.split_work)
+            for i, value in zip(voted, scored.components["accuracy"].tolist()):
+                maj[i] = value
 
-    lengths = [len(r.response_ids) for r in greedy]
+    rows = [
+        {"accuracy": float(a), "maj": m, "format": format_reward(t, "strict"), "length": len(r.response_ids),
+         "question": p.question, "answer": p.answer, "response": t}
+        for p, t, r, a, m in zip(mine, texts, greedy, accuracy.tolist(), maj)
+    ]
+    rows = groups.gather(rows)  # every prompt, in order, on every rank
+    n = max(len(rows), 1)
     return EvalResult(
-        accuracy=float(accuracy.mean()),
-        maj_accuracy=maj if k > 1 else float(accuracy.mean()),
-        format_rate=sum(format_reward(t, "strict") for t in texts) / len(texts),
-        length_mean=sum(lengths) / len(lengths),
-        samples=[{"question": p.question, "answer": p.answer, "response": t} for p, t in list(zip(prompts, texts))[:3]],
+        accuracy=sum(r["accuracy"] for r in rows) / n,
+        maj_accuracy=sum(r["maj"] for r in rows) / n,
+        format_rate=sum(r["format"] for r in rows) / n,
+        length_mean=sum(r["length"] for r in rows) / n,
+        samples=[{key: r[key] for key in ("question", "answer", "response")} for r in rows[:3]],
     )

@@ -134,6 +134,9 @@ def run(cfg: StageConfig) -> Path:
 
     save_hf(model, cfg.model, hf_dir, tokenizer_dir=tok_dir)
     wall = time.perf_counter() - start
+    samples = int(extra.get("probe_samples", 8))
+    # What R1-Zero will have to work with (see train/base_probe.py); every rank hosts an engine.
+    probe = probe_base_model(hf_dir, cfg, k=samples) if samples > 0 else None
     if main:
         summary = {
             "steps": steps_done,
@@ -142,9 +145,7 @@ def run(cfg: StageConfig) -> Path:
             "parameters": num_parameters(model),
             "config": to_dict(cfg),
         }
-        samples = int(extra.get("probe_samples", 8))
-        if samples > 0:  # what R1-Zero will have to work with; see train/base_probe.py
-            probe = probe_base_model(hf_dir, cfg, k=samples)
+        if probe is not None:
             log.info("base model: %s", describe(probe))
             summary["base_probe"] = probe.as_dict()
         (run_dir / DONE_MARKER).write_text(json.dumps(summary, indent=2))

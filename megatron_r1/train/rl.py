@@ -1,13 +1,16 @@
 """The GRPO loop (DeepSeek-R1-Zero): rollout -> reward -> advantages -> logprobs -> update -> sync.
 
-Read `run` top to bottom: it is the algorithm. Megatron-Core holds the policy (any TP/PP/EP);
-the colocated vLLM engine on the main rank samples the rollouts and receives every new policy in
-memory; the other ranks take part in the collectives (logprobs, update, weight gathering).
+Read `run` top to bottom: it is the algorithm. Megatron-Core holds the policy (any TP/PP/EP/DP);
+every rank also hosts one vLLM worker (SPMD colocation, `rollout.vllm_engine`). Each engine samples
+and scores its share of a step's prompts; the scored groups are put back in order on every rank;
+each trainer data-parallel rank trains on its part of the batch; then every rank loads the new
+policy into its own worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -20,15 +23,16 @@ from tqdm import tqdm
 from megatron_r1 import distributed, platform
 from megatron_r1.algorithms import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_loss
 from megatron_r1.algorithms.sampling import GroupAccumulator
-from megatron_r1.config import StageConfig, to_dict
+from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.data.prompts import PromptSampler, load_prompts
 from megatron_r1.data.templates import TEMPLATES
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
 from megatron_r1.models.hf.base import export_hf_tensors, load_hf, read_hf_config, save_hf
-from megatron_r1.rewards.reward_fn import RewardFn
+from megatron_r1.rewards.reward_fn import RewardFn, score_split
+from megatron_r1.rollout.layout import EngineLayout, even_bounds
 from megatron_r1.rollout.vllm_engine import VLLMEngine
-from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync
+from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.evaluate import evaluate
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
@@ -78,90 +82,120 @@ def _build_policy(cfg: StageConfig, hf_dir: Path):
     return model_cfg, model, ddp, optimizer, scheduler, reference
 
 
-def _engine_call(engine, method: str, *args) -> None:
-    """Sleep/wake the engine on the rank that owns it (a logged no-op on CPU)."""
-    if engine is not None:
-        getattr(engine, method)(*args)
-
-
-def _broadcast(obj, src: int = 0):
-    """Send a picklable object from the engine rank to every rank (no-op in a 1-rank job)."""
-    if dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+def _free_trainer_cache() -> None:
+    """Hand the trainer's cached activation memory back before the engine takes its share again."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
 # One phase per function.
 
 
+@dataclasses.dataclass
+class Sample:
+    """One sampled response, with where it came from."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt: int  # position of its prompt in the step's batch of prompts
+    engine: int  # the engine (vLLM data-parallel rank) that sampled it
+
+
+def sampling_seed(seed: int, step: int, round_: int, engine: int) -> int:
+    """Per step, sampling round and engine: a resumed run samples what an uninterrupted one would,
+    every rank of an engine draws the same tokens, and different engines draw different ones."""
+    return seed * 1_000_003 + step * 101 + round_ * 7 + engine * 7919
+
+
 def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
-    """Sample G responses per prompt and score them. With dynamic sampling, groups whose rewards
-    are all equal (no signal: zero advantage) are dropped and more prompts are sampled until the
-    batch is full or the round cap is reached."""
+    """Sample G responses per prompt and score them, each engine its share of the prompts; returns
+    the whole batch (every group, in prompt order) on every rank. With dynamic sampling, groups
+    whose rewards are all equal (no signal: zero advantage) are dropped and more prompts are
+    sampled until the batch is full or the round cap is reached."""
     g = cfg.rollout.n_samples_per_prompt
+    layout, groups = engine.layout, engine.groups
     dynamic = cfg.grpo.dynamic_sampling
     acc = GroupAccumulator(cfg.grpo.prompts_per_step, cfg.grpo.max_sampling_rounds if dynamic else 1)
-    failures, timings = 0, {"rollout": 0.0, "reward": 0.0}
+    failures, timings, sampled_here = 0, {"rollout": 0.0, "reward": 0.0}, 0
     while not acc.done:
-        prompts = sampler.next_batch()
+        prompts = sampler.next_batch()  # the same on every rank
+        start, _ = layout.shard_bounds(len(prompts))
+        mine = layout.shard(prompts)
         t0 = time.perf_counter()
-        rollouts = None
-        if engine is not None:
-            # Seeded per step so that a resumed run samples exactly what an uninterrupted one would.
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + acc.rounds)
-            out = engine.generate(
-                [p.prompt_ids for p in prompts],
-                n=g,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                max_tokens=cfg.rollout.max_response_tokens,
-                stop_token_ids=[tokenizer.eos_token_id],
-            )
-            rollouts = [(r.prompt_ids, r.response_ids, r.finish_reason) for r in out]
-        rollouts = _broadcast(rollouts)
+        torch.manual_seed(sampling_seed(cfg.seed, step, acc.rounds, layout.engine_index))
+        out = engine.generate(
+            [p.prompt_ids for p in mine],
+            n=g,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_tokens=cfg.rollout.max_response_tokens,
+            stop_token_ids=[tokenizer.eos_token_id],
+        )
+        sampled_here += len(out)
         timings["rollout"] += time.perf_counter() - t0
 
+        # Rewards run where the responses were sampled, split over the ranks of the engine.
         t0 = time.perf_counter()
-        texts = [tokenizer.decode(resp, skip_special_tokens=False).replace(tokenizer.eos_token, "") for _, resp, _ in rollouts]
-        items = [prompts[i // g] for i in range(len(rollouts))]
-        scored = reward_fn([p.prompt for p in items], texts, [p.as_reward_item() for p in items])
+        texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in out]
+        items = [mine[i // g] for i in range(len(out))]
+        scored = score_split(reward_fn, [p.prompt for p in items], texts, [p.as_reward_item() for p in items], groups.split_work)
         rewards = scored.total.clone()
-        lengths = torch.tensor([len(resp) for _, resp, _ in rollouts], dtype=torch.float32)
+        lengths = torch.tensor([len(r.response_ids) for r in out], dtype=torch.float32)
         if cfg.grpo.overlong_buffer_tokens > 0:
             rewards += overlong_penalty(lengths, cfg.rollout.max_response_tokens, cfg.grpo.overlong_buffer_tokens, cfg.grpo.overlong_penalty)
-        failures += scored.failures
-        timings["reward"] += time.perf_counter() - t0
-
-        groups = [
+        local = [
             {
-                "rollouts": rollouts[i * g : (i + 1) * g],
+                "samples": [Sample(r.prompt_ids, r.response_ids, r.finish_reason, start + i, layout.engine_index) for r in out[i * g : (i + 1) * g]],
+                "rewards": rewards[i * g : (i + 1) * g],
                 "lengths": lengths[i * g : (i + 1) * g],
                 "components": {k: v[i * g : (i + 1) * g] for k, v in scored.components.items()},
             }
-            for i in range(len(prompts))
+            for i in range(len(mine))
         ]
-        acc.add(rewards.view(-1, g), groups, keep=None if dynamic else torch.ones(len(prompts), dtype=torch.bool))
-    groups, rewards = acc.result()
+        round_groups = groups.gather(local)  # whole groups, in prompt order, on every rank
+        failures += sum(groups.all_gather(scored.failures if layout.is_engine_leader else 0))
+        timings["reward"] += time.perf_counter() - t0
+        rewards_round = torch.stack([grp["rewards"] for grp in round_groups]) if round_groups else torch.zeros(0, g)
+        acc.add(rewards_round, round_groups, keep=None if dynamic else torch.ones(len(round_groups), dtype=torch.bool))
+    kept, rewards = acc.result()
     batch = {
-        "rollouts": [r for grp in groups for r in grp["rollouts"]],
+        "samples": [s for grp in kept for s in grp["samples"]],
         "rewards": rewards.flatten(),
-        "lengths": torch.cat([grp["lengths"] for grp in groups]) if groups else torch.zeros(0),
-        "components": {k: torch.cat([grp["components"][k] for grp in groups]) for k in (groups[0]["components"] if groups else {})},
+        "lengths": torch.cat([grp["lengths"] for grp in kept]) if kept else torch.zeros(0),
+        "components": {k: torch.cat([grp["components"][k] for grp in kept]) for k in (kept[0]["components"] if kept else {})},
     }
-    stats = {"reward/failures": float(failures), **{f"sampling/{k}": float(v) for k, v in acc.stats().items()}}
+    stats = {
+        "reward/failures": float(failures),
+        "rollout/sequences_sampled_per_engine": float(sampled_here),
+        **{f"sampling/{k}": float(v) for k, v in acc.stats().items()},
+    }
     return batch, stats, timings
 
 
-def make_batch(rollouts, advantages, pad_id) -> Batch:
+def data_parallel_share(n: int) -> slice:
+    """The sequences of a batch of `n` this trainer data-parallel rank trains on (contiguous,
+    near-equal; the loss denominators are global, so the split does not change the gradient)."""
+    from megatron.core import parallel_state
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if n < dp:
+        raise ValueError(
+            f"a batch of {n} sequences cannot feed {dp} data-parallel ranks; raise grpo.prompts_per_step "
+            "or rollout.n_samples_per_prompt"
+        )
+    return slice(*even_bounds(n, dp, rank))
+
+
+def make_batch(samples: list[Sample], advantages, pad_id) -> Batch:
     """Right-padded prompt+response tokens; the loss covers response tokens only."""
-    width = max(len(p) + len(r) for p, r, _ in rollouts)
-    tokens = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rollouts), width), dtype=torch.float32)
-    for i, (prompt, response, _) in enumerate(rollouts):
-        seq = prompt + response
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        prompt, seq = s.prompt_ids, s.prompt_ids + s.response_ids
         tokens[i, : len(seq)] = torch.tensor(seq)
         mask[i, len(prompt) : len(seq)] = 1.0
     return Batch(tokens=tokens, loss_mask=mask, advantages=advantages.float())
@@ -213,11 +247,24 @@ def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch) -> dic
     return metrics
 
 
-def sync_phase(model, model_cfg, syncer, probe, step: int, probe_every: int) -> dict:
-    """Stream HF-named full tensors into the engine (bucketed), then check logprob parity."""
-    s = syncer.sync(export_hf_tensors(model, model_cfg))  # ranks without an engine only gather
-    stats = {"sync/seconds": s.seconds, "sync/gb_per_s": s.gb_per_s, "sync/buckets": float(s.buckets)}
-    if probe_every and step % probe_every == 0:
+def sync_phase(engine, model, model_cfg, syncer, probe, step: int, probe_every: int) -> dict:
+    """Refit every rank's own worker, in the order that keeps device memory lowest: free the
+    trainer's cached memory, wake the engine's weights, stream the new policy in (bucketed), wake
+    its KV cache, then check logprob parity (the probe runs the engine, so it needs its KV cache)."""
+    _free_trainer_cache()
+    engine.wake_up(["weights"])
+    traffic = {"received": 0}
+    s = syncer.sync(export_hf_tensors(model, model_cfg, traffic), traffic)
+    engine.wake_up(["kv_cache"])
+    stats = {
+        "sync/seconds": s.seconds,
+        "sync/gb_per_s": s.gb_per_s,
+        "sync/buckets": float(s.buckets),
+        "sync/mb_loaded_per_rank": s.bytes / 2**20,
+        "sync/mb_received_per_rank": s.received_bytes / 2**20,
+        "sync/peak_extra_mb": s.peak_extra_bytes / 2**20,
+    }
+    if probe is not None and probe_every and step % probe_every == 0:
         stats.update(probe.check())
     return stats
 
@@ -226,8 +273,63 @@ def sync_phase(model, model_cfg, syncer, probe, step: int, probe_every: int) -> 
 # The run.
 
 
+@dataclasses.dataclass
+class Policy:
+    """The trained model and everything that updates it."""
+
+    model_cfg: object
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    reference: torch.nn.Module | None
+
+
+def _resume(cfg: StageConfig, ckpt_dir: Path, policy: Policy, sampler: PromptSampler, metrics: MetricsLogger) -> tuple[int, float, float | None]:
+    """(first step, RL seconds so far, base accuracy) from the latest checkpoint, or a fresh start."""
+    if not cfg.checkpoint.resume or (latest := ckpt.latest_step(ckpt_dir)) is None:
+        return 0, 0.0, None
+    extra = ckpt.load_checkpoint(ckpt_dir, latest, policy.ddp, policy.optimizer, policy.scheduler)
+    sampler.load_state_dict(extra["sampler"])
+    metrics.truncate_after(latest)
+    if distributed.is_main():
+        log.info("resumed from %s at step %d", ckpt_dir, latest)
+    return latest, extra["wall_seconds"], extra.get("base_accuracy")
+
+
+def _step_row(rewards, lengths, components, samples, share: slice, stats: dict, train: dict, sync: dict, rollout_seconds: float) -> dict:
+    """The metrics row of one step (the same on every rank)."""
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
+        **stats,
+        "rollout/sequences": float(len(samples)),
+        "rollout/sequences_per_rank": float(share.stop - share.start),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clipped_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        # Rollout tokens of all engines per second of (parallel) rollout time.
+        "perf/tokens_per_s": float(lengths.sum()) / max(rollout_seconds, 1e-9),
+        **{f"train/{k}": v for k, v in train.items()},
+        **sync,
+    }
+
+
+def _save_rollouts(run_dir: Path, step: int, samples: list[Sample], rewards, advantages) -> None:
+    """`rollouts/step_NNNNNN.jsonl`: every sampled sequence of a step, with where it came from."""
+    out = run_dir / "rollouts"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"step_{step:06d}.jsonl", "w") as f:
+        for s, r, a in zip(samples, rewards.tolist(), advantages.tolist()):
+            row = {"prompt": s.prompt, "engine": s.engine, "prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
+                   "finish_reason": s.finish_reason, "reward": r, "advantage": a}
+            f.write(json.dumps(row) + "\n")
+
+
 def run(cfg: StageConfig) -> dict:
-    """Run R1-Zero GRPO as configured; returns the summary (also written to summary.json)."""
+    """Run R1-Zero GRPO as configured (every rank of the job calls it); returns the summary
+    (also written to summary.json) on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
     main = distributed.is_main()
     run_dir = Path(cfg.logging.run_dir)
@@ -236,37 +338,27 @@ def run(cfg: StageConfig) -> dict:
     wall_start = time.perf_counter()  # pretraining the base is its own stage: the RL clock starts here
     tokenizer = load_tokenizer(hf_dir)
 
-    model_cfg, model, ddp, optimizer, scheduler, reference = _build_policy(cfg, hf_dir)
+    policy = Policy(*_build_policy(cfg, hf_dir))
     train_set = load_prompts(cfg.data, "train", tokenizer)
     eval_set = load_prompts(cfg.data, "eval", tokenizer)
     sampler = PromptSampler(train_set, cfg.grpo.prompts_per_step, seed=cfg.seed)
     reward_fn = RewardFn(cfg.reward)
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
+    start_step, prior_wall, base_accuracy = _resume(cfg, ckpt_dir, policy, sampler, metrics)
 
-    start_step, prior_wall, base_accuracy = 0, 0.0, None
-    if cfg.checkpoint.resume and (latest := ckpt.latest_step(ckpt_dir)) is not None:
-        extra = ckpt.load_checkpoint(ckpt_dir, latest, ddp, optimizer, scheduler)
-        sampler.load_state_dict(extra["sampler"])
-        start_step, prior_wall, base_accuracy = latest, extra["wall_seconds"], extra.get("base_accuracy")
-        metrics.truncate_after(latest)
-        if main:
-            log.info("resumed from %s at step %d", ckpt_dir, latest)
-
-    engine = VLLMEngine(cfg.rollout, str(hf_dir)) if main else None  # one engine, on rank 0
+    _check_batch_fits(cfg, EngineLayout.from_config(cfg.rollout, dist.get_world_size(), dist.get_rank()), len(eval_set.items))
+    engine = VLLMEngine(cfg.rollout, str(hf_dir))  # one worker on every rank
     platform.install_cuda_stand_ins()  # vLLM's CPU worker replaces torch.cuda's streams/events
     syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
     if main:
-        log.info("policy: %s parameters on %s; engine ready", f"{num_parameters(model):,}", platform.describe())
-    probe = _make_probe(cfg, engine, tokenizer, eval_set, model)
-    if start_step > 0:  # the engine loaded the base weights; bring it to the resumed policy
-        sync_phase(model, model_cfg, syncer, probe, 0, 1)
+        log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), engine.layout.describe())
+    probe = _make_probe(cfg, engine, tokenizer, eval_set, policy.model)
+    if start_step > 0:  # the engines loaded the base weights; bring them to the resumed policy
+        sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, 0, 1)
 
-    def run_eval(step: int) -> dict:
-        result = None
-        if main:
-            result = evaluate(engine, tokenizer, eval_set.items, reward_fn, cfg.rollout.max_response_tokens, cfg.logging.eval_samples, cfg.rollout.temperature)
-        result = _broadcast(result)
-        return result
+    def run_eval(step: int):
+        return evaluate(engine, tokenizer, eval_set.items, reward_fn, cfg.rollout.max_response_tokens,
+                        cfg.logging.eval_samples, cfg.rollout.temperature, seed=cfg.seed + step)
 
     if base_accuracy is None:
         base = run_eval(0)
@@ -280,39 +372,30 @@ def run(cfg: StageConfig) -> dict:
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="GRPO", disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
     last_eval = None
     for step in bar:
-        # 1-2. rollout and reward
+        # 1-2. rollout and reward: each engine its share of the prompts; whole groups on every rank
         sampled, sampling_stats, timings = rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step)
         for phase, seconds in timings.items():
             timer.seconds[phase] += seconds
-        if not sampled["rollouts"]:  # dynamic sampling found no group with signal: nothing to learn
+        if not sampled["samples"]:  # dynamic sampling found no group with signal: nothing to learn
             metrics.log(step + 1, {**sampling_stats, **timer.finish()})
             continue
-        rollouts, rewards, lengths, components = sampled["rollouts"], sampled["rewards"], sampled["lengths"], sampled["components"]
-        # 3. advantages
+        samples, rewards = sampled["samples"], sampled["rewards"]
+        # 3. advantages, over whole groups; then this data-parallel rank's part of the batch
         advantages = group_advantages(rewards, cfg.rollout.n_samples_per_prompt, scale_by_std=cfg.grpo.scale_advantages_by_std)
-        batch = make_batch(rollouts, advantages, tokenizer.pad_token_id)
-        # 4-5. logprobs and policy update, with the engine's GPU memory handed to the trainer
-        _engine_call(engine, "sleep")
+        share = data_parallel_share(len(samples))
+        batch = make_batch(samples[share], advantages[share], tokenizer.pad_token_id)
+        if main and cfg.logging.save_rollouts:
+            _save_rollouts(run_dir, step + 1, samples, rewards, advantages)
+        # 4-5. logprobs and policy update, with the engine's device memory handed to the trainer
+        engine.sleep()
         with timer("train"):
-            train_metrics = update_phase(cfg, ddp, optimizer, scheduler, reference, batch)
-        # 6. weight sync into the engine (weights first, then its KV cache comes back)
-        _engine_call(engine, "wake_up", ["weights"])
+            train_metrics = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, policy.reference, batch)
+        # 6. every rank refits its own worker, then the parity probe
         with timer("sync"):
-            sync_metrics = sync_phase(model, model_cfg, syncer, probe, step + 1, cfg.rollout.probe_every)
-        _engine_call(engine, "wake_up", ["kv_cache"])
+            sync_metrics = sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, step + 1, cfg.rollout.probe_every)
         # 7. metrics, evaluation, checkpoint
-        row = {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()),
-            **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
-            **sampling_stats,
-            "response/length_mean": float(lengths.mean()),
-            "response/length_max": float(lengths.max()),
-            "response/clipped_ratio": sum(r[2] == "length" for r in rollouts) / len(rollouts),
-            "perf/tokens_per_s": float(lengths.sum()) / max(timer.seconds["rollout"], 1e-9),
-            **{f"train/{k}": v for k, v in train_metrics.items()},
-            **sync_metrics,
-        }
+        row = _step_row(rewards, sampled["lengths"], sampled["components"], samples, share, sampling_stats,
+                        train_metrics, sync_metrics, timings["rollout"])
         done = step + 1
         if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 or done == cfg.steps:
             with timer("eval"):
@@ -321,7 +404,7 @@ def run(cfg: StageConfig) -> dict:
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == cfg.steps:
             with timer("checkpoint"):
                 wall = prior_wall + time.perf_counter() - wall_start
-                ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
+                ckpt.save_checkpoint(ckpt_dir, done, policy.ddp, policy.optimizer, policy.scheduler,
                                      {"sampler": sampler.state_dict(), "wall_seconds": wall, "base_accuracy": base_accuracy},
                                      keep_last=cfg.checkpoint.keep_last)
         row.update(timer.finish())
@@ -332,13 +415,28 @@ def run(cfg: StageConfig) -> dict:
 
     if last_eval is None:  # resumed at the end: evaluate what we have
         last_eval = run_eval(cfg.steps)
+    engine.shutdown()
     wall = prior_wall + time.perf_counter() - wall_start
-    summary = _finish(cfg, run_dir, model, model_cfg, hf_dir, metrics, base_accuracy, last_eval, wall, base_seconds)
-    return summary
+    return _finish(cfg, run_dir, policy.model, policy.model_cfg, hf_dir, metrics, base_accuracy, last_eval, wall, base_seconds, engine.layout)
+
+
+def _check_batch_fits(cfg: StageConfig, layout: EngineLayout, eval_prompts: int) -> None:
+    """Every engine needs at least one prompt per step and per evaluation, every trainer
+    data-parallel rank at least one sequence."""
+    from megatron.core import parallel_state
+
+    engines = layout.num_engines
+    sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt
+    if sequences < parallel_state.get_data_parallel_world_size():
+        raise ConfigError(f"{sequences} sequences per step cannot feed {parallel_state.get_data_parallel_world_size()} data-parallel ranks; raise grpo.prompts_per_step")
+    if cfg.grpo.prompts_per_step < engines:
+        raise ConfigError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} leaves some of the {engines} rollout engines without a prompt; raise it to at least {engines}")
+    if eval_prompts < engines:
+        raise ConfigError(f"{eval_prompts} held-out prompts leave some of the {engines} rollout engines without one; raise data.eval_size")
 
 
 def _make_probe(cfg, engine, tokenizer, eval_set, model):
-    """The logprob parity probe: a fixed batch scored by vLLM and by the trainer after each sync."""
+    """The logprob parity probe: a fixed batch scored by every engine and by the trainer after each sync."""
     if not cfg.rollout.probe_every:
         return None
     prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in eval_set.items[: cfg.rollout.probe_prompts]]
@@ -351,10 +449,17 @@ def _make_probe(cfg, engine, tokenizer, eval_set, model):
         lp = compute_logprobs(model, tokens, cfg.grpo.micro_batch_size)
         return [lp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
-    return ParityProbe(engine, trainer_logprobs, prompts, cfg.rollout.probe_threshold)
+    mean_threshold, max_threshold = probe_thresholds(cfg.rollout)
+    return ParityProbe(engine, trainer_logprobs, prompts, mean_threshold, max_threshold)
 
 
-def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall, base_seconds) -> dict:
+def _trainer_data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall, base_seconds, layout) -> dict:
     """Export the policy, write summary.json and plot.png, print the table."""
     if cfg.checkpoint.export_hf:
         save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=base_dir)
@@ -381,6 +486,7 @@ def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, fi
         "base_pretrain_seconds": round(base_seconds, 1),  # 0 unless this run pretrained the base
         "seconds_by_phase": {k: round(v, 1) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "task": task,
+        "layout": {**layout.as_dict(), "data_parallel_size": _trainer_data_parallel_size()},
         "eval_size": cfg.data.eval_size,
         "prompt_template": TEMPLATES[cfg.data.template],
         "base_model": str(base_dir),
@@ -401,6 +507,7 @@ def _print_table(s: dict, run_dir: Path) -> None:
         f"  format rate         {100 * s['final_format_rate']:.1f} %",
         f"  response length     {s['final_response_length']:.1f} tokens",
         f"  steps               {s['steps']}",
+        "  layout              {world_size} rank(s): {rollout_engines} rollout engine(s) of TP {engine_tensor_parallel_size}, trainer DP {data_parallel_size}".format(**s["layout"]),
         f"  wall time           {s['wall_seconds']:.0f} s"
         + (f" (after {s['base_pretrain_seconds']:.0f} s pretraining the base model)" if s["base_pretrain_seconds"] else ""),
         "  time by phase       " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds_by_phase"].items()),

@@ -226,6 +226,37 @@ def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_s
         )
 
 
+def _sequence_multiple(config) -> int:
+    """What the sequence length must be a multiple of: under sequence parallelism Megatron cuts it
+    over the TP ranks, and FP8 GEMMs need dimensions that are multiples of 16."""
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if getattr(config, "fp8", None):
+        multiple *= 16
+    return multiple
+
+
+def padded_to_multiple(batch: Batch, multiple: int) -> Batch:
+    """`batch` with trailing padding columns (token 0, loss mask 0) up to a multiple of `multiple`.
+    Causal attention never lets a real token see them, so logprobs and losses are unchanged."""
+    extra = (-batch.seq_len) % multiple
+    if extra == 0:
+        return batch
+
+    def pad(value: Tensor | None) -> Tensor | None:
+        if value is None or value.dim() < 2:
+            return value
+        return torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
+
+    return replace(
+        batch,
+        tokens=pad(batch.tokens),
+        loss_mask=pad(batch.loss_mask),
+        old_logprobs=pad(batch.old_logprobs),
+        ref_logprobs=pad(batch.ref_logprobs),
+        extras={k: pad(v) for k, v in batch.extras.items()},
+    )
+
+
 def _forward(model: torch.nn.Module, tokens: Tensor) -> Tensor:
     """Logits `[b, S, V/TP]` on the last pipeline stage, hidden states (sent onward) elsewhere."""
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -260,6 +291,7 @@ def forward_backward(
         raise ValueError("parallel.context_parallel_size > 1 is not supported by the training step (the batch would need splitting along the sequence); set it to 1")
     if config.calculate_per_token_loss:
         raise ValueError("set calculate_per_token_loss=False: losses arrive already normalised (see module docstring)")
+    batch = padded_to_multiple(batch, _sequence_multiple(config))
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
     micro_batch_size = min(micro_batch_size, batch.size)
     num_tokens, num_sequences = _dp_mean_denominators(batch)
@@ -333,7 +365,8 @@ def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: i
     Takes the DDP wrapper or the bare GPTModel. Exact under TP (vocab-parallel reduction); with
     pipeline parallelism the last stage's result is broadcast, so every rank returns the same tensor.
     """
-    batch = Batch(tokens=tokens, loss_mask=torch.zeros_like(tokens))
+    width = tokens.shape[1]
+    batch = padded_to_multiple(Batch(tokens=tokens, loss_mask=torch.zeros_like(tokens)), _sequence_multiple(get_model_config(model)))
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
     micro_batch_size = min(micro_batch_size, batch.size)
 
@@ -369,7 +402,7 @@ def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: i
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    return out
+    return out[:, : width - 1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Megatron -> vLLM weight sync after a training step, at 1 rank and at TP=2 (dense) / EP=2 (MoE).
 
 For each layout a job trains the Megatron policy one Adam step, streams its HF-named tensors into
-the colocated engine on rank 0 (bucketed, in memory) and saves the same policy with `save_hf`.
+every rank's own colocated vLLM worker (SPMD: with 2 ranks, two engines, vLLM data-parallel;
+bucketed, in memory) and saves the same policy with `save_hf`.
 The parent then checks that the engine's greedy generation equals Hugging Face `generate` on the
 saved weights, token for token, and that the step changed what the model generates (so a sync
 that did nothing could not pass). One spawn per layout, 1 or 2 gloo processes.
@@ -21,16 +22,18 @@ from megatron_r1.distributed import free_port
 
 PROMPTS = [[11, 12, 13, 14], [200, 17, 5], [42] * 6]
 NEW_TOKENS = 12
+# name: (model preset, ranks, trainer layout, engine TP). On CPU a MoE model needs one engine over
+# all ranks (vLLM 0.32's CPU communicator cannot run data-parallel MoE; see VLLMEngine).
 LAYOUTS = {
-    "dense_1rank": ("tiny_dense", 1, {}),
-    "moe_1rank": ("tiny_moe", 1, {}),
-    "dense_tp2": ("tiny_dense", 2, {"tensor_model_parallel_size": 2}),
-    "moe_ep2": ("tiny_moe", 2, {"expert_model_parallel_size": 2}),
+    "dense_1rank": ("tiny_dense", 1, {}, 1),
+    "moe_1rank": ("tiny_moe", 1, {}, 1),
+    "dense_tp2_engine_dp2": ("tiny_dense", 2, {"tensor_model_parallel_size": 2}, 1),
+    "moe_ep2_engine_tp2": ("tiny_moe", 2, {"expert_model_parallel_size": 2}, 2),
 }
 
 
 
-def _job(rank: int, world: int, port: int, preset: str, parallel: dict, out: str) -> None:
+def _job(rank: int, world: int, port: int, preset: str, parallel: dict, engine_tp: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR")
     from megatron_r1 import distributed, platform
@@ -48,7 +51,7 @@ def _job(rank: int, world: int, port: int, preset: str, parallel: dict, out: str
     cfg = load_config(None, [f"model.preset={preset}"]).model
     model = build_model(cfg, par)
     save_hf(model, cfg, out_dir / "before")
-    engine = VLLMEngine(RolloutConfig(max_model_len=128, cpu_kvcache_space_gb=1), str(out_dir / "before")) if rank == 0 else None
+    engine = VLLMEngine(RolloutConfig(max_model_len=128, cpu_kvcache_space_gb=1, engine_tensor_parallel_size=engine_tp), str(out_dir / "before"))
     platform.install_cuda_stand_ins()
 
     ddp, opt, sched = build_optimizer(model, OptimizerConfig(lr=3e-2), par, total_steps=10)
@@ -57,10 +60,10 @@ def _job(rank: int, world: int, port: int, preset: str, parallel: dict, out: str
 
     stats = WeightSync(engine, bucket_mb=0.25).sync(export_hf_tensors(model, cfg))
     save_hf(model, cfg, out_dir / "after")
-    if rank == 0:
-        rollouts = engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=NEW_TOKENS)
-        result = {"tokens": [r.response_ids for r in rollouts], "buckets": stats.buckets}
-        (out_dir / "engine.json").write_text(json.dumps(result))
+    rollouts = engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=NEW_TOKENS)  # every engine, all prompts
+    result = {"tokens": [r.response_ids for r in rollouts], "buckets": stats.buckets}
+    (out_dir / f"engine{rank}.json").write_text(json.dumps(result))
+    engine.shutdown()
     distributed.destroy()
 
 
@@ -78,10 +81,11 @@ def _hf_greedy(model_dir: Path) -> list[list[int]]:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_engine_generates_what_the_trained_policy_generates(layout, tmp_path):
-    preset, world, parallel = LAYOUTS[layout]
-    mp.spawn(_job, args=(world, free_port(), preset, parallel, str(tmp_path)), nprocs=world, join=True)
-    engine = json.loads((tmp_path / "engine.json").read_text())
-    assert engine["buckets"] > 1  # streamed in several buckets
+    preset, world, parallel, engine_tp = LAYOUTS[layout]
+    mp.spawn(_job, args=(world, free_port(), preset, parallel, engine_tp, str(tmp_path)), nprocs=world, join=True)
     after = _hf_greedy(tmp_path / "after")
-    assert engine["tokens"] == after
+    for rank in range(world):  # every rank's engine holds the trained policy
+        engine = json.loads((tmp_path / f"engine{rank}.json").read_text())
+        assert engine["buckets"] > 1  # streamed in several buckets
+        assert engine["tokens"] == after
     assert after != _hf_greedy(tmp_path / "before"), "the training step should change greedy outputs"

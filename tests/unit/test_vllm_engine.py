@@ -1,4 +1,4 @@
-"""The colocated vLLM engine on CPU: layout, sampling, logprobs, scoring, sleep, in-memory weights.
+"""The colocated vLLM engine on CPU: layout, sampling, logprobs, scoring, sleep, in-memory weights, SPMD.
 
 Real vLLM and real transformers on tiny random models; one engine per model for the whole module.
 """
@@ -13,15 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_r1.config import RolloutConfig
+from megatron_r1.config import ConfigError, RolloutConfig
 from megatron_r1.distributed import free_port
-from megatron_r1.rollout.vllm_engine import (
-    VLLMEngine,
-    engine_group,
-    engine_layout,
-    engine_visible_devices,
-    owns_engine,
-)
+from megatron_r1.rollout.layout import EngineLayout, even_bounds
+from megatron_r1.rollout.vllm_engine import VLLMEngine
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("vllm")
@@ -31,33 +26,30 @@ pytest.importorskip("vllm")
 # Layout (pure functions).
 
 
-def test_cpu_layout_one_engine_on_rank_zero():
-    assert engine_layout(1, 0, 1) == [[0]]
-    assert engine_layout(2, 0, 1) == [[0]]
-    assert owns_engine(0, 2, 0, 1) and not owns_engine(1, 2, 0, 1)
-    assert engine_group(1, 2, 0, 1) is None
-    with pytest.raises(ValueError, match="must be 1"):
-        engine_layout(2, 0, 2)
+def test_engines_are_consecutive_blocks_of_tp_x_pp_ranks():
+    # 8 GPUs, engine TP 1: one engine per rank, each its own vLLM data-parallel rank.
+    assert [EngineLayout(8, r).engine_index for r in range(8)] == list(range(8))
+    assert EngineLayout(8, 5).num_engines == 8 and EngineLayout(8, 5).engine_ranks() == [5]
+    # Engine TP 4 over 2 nodes x 8 GPUs: four engines; ranks 12..15 form the last one.
+    last = EngineLayout(16, 13, tensor_parallel_size=4)
+    assert (last.num_engines, last.engine_index, last.rank_in_engine) == (4, 3, 1)
+    assert last.engine_ranks() == [12, 13, 14, 15] and not last.is_engine_leader
+    # One engine spanning both nodes (TP 8 x PP 2): every rank serves engine 0.
+    wide = EngineLayout(16, 11, tensor_parallel_size=8, pipeline_parallel_size=2)
+    assert (wide.num_engines, wide.engine_index, wide.engine_ranks()) == (1, 0, list(range(16)))
+    with pytest.raises(ConfigError, match="does not divide the 12 ranks"):
+        EngineLayout(12, 0, tensor_parallel_size=8)
 
 
-def test_gpu_layout_groups_stay_inside_nodes():
-    assert engine_layout(16, 8, 1) == [[r] for r in range(16)]
-    assert engine_layout(16, 8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
-    assert engine_layout(16, 8, 8) == [list(range(8)), list(range(8, 16))]
-    assert engine_layout(4, 8, 2) == [[0, 1], [2, 3]]  # a job smaller than a node
-    leaders = [r for r in range(16) if owns_engine(r, 16, 8, 2)]
-    assert leaders == list(range(0, 16, 2))
-    assert engine_group(13, 16, 8, 4) == [12, 13, 14, 15]
-    with pytest.raises(ValueError, match="divide"):
-        engine_layout(16, 8, 3)
-    with pytest.raises(ValueError, match="whole number of nodes"):
-        engine_layout(12, 8, 1)
-
-
-def test_visible_devices_put_own_gpu_first():
-    assert engine_visible_devices(3, 8, 1) == "3"
-    assert engine_visible_devices(4, 8, 4) == "4,5,6,7"  # leader: its group for vLLM's workers
-    assert engine_visible_devices(5, 8, 4) == "5"
+def test_shards_cover_every_prompt_once_in_order():
+    prompts = list(range(10))
+    for engines in (1, 2, 3, 4, 10):
+        shards = [EngineLayout(engines, r).shard(prompts) for r in range(engines)]
+        assert [p for s in shards for p in s] == prompts
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert even_bounds(10, 4, 0) == (0, 3) and even_bounds(10, 4, 3) == (8, 10)
+    # Ranks of the same engine get the same share.
+    assert EngineLayout(4, 2, tensor_parallel_size=2).shard(prompts) == EngineLayout(4, 3, tensor_parallel_size=2).shard(prompts) == prompts[5:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,46 +219,61 @@ def test_deepseek_v3_loads_generates_and_hot_swaps(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Two gloo ranks: one engine on rank 0, the trainer's collectives unaffected.
+# Two gloo ranks, SPMD: one vLLM worker per rank in the trainer's own world.
 
 
-
-def _two_rank_worker(rank: int, port: int, model_dir: str, results) -> None:
+def _spmd_worker(rank: int, port: int, model_dir: str, engine_tp: int, results) -> None:
     import torch.distributed as dist
 
     from megatron_r1 import platform
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     platform.setup()  # as in training: the CPU adaptation is active while vLLM runs
     dist.init_process_group("gloo", rank=rank, world_size=2)
     before = dist.new_group([0, 1])
-    out = None
-    if owns_engine(rank, 2, 0, 1):
-        engine = VLLMEngine(RolloutConfig(max_model_len=128), model_dir)
-        out = engine.generate([[1, 2, 3]], n=2, temperature=1.0, top_p=1.0, max_tokens=4)
-        out = [r.response_ids for r in out]
+    engine = VLLMEngine(RolloutConfig(max_model_len=128, engine_tensor_parallel_size=engine_tp), model_dir)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    mine = engine.layout.shard(prompts)
+    torch.manual_seed(engine.layout.engine_index)
+    out = engine.generate(mine, n=2, temperature=1.0, top_p=1.0, max_tokens=4)
+    gathered = engine.groups.gather([(r.prompt_ids, r.response_ids) for r in out])
+    logprobs = engine.prompt_logprobs([[1, 2, 3, 4, 5, 6]])[0].tolist()
+    engine.shutdown()
     # The trainer's world is intact: same size, groups made before and after the engine work.
     after = dist.new_group([0, 1])
     total = torch.tensor([float(rank + 1)])
     dist.all_reduce(total, group=before)
     dist.all_reduce(total, group=after)
-    box = [out]
-    dist.broadcast_object_list(box, src=0)
-    results.put((rank, dist.get_world_size(), float(total), box[0]))
+    results.put((rank, {"world": dist.get_world_size(), "total": float(total), "mine": [p for p, _ in [(r.prompt_ids, 0) for r in out]],
+                        "gathered": gathered, "engine": engine.layout.engine_index, "logprobs": logprobs}))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_engine_on_rank_zero_of_two_gloo_ranks(qwen):
+@pytest.mark.parametrize("engine_tp", [1, 2], ids=["engine_dp2", "engine_tp2"])
+def test_spmd_engines_share_the_prompts_and_keep_the_trainer_world(qwen, engine_tp):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, qwen[1], results)) for r in range(2)]
+    procs = [ctx.Process(target=_spmd_worker, args=(r, port, qwen[1], engine_tp, results)) for r in range(2)]
     for p in procs:
         p.start()
-    got = sorted(results.get(timeout=240) for _ in procs)
+    got = dict(results.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    assert [g[:3] for g in got] == [(0, 2, 6.0), (1, 2, 6.0)]
-    assert got[0][3] == got[1][3] and len(got[0][3]) == 2 and all(len(r) == 4 for r in got[0][3])
+    r0, r1 = got[0], got[1]
+    assert r0["world"] == r1["world"] == 2 and r0["total"] == r1["total"] == 6.0
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    # Every prompt sampled once, by one engine; every rank ends up with all of them, in order.
+    assert [p for p, _ in r0["gathered"]] == [p for p in prompts for _ in range(2)]
+    assert r0["gathered"] == r1["gathered"]
+    if engine_tp == 1:  # two engines: each sampled its own share
+        assert (r0["engine"], r1["engine"]) == (0, 1)
+        assert r0["mine"] == [prompts[0]] * 2 + [prompts[1]] * 2 and r1["mine"] == [prompts[2]] * 2
+    else:  # one engine over both ranks: both ran the same requests
+        assert r0["engine"] == r1["engine"] == 0 and r0["mine"] == r1["mine"]
+    # Both layouts compute what transformers computes.
+    reference = hf_logprobs(qwen[0], [1, 2, 3, 4, 5, 6])
+    for r in (r0, r1):
+        assert torch.allclose(torch.tensor(r["logprobs"]), reference, atol=1e-4)

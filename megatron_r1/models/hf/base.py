@@ -223,20 +223,22 @@ def _split(full: Tensor, rank: int, world: int, dim: int, stride: int) -> Tensor
     return torch.cat([p.chunk(world, dim)[rank] for p in pieces], dim)
 
 
-def _all_gather(tensor: Tensor, group: dist.ProcessGroup) -> list[Tensor]:
+def _all_gather(tensor: Tensor, group: dist.ProcessGroup, traffic: dict[str, int] | None = None) -> list[Tensor]:
     tensor = tensor.detach().contiguous()
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, tensor, group=group)
+    if traffic is not None:
+        traffic["received"] = traffic.get("received", 0) + (len(out) - 1) * tensor.numel() * tensor.element_size()
     return out
 
 
-def _full_tensors(entry: _Entry) -> list[Tensor]:
+def _full_tensors(entry: _Entry, traffic: dict[str, int] | None = None) -> list[Tensor]:
     """The full tensors of `entry`, one per name (collectives over its TP and EP groups)."""
     t = entry.tensor.detach()
     if entry.tp_group is not None:
-        t = _merge(_all_gather(t, entry.tp_group), entry.dim, entry.stride)
+        t = _merge(_all_gather(t, entry.tp_group, traffic), entry.dim, entry.stride)
     if entry.ep_group is not None:
-        return _all_gather(t, entry.ep_group)
+        return _all_gather(t, entry.ep_group, traffic)
     return [t]
 
 
@@ -244,9 +246,10 @@ def _full_tensors(entry: _Entry) -> list[Tensor]:
 # Full state out and in.
 
 
-def iter_full_state(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+def iter_full_state(model: torch.nn.Module, traffic: dict[str, int] | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield (global name, full tensor) for every parameter and persistent buffer of the whole model,
     one at a time, on every rank. Collective: all ranks of the model-parallel group call it in step.
+    `traffic["received"]` (when given) counts the bytes this rank receives from others.
 
     Tensors of unsplit parameters may alias the parameter itself: copy before modifying them.
     With PP > 1 each stage's tensors are broadcast from the stage that owns them, stage by stage.
@@ -259,7 +262,7 @@ def iter_full_state(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     pp_size = dist.get_world_size(pp_group)
     if pp_size == 1:
         for entry in entries:
-            yield from zip(entry.names, _full_tensors(entry))
+            yield from zip(entry.names, _full_tensors(entry, traffic))
         return
 
     # Receivers must know what is coming: exchange (name, shape, dtype) of every stage first.
@@ -272,13 +275,15 @@ def iter_full_state(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     for stage, manifest in enumerate(stages):
         if stage == my_stage:
             for entry in entries:
-                for name, full in zip(entry.names, _full_tensors(entry)):
+                for name, full in zip(entry.names, _full_tensors(entry, traffic)):
                     dist.broadcast(full.contiguous(), src=ranks[stage], group=pp_group)
                     yield name, full
         else:
             for name, shape, dtype in manifest:
                 full = torch.empty(shape, dtype=dtype, device=device)
                 dist.broadcast(full, src=ranks[stage], group=pp_group)
+                if traffic is not None:
+                    traffic["received"] = traffic.get("received", 0) + full.numel() * full.element_size()
                 yield name, full
 
 
@@ -313,10 +318,11 @@ def _load_entry(entry: _Entry, name: str, get_full: Callable[[str], Tensor | Non
 # HF tensors and directories.
 
 
-def export_hf_tensors(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
-    """(HF name, full tensor) for the whole model on every rank, streamed (collective)."""
+def export_hf_tensors(model: torch.nn.Module, cfg: ModelConfig, traffic: dict[str, int] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, full tensor) for the whole model on every rank, streamed (collective); `traffic`
+    as in `iter_full_state`."""
     adapter = get_adapter(cfg.arch)
-    for name, tensor in iter_full_state(model):
+    for name, tensor in iter_full_state(model, traffic):
         yield from adapter.to_hf(name, tensor, cfg)
 
 
