@@ -1,5 +1,7 @@
 """R1-Zero end to end on CPU: tiny base model -> GRPO with the colocated vLLM engine -> contract files;
-and resume: a run stopped after step k and restarted reaches step k+1 with the same loss."""
+resume: a run stopped after step k and restarted reaches step k+1 with the same loss; and the SPMD
+layouts under `torchrun --nproc-per-node 2`: every prompt sampled once, each data-parallel rank
+training on its half, and the step-1 numbers of a 1-rank update on the same rollouts."""
 
 import json
 import subprocess
@@ -25,8 +27,11 @@ TINY_RUN = [
 ]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "megatron_r1.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+def _cli(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "megatron_r1.cli"]
+    if ranks > 1:  # as users launch it
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "megatron_r1.cli"]
+    out = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"megatron-r1 {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 
@@ -45,8 +50,8 @@ def base_model(tmp_path_factory) -> Path:
     return run_dir / "hf"
 
 
-def _r1_zero(run_dir: Path, base: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "extra.base_stage=", *TINY_RUN, *extra)
+def _r1_zero(run_dir: Path, base: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    return _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "extra.base_stage=", *TINY_RUN, *extra, ranks=ranks)
 
 
 def _rows(run_dir: Path) -> dict[int, dict]:
@@ -96,3 +101,73 @@ def test_resume_reaches_the_same_loss(base_model, tmp_path):
     assert sorted(b) == [1, 2, 3]  # each step logged once
     for key in ("train/loss", "train/grad_norm", "reward/mean"):
         assert b[3][key] == pytest.approx(a[3][key], abs=1e-5), key
+
+
+# --------------------------------------------------------------------------------------------
+# Two ranks (SPMD): engine DP=2 x trainer DP=2, and engine TP=2 x trainer TP=2.
+
+TWO_RANK = {
+    "engine_dp2_trainer_dp2": [],
+    "engine_tp2_trainer_tp2": ["rollout.engine_tensor_parallel_size=2", "parallel.tensor_model_parallel_size=2"],
+}
+
+# A 1-rank update on the rollouts a run saved: the policy from the base, the batch from the file.
+REPLAY = """
+import json, sys
+from pathlib import Path
+from megatron_r1 import distributed
+from megatron_r1.config import load_config
+from megatron_r1.train import rl
+import torch
+
+stage, run_dir, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+cfg = load_config(stage, overrides)
+distributed.init_distributed(cfg.parallel, cfg.seed)
+_, _, ddp, optimizer, scheduler, reference = rl._build_policy(cfg, Path(cfg.checkpoint.load_hf))
+rows = [json.loads(line) for line in (run_dir / "rollouts/step_000001.jsonl").read_text().splitlines()]
+samples = [rl.Sample(r["prompt_ids"], r["response_ids"], r["finish_reason"], r["prompt"], r["engine"]) for r in rows]
+from megatron_r1.data.tokenizer import load_tokenizer
+pad = load_tokenizer(cfg.checkpoint.load_hf).pad_token_id
+batch = rl.make_batch(samples, torch.tensor([r["advantage"] for r in rows]), pad)
+out = rl.update_phase(cfg, ddp, optimizer, scheduler, reference, batch)
+print(json.dumps({"loss": out["loss"], "grad_norm": out["grad_norm"]}))
+"""
+
+
+@pytest.mark.parametrize("layout", list(TWO_RANK))
+def test_two_ranks_sample_each_prompt_once_and_train_like_one(base_model, tmp_path, layout):
+    run_dir = tmp_path / "run"
+    common = [f"checkpoint.load_hf={base_model}", "extra.base_stage=", *TINY_RUN, "logging.save_rollouts=true", "steps=2"]
+    _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", *common, *TWO_RANK[layout], ranks=2)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    dp = layout.startswith("engine_dp2")
+    assert summary["layout"] == {
+        "world_size": 2, "rollout_engines": 2 if dp else 1, "engine_tensor_parallel_size": 1 if dp else 2,
+        "engine_pipeline_parallel_size": 1, "data_parallel_size": 2 if dp else 1,
+    }
+
+    # Every prompt of a step sampled exactly once (G responses, by one engine); with two engines
+    # each sampled its own half.
+    prompts, g = 4, 4
+    for step in (1, 2):
+        rows = [json.loads(line) for line in (run_dir / f"rollouts/step_{step:06d}.jsonl").read_text().splitlines()]
+        assert sorted(r["prompt"] for r in rows) == [p for p in range(prompts) for _ in range(g)]
+        engine_of = {r["prompt"]: r["engine"] for r in rows}
+        assert all(engine_of[r["prompt"]] == r["engine"] for r in rows)
+        assert sorted(engine_of.items()) == ([(0, 0), (1, 0), (2, 1), (3, 1)] if dp else [(p, 0) for p in range(prompts)])
+
+    # Each data-parallel rank trains on half the sequences; the probe passes on every engine.
+    metrics = _rows(run_dir)
+    assert metrics[1]["rollout/sequences"] == prompts * g
+    assert metrics[1]["rollout/sequences_per_rank"] == (prompts * g / 2 if dp else prompts * g)
+    assert metrics[1]["rollout/sequences_sampled_per_engine"] == (prompts * g / 2 if dp else prompts * g)
+    assert metrics[2]["sync/logprob_abs_diff_max"] < 1e-3
+
+    # Step 1 equals a 1-rank update on the same rollouts.
+    out = subprocess.run([sys.executable, "-c", REPLAY, str(STAGE), str(run_dir), *common],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    one_rank = json.loads(out.stdout.strip().splitlines()[-1])
+    assert metrics[1]["train/loss"] == pytest.approx(one_rank["loss"], abs=1e-5)
+    assert metrics[1]["train/grad_norm"] == pytest.approx(one_rank["grad_norm"], abs=1e-5)

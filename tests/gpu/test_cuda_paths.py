@@ -90,11 +90,13 @@ def test_engine_sleep_wake_and_sync(one_gpu_rank, tmp_path):
     free0 = torch.cuda.mem_get_info()[0]
     engine.sleep()
     assert torch.cuda.mem_get_info()[0] > free0  # the KV cache went back to the device
-    engine.wake_up()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.5)
+    # The refit order of the RL loop: weights back (level 2 dropped them), new weights in, KV cache back.
+    engine.wake_up(["weights"])
     WeightSync(engine, 16).sync((n, t.cuda()) for n, t in hf.state_dict().items())
+    engine.wake_up(["kv_cache"])
     after = engine.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=8)[0].response_ids
     expected = hf.cuda().generate(torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8, do_sample=False)[0, 3:].tolist()
     assert after == expected[: len(after)] and after != before

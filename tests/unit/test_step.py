@@ -230,3 +230,42 @@ def test_batch_validates_shapes():
         Batch(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.zeros(2, 5), extras={"a": torch.zeros(3)})
     with pytest.raises(ValueError, match="advantages"):
         Batch(tokens=torch.zeros(2, 5, dtype=torch.long), loss_mask=torch.zeros(2, 5), advantages=torch.zeros(3))
+
+
+def test_sequence_multiple_under_sequence_parallel_and_fp8():
+    from types import SimpleNamespace
+
+    from megatron_r1.train.step import _sequence_multiple
+
+    def cfg(tp, sp, fp8=None):
+        return SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sp, fp8=fp8)
+
+    assert _sequence_multiple(cfg(4, False)) == 1
+    assert _sequence_multiple(cfg(4, True)) == 4  # Megatron cuts the sequence over TP ranks
+    assert _sequence_multiple(cfg(4, True, "hybrid")) == 64  # and FP8 GEMMs need multiples of 16
+    assert _sequence_multiple(cfg(1, False, "e4m3")) == 16
+
+
+def test_padding_to_a_multiple_changes_neither_logprobs_nor_loss_nor_grads(monkeypatch):
+    from megatron_r1.train import step
+
+    ddp, _, _ = fresh()
+    batch = make_batch()  # width 12
+    lp = compute_logprobs(ddp, batch.tokens, micro_batch_size=2)
+    ddp.zero_grad_buffer()
+    loss = forward_backward(ddp, batch, lm_loss_fn, micro_batch_size=2)["loss"]
+    plain_grads = grads(ddp)
+
+    widths = []
+    real_forward = step._forward
+    monkeypatch.setattr(step, "_sequence_multiple", lambda config: 8)  # as sequence parallelism at TP 8 would
+    monkeypatch.setattr(step, "_forward", lambda model, tokens: widths.append(tokens.shape[1]) or real_forward(model, tokens))
+    padded_lp = compute_logprobs(ddp, batch.tokens, micro_batch_size=2)
+    ddp.zero_grad_buffer()
+    padded_loss = forward_backward(ddp, batch, lm_loss_fn, micro_batch_size=2)["loss"]
+    assert set(widths) == {16}  # the model saw padded batches
+    assert padded_lp.shape == lp.shape == (4, 11)
+    torch.testing.assert_close(padded_lp, lp, atol=1e-6, rtol=0)
+    assert padded_loss == pytest.approx(loss, abs=1e-6)
+    for a, b in zip(grads(ddp), plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
