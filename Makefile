@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast r1-zero lint clean
+.PHONY: setup test test-fast r1-zero bench lint clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# Measured comparisons on this machine (minutes on 2 cores); each prints its table.
+bench: setup
+	$(PY) benchmarks/weight_sync.py
+	$(PY) benchmarks/rollout.py
+	$(PY) benchmarks/ranks.py
 
 r1-zero: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml

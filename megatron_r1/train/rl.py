@@ -425,10 +425,14 @@ def _check_batch_fits(cfg: StageConfig, layout: EngineLayout, eval_prompts: int)
     data-parallel rank at least one sequence."""
     from megatron.core import parallel_state
 
-    engines = layout.num_engines
+    engines, dp = layout.num_engines, parallel_state.get_data_parallel_world_size()
     sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt
-    if sequences < parallel_state.get_data_parallel_world_size():
-        raise ConfigError(f"{sequences} sequences per step cannot feed {parallel_state.get_data_parallel_world_size()} data-parallel ranks; raise grpo.prompts_per_step")
+    if sequences < dp * cfg.grpo.updates_per_rollout:
+        # Every data-parallel rank must take the same number of optimizer steps.
+        raise ConfigError(
+            f"{sequences} sequences per step cannot give each of {dp} data-parallel ranks "
+            f"grpo.updates_per_rollout={cfg.grpo.updates_per_rollout} mini-batches; raise grpo.prompts_per_step"
+        )
     if cfg.grpo.prompts_per_step < engines:
         raise ConfigError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} leaves some of the {engines} rollout engines without a prompt; raise it to at least {engines}")
     if eval_prompts < engines:

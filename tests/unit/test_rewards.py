@@ -357,3 +357,26 @@ def test_timeout_off_the_main_thread_measures_instead():
     thread.join(10)
     assert results["fast"] == 7
     assert "measured" in results["slow"]
+
+
+def test_score_split_equals_one_call_and_counts_every_failure():
+    from megatron_r1.rewards.reward_fn import score_split
+
+    fn = RewardFn(RewardConfig(format_weight=0.5, custom={f"{HERE}:explodes_on_boom": 1.0}))
+    responses = [answer("1"), answer("boom"), answer("2"), answer("boom boom"), answer("1")]
+    items = [{"question": "q", "answer": "1", "entry": None}] * 5
+    whole = fn(["q"] * 5, responses, items)
+    calls = []
+
+    def two_workers(indices, work):  # like the two ranks of one engine: every other sample each
+        parts = [work(indices[0::2]), work(indices[1::2])]
+        calls.append([len(p) for p in parts])
+        out = [None] * len(indices)
+        out[0::2], out[1::2] = parts
+        return out
+
+    split = score_split(fn, ["q"] * 5, responses, items, two_workers)
+    assert calls == [[3, 2]]
+    assert split.total.tolist() == whole.total.tolist()
+    assert {k: v.tolist() for k, v in split.components.items()} == {k: v.tolist() for k, v in whole.components.items()}
+    assert split.failures == whole.failures == 2
