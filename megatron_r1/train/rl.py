@@ -83,9 +83,11 @@ def _build_policy(cfg: StageConfig, hf_dir: Path):
 
 
 def _free_trainer_cache() -> None:
-    """Hand the trainer's cached activation memory back before the engine takes its share again."""
-    gc.collect()
+    """Hand the trainer's cached activation memory back to the device before the engine takes its
+    share again. A no-op on CPU, where there is no caching allocator to empty (and a full garbage
+    collection of a process holding vLLM and Megatron costs ~0.4 s a step)."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
