@@ -53,9 +53,9 @@ def _base_model(path: str | None, work: Path) -> Path:
     default = ROOT / "runs/tiny_base/hf"
     if (default / "config.json").exists():
         return default
-    print("no base model at runs/tiny_base/hf: pretraining one for 30 s (speed, not accuracy, is measured)")
+    print("no base model at runs/tiny_base/hf: pretraining one for 200 steps (speed, not accuracy, is measured)")
     _run([sys.executable, "-m", "megatron_r1.cli", "pretrain", "conf/stages/pretrain_tiny.yaml", f"logging.run_dir={work / 'base'}",
-          "extra.time_budget_s=30", "extra.probe_samples=0", "logging.progress_bar=false"])
+          "steps=200", "extra.probe_samples=0", "logging.progress_bar=false"])
     return work / "base/hf"
 
 

@@ -4,6 +4,7 @@ Commands:
   r1-zero      GRPO straight on a base model with rule rewards (DeepSeek-R1-Zero)
   pretrain     train a tokenizer and pretrain the tiny base model (conf/stages/pretrain_tiny.yaml)
   show-config  print the resolved config (YAML) and exit
+  convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face (`megatron-r1 convert --help`)
 
 Under torchrun or srun every rank runs the same command; rank 0 writes files and prints.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "r1-zero": "megatron_r1.train.rl:run",
     "pretrain": "megatron_r1.train.pretrain:run",
     "show-config": None,
+    "convert": None,  # its own arguments: see _convert_parser
 }
 
 
@@ -47,7 +49,44 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-r1 convert", description="Megatron checkpoints <-> Hugging Face directories")
+    sub = p.add_subparsers(dest="direction", required=True)
+    to = sub.add_parser("to-hf", help="a Megatron checkpoint (any TP/PP/EP layout) -> a Hugging Face directory")
+    to.add_argument("--checkpoint", required=True, help="checkpoint root (holds 'latest' and step_N/)")
+    to.add_argument("--step", type=int, help="step to convert (default: the latest)")
+    to.add_argument("--out", required=True, help="Hugging Face output directory")
+    to.add_argument("--model-config", help="HF directory of the model the run started from (checkpoints that do not record it)")
+    to.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights (default: the model's)")
+    fr = sub.add_parser("from-hf", help="a Hugging Face directory -> a Megatron checkpoint in a stage's layout")
+    fr.add_argument("--hf", required=True, help="Hugging Face model directory")
+    fr.add_argument("--stage", required=True, help="stage YAML whose parallel layout and dtype to use")
+    fr.add_argument("--out", required=True, help="checkpoint root to write (step 0)")
+    fr.add_argument("overrides", nargs="*", help="section.field=value, e.g. parallel.tensor_model_parallel_size=2")
+    return p
+
+
+def _convert(argv: list[str]) -> int:
+    from megatron_r1 import convert
+
+    args = _convert_parser().parse_args(argv)
+    if args.direction == "to-hf":
+        convert.to_hf(args.checkpoint, args.out, step=args.step, model_config=args.model_config, dtype=args.dtype)
+    else:
+        convert.from_hf(args.hf, load_config(args.stage, args.overrides), args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        logging.basicConfig(level=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        _quiet_third_party()
+        try:
+            return _convert(argv[1:])
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"megatron-r1 convert: {e}", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_third_party()

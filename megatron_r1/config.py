@@ -191,7 +191,8 @@ class CheckpointConfig:
 
     save_every: int = 50  # steps between checkpoints (and always at the end)
     resume: bool = True  # continue from the latest checkpoint in the run directory
-    load_hf: str = ""  # initialise the policy from this Hugging Face directory
+    load_hf: str = ""  # initialise the policy from this Hugging Face directory (also: tokenizer, engine start)
+    load_megatron: str = ""  # then load its weights from this Megatron checkpoint root (latest step), e.g. `convert from-hf`
     export_hf: bool = True  # write the final policy as Hugging Face weights to <run_dir>/hf
     keep_last: int = 2  # checkpoints kept on disk
 
@@ -423,6 +424,11 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level} must be 1 or 2")
     if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:
         raise ConfigError("grpo.clip_eps_low and grpo.clip_eps_high must be >= 0")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """A config dataclass from a plain mapping (the inverse of `to_dict`), validated like YAML."""
+    return _build(cls, data, where or cls.__name__)
 
 
 def to_dict(cfg: Any) -> dict:

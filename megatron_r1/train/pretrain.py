@@ -27,7 +27,7 @@ from tqdm import tqdm
 from megatron.core import parallel_state
 
 from megatron_r1 import distributed
-from megatron_r1.config import StageConfig, load_config, to_dict
+from megatron_r1.config import ConfigError, StageConfig, load_config, to_dict
 from megatron_r1.data.tiny_corpus import CorpusStream, tokenizer_training_texts
 from megatron_r1.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
@@ -98,7 +98,12 @@ def run(cfg: StageConfig) -> Path:
 
     batch_size = int(extra.get("batch_size", 32))
     seq_len = int(extra.get("seq_len", 160))
-    budget = float(extra.get("time_budget_s", 300))
+    if "time_budget_s" in extra:
+        raise ConfigError(
+            "extra.time_budget_s no longer stops pretraining early (a wall-clock cut made the base model depend on "
+            "machine speed); set steps=N for a shorter run, or extra.warn_after_s to be warned"
+        )
+    warn_after = float(extra.get("warn_after_s", 0)) or None
     stream = iter(
         CorpusStream(
             task=cfg.data.task,
@@ -125,10 +130,11 @@ def run(cfg: StageConfig) -> Path:
         if step % 10 == 0:
             metrics.log(step, {"pretrain/loss": loss, "pretrain/lr": out.get("lr", 0.0), "pretrain/grad_norm": out.get("grad_norm", 0.0)})
             bar.set_postfix(loss=f"{loss:.3f}")
-        if time.perf_counter() - start > budget:
+        if warn_after is not None and time.perf_counter() - start > warn_after:
             if main:
-                log.info("pretraining time budget (%.0f s) reached after %d steps", budget, steps_done)
-            break
+                log.warning("pretraining has taken %.0f s (extra.warn_after_s=%.0f) at step %d of %d; it runs to the end, "
+                            "so the base model does not depend on machine speed", time.perf_counter() - start, warn_after, steps_done, cfg.steps)
+            warn_after = None
     bar.close()
     metrics.close()
 

@@ -24,6 +24,7 @@ from megatron_r1 import distributed, platform
 from megatron_r1.algorithms import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_loss
 from megatron_r1.algorithms.sampling import GroupAccumulator
 from megatron_r1.config import ConfigError, StageConfig, to_dict
+from megatron_r1.convert import model_info
 from megatron_r1.data.prompts import PromptSampler, load_prompts
 from megatron_r1.data.templates import TEMPLATES
 from megatron_r1.data.tokenizer import load_tokenizer
@@ -299,6 +300,23 @@ def _resume(cfg: StageConfig, ckpt_dir: Path, policy: Policy, sampler: PromptSam
     return latest, extra["wall_seconds"], extra.get("base_accuracy")
 
 
+def _load_megatron_weights(cfg: StageConfig, policy: Policy) -> bool:
+    """Start the policy (and the reference) from `checkpoint.load_megatron`'s latest checkpoint."""
+    root = cfg.checkpoint.load_megatron
+    if not root:
+        return False
+    step = ckpt.latest_step(root)
+    if step is None:
+        raise ConfigError(f"checkpoint.load_megatron={root} holds no complete checkpoint (no 'latest' file)")
+    ckpt.load_checkpoint(root, step, policy.ddp, None, None, load_rng=False)  # weights only: any layout
+    policy.optimizer.reload_model_params()  # fp32 master copies (bf16 training) follow the loaded weights
+    if policy.reference is not None:
+        ckpt.load_checkpoint(root, step, policy.reference, None, None, load_rng=False)
+    if distributed.is_main():
+        log.info("policy weights from %s step %d", root, step)
+    return True
+
+
 def _step_row(rewards, lengths, components, samples, share: slice, stats: dict, train: dict, sync: dict, rollout_seconds: float) -> dict:
     """The metrics row of one step (the same on every rank)."""
     return {
@@ -347,6 +365,7 @@ def run(cfg: StageConfig) -> dict:
     reward_fn = RewardFn(cfg.reward)
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
     start_step, prior_wall, base_accuracy = _resume(cfg, ckpt_dir, policy, sampler, metrics)
+    from_megatron = start_step == 0 and _load_megatron_weights(cfg, policy)
 
     _check_batch_fits(cfg, EngineLayout.from_config(cfg.rollout, dist.get_world_size(), dist.get_rank()), len(eval_set.items))
     engine = VLLMEngine(cfg.rollout, str(hf_dir))  # one worker on every rank
@@ -355,7 +374,7 @@ def run(cfg: StageConfig) -> dict:
     if main:
         log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), engine.layout.describe())
     probe = _make_probe(cfg, engine, tokenizer, eval_set, policy.model)
-    if start_step > 0:  # the engines loaded the base weights; bring them to the resumed policy
+    if start_step > 0 or from_megatron:  # the engines loaded the HF weights; bring them to the policy
         sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, 0, 1)
 
     def run_eval(step: int):
@@ -407,7 +426,8 @@ def run(cfg: StageConfig) -> dict:
             with timer("checkpoint"):
                 wall = prior_wall + time.perf_counter() - wall_start
                 ckpt.save_checkpoint(ckpt_dir, done, policy.ddp, policy.optimizer, policy.scheduler,
-                                     {"sampler": sampler.state_dict(), "wall_seconds": wall, "base_accuracy": base_accuracy},
+                                     {"sampler": sampler.state_dict(), "wall_seconds": wall, "base_accuracy": base_accuracy,
+                                      "model_info": model_info(policy.model_cfg, hf_dir)},
                                      keep_last=cfg.checkpoint.keep_last)
         row.update(timer.finish())
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
