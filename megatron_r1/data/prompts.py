@@ -179,7 +179,8 @@ def _train_questions(data_cfg: DataConfig) -> set[str]:
 
 def _fit_to_length(items: list[PromptItem], tokenizer: Any, max_tokens: int, reasons: Counter) -> list[PromptItem]:
     # One batched call: a fast tokenizer encodes 20k prompts in well under a second this way.
-    ids = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
+    # Special tokens as the tokenizer defines them: the BOS that Llama / DeepSeek base models expect.
+    ids = tokenizer([it.prompt for it in items])["input_ids"]
     kept = []
     for item, item_ids in zip(items, ids):
         if len(item_ids) > max_tokens:

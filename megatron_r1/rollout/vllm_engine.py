@@ -159,7 +159,8 @@ class VLLMEngine:
             )
         kwargs = dict(
             model=self.model_dir,
-            skip_tokenizer_init=True,
+            # Token ids in and out; vLLM needs its tokenizer only to match stop strings in the text.
+            skip_tokenizer_init=not cfg.stop,
             dtype=cfg.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=self.layout.tensor_parallel_size,
@@ -234,6 +235,7 @@ class VLLMEngine:
         max_tokens: int,
         stop_token_ids: Sequence[int] | None = None,
         progress: bool = False,
+        stop: Sequence[str] | None = None,
     ) -> list[Rollout]:
         """Sample `n` responses per prompt. Returned prompt-major: all n samples of prompt 0 first.
 
@@ -249,9 +251,15 @@ class VLLMEngine:
             top_p=top_p,
             max_tokens=max_tokens,
             stop_token_ids=list(stop_token_ids or []),
+            # Stop strings (several tokens long) are matched in the detokenized text and kept in the
+            # response, so the format reward sees the closing tag.
+            stop=list(stop or []),
+            include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's logprob only
-            detokenize=False,
+            detokenize=bool(stop),
         )
+        if stop and not self.cfg.stop:
+            raise ValueError("stop strings need the engine's tokenizer: list them in rollout.stop before the engine starts")
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=progress)
         rollouts = []

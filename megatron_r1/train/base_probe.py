@@ -80,7 +80,7 @@ def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BasePr
     from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.rewards.reward_fn import RewardFn, score_split
     from megatron_r1.rollout.vllm_engine import VLLMEngine
-    from megatron_r1.train.evaluate import evaluate
+    from megatron_r1.train.evaluate import evaluate, stop_conditions
 
     tokenizer = load_tokenizer(hf_dir)
     prompts = load_prompts(cfg.data, "eval", tokenizer).items
@@ -88,12 +88,13 @@ def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BasePr
     engine = VLLMEngine(cfg.rollout, str(hf_dir))
     try:
         budget = cfg.rollout.max_response_tokens
-        greedy = evaluate(engine, tokenizer, prompts, reward_fn, budget, k=1)  # the RL run's base_accuracy
+        greedy = evaluate(engine, tokenizer, prompts, reward_fn, budget, k=1, stop=cfg.rollout.stop)  # the RL run's base_accuracy
         mine = engine.layout.shard(prompts)
         torch.manual_seed(cfg.seed * 1_000_003 + engine.layout.engine_index)
+        stop_ids, stop_strings = stop_conditions(tokenizer, cfg.rollout.stop)
         sampled = engine.generate(
             [p.prompt_ids for p in mine], n=k, temperature=1.0, top_p=1.0, max_tokens=budget,
-            stop_token_ids=[tokenizer.eos_token_id],
+            stop_token_ids=stop_ids, stop=stop_strings,
         )
         items = [mine[i // k] for i in range(len(sampled))]
         texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in sampled]

@@ -7,6 +7,7 @@ split the scoring, and every rank returns the result over all prompts.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +35,32 @@ class EvalResult:
         }
 
 
-def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, temperature: float = 1.0, seed: int = 0) -> EvalResult:
+def stop_conditions(tokenizer, stop: Sequence[str] = ()) -> tuple[list[int], list[str]]:
+    """(stop token ids, stop strings) for generation: EOS, plus each stop string that is one token
+    of `tokenizer` as its id (exact, no detokenization); longer ones stay strings for vLLM."""
+    ids, strings = [tokenizer.eos_token_id], []
+    for text in stop:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+        else:
+            strings.append(text)
+    return ids, strings
+
+
+def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, temperature: float = 1.0, seed: int = 0,
+             stop: Sequence[str] = ()) -> EvalResult:
     """Score `prompts` (PromptItems) with greedy decoding and with maj@k sampling (collective)."""
     layout, groups = engine.layout, engine.groups
     mine = layout.shard(prompts)
-    prompt_ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in mine]
-    stop = [tokenizer.eos_token_id]
+    prompt_ids = [p.prompt_ids if p.prompt_ids is not None else tokenizer.encode(p.prompt) for p in mine]
+    stop_ids, stop_strings = stop_conditions(tokenizer, stop)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.eos_token, "")
 
-    greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop)
+    greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
+                             stop_token_ids=stop_ids, stop=stop_strings)
     texts = [decode(r.response_ids) for r in greedy]
     items = [p.as_reward_item() for p in mine]
     accuracy = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components["accuracy"]
@@ -52,7 +68,8 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
     maj = accuracy.tolist()
     if k > 1:
         torch.manual_seed(seed * 1_000_003 + layout.engine_index)  # every rank of an engine draws alike
-        sampled = engine.generate(prompt_ids, n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop)
+        sampled = engine.generate(prompt_ids, n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
+                             stop_token_ids=stop_ids, stop=stop_strings)
         winners, voted = [], []
         for i in range(len(mine)):
             group_texts = [decode(r.response_ids) for r in sampled[i * k : (i + 1) * k]]

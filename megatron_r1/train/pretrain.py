@@ -56,7 +56,7 @@ def _encode_examples(tokenizer, stream, n: int, seq_len: int) -> list[tuple[list
     eos = tokenizer.eos_token_id
     out = []
     for prompt, completion in (next(stream) for _ in range(n)):
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = tokenizer.encode(prompt)  # special tokens (BOS) as RL prompts get them
         ids = prompt_ids + tokenizer.encode(completion, add_special_tokens=False) + [eos]
         out.append((ids[:seq_len], len(prompt_ids)))
     return out

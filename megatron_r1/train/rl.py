@@ -35,7 +35,7 @@ from megatron_r1.rollout.layout import EngineLayout, even_bounds
 from megatron_r1.rollout.vllm_engine import VLLMEngine
 from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds
 from megatron_r1.train import checkpoint as ckpt
-from megatron_r1.train.evaluate import evaluate
+from megatron_r1.train.evaluate import evaluate, stop_conditions
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.step import Batch, compute_logprobs, train_step
@@ -129,13 +129,15 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
         mine = layout.shard(prompts)
         t0 = time.perf_counter()
         torch.manual_seed(sampling_seed(cfg.seed, step, acc.rounds, layout.engine_index))
+        stop_ids, stop_strings = stop_conditions(tokenizer, cfg.rollout.stop)
         out = engine.generate(
             [p.prompt_ids for p in mine],
             n=g,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             max_tokens=cfg.rollout.max_response_tokens,
-            stop_token_ids=[tokenizer.eos_token_id],
+            stop_token_ids=stop_ids,
+            stop=stop_strings,
         )
         sampled_here += len(out)
         timings["rollout"] += time.perf_counter() - t0
@@ -379,7 +381,7 @@ def run(cfg: StageConfig) -> dict:
 
     def run_eval(step: int):
         return evaluate(engine, tokenizer, eval_set.items, reward_fn, cfg.rollout.max_response_tokens,
-                        cfg.logging.eval_samples, cfg.rollout.temperature, seed=cfg.seed + step)
+                        cfg.logging.eval_samples, cfg.rollout.temperature, seed=cfg.seed + step, stop=cfg.rollout.stop)
 
     if base_accuracy is None:
         base = run_eval(0)
@@ -465,7 +467,7 @@ def _make_probe(cfg, engine, tokenizer, eval_set, model):
     """The logprob parity probe: a fixed batch scored by every engine and by the trainer after each sync."""
     if not cfg.rollout.probe_every:
         return None
-    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in eval_set.items[: cfg.rollout.probe_prompts]]
+    prompts = [p.prompt_ids for p in eval_set.items[: cfg.rollout.probe_prompts]]
 
     def trainer_logprobs(sequences):
         width = max(len(s) for s in sequences)

@@ -277,3 +277,34 @@ def test_spmd_engines_share_the_prompts_and_keep_the_trainer_world(qwen, engine_
     reference = hf_logprobs(qwen[0], [1, 2, 3, 4, 5, 6])
     for r in (r0, r1):
         assert torch.allclose(torch.tensor(r["logprobs"]), reference, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Stop strings, as R1-Zero on a real base model needs them (stop at "</answer>").
+
+
+def test_stop_strings_end_responses_and_stay_in_them(tmp_path):
+    from megatron_r1.data.tiny_corpus import tokenizer_training_texts
+    from megatron_r1.data.tokenizer import train_tokenizer
+    from megatron_r1.train.evaluate import stop_conditions
+
+    tok = train_tokenizer(tokenizer_training_texts(300, seed=3), vocab_size=512, out_dir=tmp_path)
+    tiny_qwen2(tmp_path, seed=4)  # a model beside the tokenizer, as in an exported directory
+    # A one-token stop string becomes a stop id (exact); a longer one stays a string for vLLM.
+    ids, strings = stop_conditions(tok, ["</answer>", "Assistant:"])
+    assert ids == [tok.eos_token_id, tok.convert_tokens_to_ids("</answer>")]
+    assert strings == ["Assistant:"] and len(tok.encode("Assistant:", add_special_tokens=False)) > 1
+
+    prompt = tok.encode("5 + 3 = 8", add_special_tokens=False)
+    plain = VLLMEngine(RolloutConfig(max_model_len=128), str(tmp_path))
+    full = plain.generate([prompt], n=1, temperature=0.0, top_p=1.0, max_tokens=24)[0].response_ids
+    plain.shutdown()
+    text = tok.decode(full, skip_special_tokens=False)
+    cut = len(tok.decode(full[:6], skip_special_tokens=False))
+    stop = text[cut - 2 : cut]  # two characters the greedy response contains
+    engine = VLLMEngine(RolloutConfig(max_model_len=128, stop=[stop]), str(tmp_path))
+    out = engine.generate([prompt], n=1, temperature=0.0, top_p=1.0, max_tokens=24, stop=[stop])[0]
+    engine.shutdown()
+    got = tok.decode(out.response_ids, skip_special_tokens=False)
+    assert out.finish_reason == "stop" and len(out.response_ids) < len(full)
+    assert stop in got and text.startswith(got)  # stopped at the first occurrence, the stop string kept

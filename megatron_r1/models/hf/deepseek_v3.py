@@ -38,6 +38,7 @@ dequantized on load.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from megatron_r1.config import ConfigError, ModelConfig
 from megatron_r1.models.hf.base import WHOLE_MODEL_NAMES, HFAdapter
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
+
+log = logging.getLogger(__name__)
 
 
 # Per-layer tensors that map one to one (suffix after `decoder.layers.L.` -> after `model.layers.L.`).
@@ -292,6 +295,11 @@ class DeepseekV3Adapter(HFAdapter):
             mtp_num_layers=0,
             params_dtype=_params_dtype(c),
         )
+        if c.get("num_nextn_predict_layers"):
+            log.info(
+                "%d multi-token-prediction layer(s) in the checkpoint are not loaded: the policy is trained without "
+                "MTP (Hugging Face transformers and vLLM's main model do not run them either)", c["num_nextn_predict_layers"]
+            )
         if rope_type == "yarn":
             cfg.rope_type = "yarn"
             cfg.rope_scaling_factor = float(rope["factor"])
