@@ -171,3 +171,18 @@ def test_two_ranks_sample_each_prompt_once_and_train_like_one(base_model, tmp_pa
     one_rank = json.loads(out.stdout.strip().splitlines()[-1])
     assert metrics[1]["train/loss"] == pytest.approx(one_rank["loss"], abs=1e-5)
     assert metrics[1]["train/grad_norm"] == pytest.approx(one_rank["grad_norm"], abs=1e-5)
+
+
+def test_start_from_a_converted_megatron_checkpoint(base_model, tmp_path):
+    """HF base -> `convert from-hf` -> `r1-zero checkpoint.load_megatron=...`: the same policy as
+    starting from the HF directory (same base evaluation, same first step)."""
+    ckpt = tmp_path / "ckpt"
+    _cli("convert", "from-hf", "--hf", str(base_model), "--stage", str(STAGE), "--out", str(ckpt))
+    plain, converted = tmp_path / "plain", tmp_path / "converted"
+    _r1_zero(plain, base_model, "steps=1", "logging.eval_every=0")
+    out = _r1_zero(converted, base_model, "steps=1", "logging.eval_every=0", f"checkpoint.load_megatron={ckpt}")
+    assert "policy weights from" in out.stderr
+    a, b = _rows(plain), _rows(converted)
+    for key in ("train/loss", "train/grad_norm", "reward/mean"):
+        assert b[1][key] == pytest.approx(a[1][key], abs=1e-6), key
+    assert b[1]["sync/logprob_abs_diff_max"] < 1e-3
