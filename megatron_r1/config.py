@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture. Field names follow Megatron-Core's TransformerConfig where one exists."""
 
-    arch: str = "qwen2"  # Hugging Face family: qwen2 | llama | deepseek_v3 (picks the adapter)
+    arch: str = "llama"  # Hugging Face family: llama | qwen2 | deepseek_v3 (picks the adapter)
     vocab_size: int = 512  # padded vocabulary size (embedding rows)
     hidden_size: int = 128  # model width
     ffn_hidden_size: int = 512  # dense MLP width (SwiGLU intermediate size)
@@ -42,7 +42,7 @@ class ModelConfig:
     max_position_embeddings: int = 1024  # longest sequence the rotary table covers
     rotary_base: float = 10000.0  # RoPE theta
     norm_epsilon: float = 1e-6  # RMSNorm epsilon
-    add_qkv_bias: bool = True  # Qwen2 has a bias on q/k/v, Llama does not
+    add_qkv_bias: bool = True  # bias on q/k/v (Qwen2; Llama as attention_bias with a zero o_proj bias)
     tie_embeddings: bool = True  # share input embedding and output layer
     init_method_std: float = 0.02  # std of the random init (when no checkpoint is loaded)
     params_dtype: str = "float32"  # float32 | bfloat16: dtype of the trained weights

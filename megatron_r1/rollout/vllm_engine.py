@@ -30,6 +30,7 @@ import gc
 import json
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,18 @@ def _trainer_world_kept() -> Iterator[None]:
         dist.destroy_process_group = destroy
 
 
+def _shutdown_keeping_world(engine_core) -> None:
+    """vLLM's engine teardown, without the trainer's world (see `_trainer_world_kept`). Also runs
+    when an engine is garbage-collected or at exit; once the world is gone, vLLM's groups went
+    with it and there is nothing left to destroy."""
+    with _trainer_world_kept():
+        try:
+            engine_core.shutdown()
+        except ValueError:  # "Invalid process group": destroyed with the world already
+            if dist.is_initialized():
+                raise
+
+
 class VLLMEngine:
     """This rank's vLLM worker (SPMD, see the module docstring). Prompts and responses are token ids.
 
@@ -190,6 +203,10 @@ class VLLMEngine:
 
         _forget_previous_engine()
         self.llm = LLM(**kwargs)
+        # vLLM shuts its engine down when the client is collected; make that keep the trainer's world too.
+        core = self.llm.llm_engine.engine_core
+        if getattr(core, "_finalizer", None) is not None and core._finalizer.detach() is not None:
+            core._finalizer = weakref.finalize(core, _shutdown_keeping_world, core.engine_core)
         # vLLM's CPU worker pins its threads and replaces `torch.set_num_threads` with a no-op for
         # the whole process; the trainer shares the process and needs its threads back.
         torch.set_num_threads = set_threads
@@ -343,8 +360,9 @@ class VLLMEngine:
         process groups are left alone."""
         if self.llm is None:
             return
-        with _trainer_world_kept():
-            self.llm.llm_engine.engine_core.shutdown()  # also destroys vLLM's own process groups
+        core = self.llm.llm_engine.engine_core
+        if core._finalizer.detach() is not None:  # not shut down yet: vLLM's groups go, the trainer's stay
+            _shutdown_keeping_world(core.engine_core)
         _forget_previous_engine()
         self.llm = None
         gc.collect()

@@ -27,6 +27,32 @@ TINY_RUN = [
 ]
 
 
+# Greedy held-out accuracy of an exported model through plain `vllm.LLM` with text prompts.
+VLLM_TEXT_EVAL = """
+import json, os, sys
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+def main():
+    from vllm import LLM, SamplingParams
+    from megatron_r1.config import load_config
+    from megatron_r1.data.prompts import load_prompts
+    from megatron_r1.rewards.reward_fn import RewardFn
+
+    hf_dir, stage, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    cfg = load_config(stage, overrides)
+    prompts = load_prompts(cfg.data, "eval").items
+    llm = LLM(model=hf_dir, dtype="float32", enforce_eager=True, max_model_len=cfg.rollout.max_model_len)
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_response_tokens, skip_special_tokens=False)
+    texts = [o.outputs[0].text for o in llm.generate([p.prompt for p in prompts], params, use_tqdm=False)]
+    scores = RewardFn(cfg.reward)([p.prompt for p in prompts], texts, [p.as_reward_item() for p in prompts])
+    print(json.dumps({"accuracy": float(scores.components["accuracy"].mean())}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
 def _cli(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "megatron_r1.cli"]
     if ranks > 1:  # as users launch it
@@ -82,14 +108,23 @@ def test_contract_files(base_model, tmp_path):
     assert (run_dir / "plot.png").stat().st_size > 10_000
     assert (run_dir / "checkpoints/latest").read_text().strip() == "4"
 
-    # The exported policy loads in transformers.
-    from transformers import AutoModelForCausalLM
+    # The exported policy loads in transformers, with its tokenizer as trained.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_r1.data.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
-    tok = load_tokenizer(run_dir / "hf")
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf")
     assert model.config.vocab_size >= len(tok)
+    text = summary["prompt_template"].format(question="5 + 3 - 7 =") + " <think> 5 + 3 = 8 </think> <answer> 1 </answer>"
+    assert tok(text)["input_ids"] == load_tokenizer(run_dir / "hf")(text)["input_ids"]
+
+    # vLLM as users run it (its own tokenizer, text prompts) reproduces the run's final greedy accuracy.
+    out = subprocess.run([sys.executable, "-c", VLLM_TEXT_EVAL, str(run_dir / "hf"), str(STAGE), *TINY_RUN],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    accuracy = json.loads(out.stdout.strip().splitlines()[-1])["accuracy"]
+    assert accuracy == pytest.approx(summary["final_accuracy"], abs=0.02)
 
 
 def test_resume_reaches_the_same_loss(base_model, tmp_path):

@@ -28,7 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_rank")
 
 
 def tiny(arch: str, tied: bool) -> ModelConfig:
-    """GQA (4 heads, 2 key/value heads). Llama gets a head_dim unlike hidden/heads (96 / 4 != 32)."""
+    """GQA (4 heads, 2 key/value heads). Llama gets a head_dim unlike hidden/heads (96 / 4 != 32).
+    `llama+bias`: Llama with q/k/v biases (HF `attention_bias`, a zero o_proj bias), as the tiny model."""
+    bias = arch == "qwen2" or arch.endswith("+bias")
+    arch = arch.removesuffix("+bias")
     return ModelConfig(
         arch=arch,
         vocab_size=256,
@@ -41,12 +44,12 @@ def tiny(arch: str, tied: bool) -> ModelConfig:
         max_position_embeddings=64,
         rotary_base=10000.0 if arch == "qwen2" else 500000.0,
         norm_epsilon=1e-5,
-        add_qkv_bias=arch == "qwen2",
+        add_qkv_bias=bias,
         tie_embeddings=tied,
     )
 
 
-CASES = [("qwen2", True), ("qwen2", False), ("llama", True), ("llama", False)]
+CASES = [("qwen2", True), ("qwen2", False), ("llama", True), ("llama", False), ("llama+bias", True)]
 CASE_IDS = [f"{a}-{'tied' if t else 'untied'}" for a, t in CASES]
 
 
@@ -63,6 +66,8 @@ def make_hf_checkpoint(cfg: ModelConfig, out: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+            if name.endswith("o_proj.bias"):  # Llama's attention_bias: Megatron has none on o_proj
+                p.zero_()
     model.save_pretrained(out)
     return out
 
@@ -232,7 +237,6 @@ def test_shape_mismatch_names_tensor_and_shapes(one_rank):
     [
         ("qwen2", {"add_qkv_bias": False}, "add_qkv_bias=true"),
         ("qwen2", {"kv_channels": 16}, "hidden_size"),
-        ("llama", {"add_qkv_bias": True}, "add_qkv_bias=false"),
         ("llama", {"num_experts": 4}, "deepseek_v3"),
     ],
 )
@@ -312,3 +316,43 @@ def test_vllm_greedy_generation_equals_transformers(one_rank, in_process_vllm, t
     )
     del llm
     assert [list(o.outputs[0].token_ids) for o in outs] == expected
+
+
+def test_llama_with_a_nonzero_o_proj_bias_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_r1.distributed import init_distributed
+
+    init_distributed(ParallelConfig())  # the raw vllm.LLM above may have torn the process group down
+
+    cfg = tiny("llama+bias", tied=True)
+    hf_dir = make_hf_checkpoint(cfg, tmp_path)
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.layers.1.self_attn.o_proj.bias"] += 0.5
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"model.layers.1.self_attn.o_proj.bias is not zero"):
+        load_hf(build_model(cfg, ParallelConfig()), cfg, hf_dir)
+
+
+def test_exported_tiny_model_loads_its_tokenizer_with_autotokenizer(tmp_path):
+    """A tiny-model export with the tiny tokenizer: AutoTokenizer (what vLLM uses) and
+    PreTrainedTokenizerFast give the training ids, special tags included."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from megatron_r1.distributed import init_distributed
+
+    init_distributed(ParallelConfig())
+
+    from megatron_r1.data.tiny_corpus import tokenizer_training_texts
+    from megatron_r1.data.tokenizer import train_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    trained = train_tokenizer(tokenizer_training_texts(300, seed=1), vocab_size=512, out_dir=tok_dir)
+    cfg = load_config(None, ["model=tiny_dense"]).model
+    out = save_hf(build_model(cfg, ParallelConfig()), cfg, tmp_path / "hf", tokenizer_dir=tok_dir)
+    text = "A conversation between User and Assistant. 5 + 3 - 7 = <think> 5 + 3 = 8, - 7 = 1 </think> <answer> 1 </answer>"
+    expected = trained(text)["input_ids"]
+    for loader in (AutoTokenizer, PreTrainedTokenizerFast):
+        tok = loader.from_pretrained(out)
+        assert tok(text)["input_ids"] == expected, loader.__name__
+        assert tok.decode(expected) == text

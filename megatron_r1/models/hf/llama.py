@@ -13,6 +13,11 @@ Layouts that differ between the two:
   map to HF's `input_layernorm` / `post_attention_layernorm`.
 
 RoPE is the same rotate-half (non-interleaved) form on both sides, so no rows are permuted.
+
+q/k/v biases (Megatron's `add_qkv_bias`) are Llama's `attention_bias=true`, which also gives
+`o_proj` a bias: exported as zeros, and required to be zero on import. The tiny CPU model exports
+this way because standard loaders (`AutoTokenizer`, and through it vLLM) keep a custom tokenizer of
+a `llama` directory as it was saved, while for `qwen2` they substitute Qwen's own pre-tokenizer.
 """
 
 from __future__ import annotations
@@ -91,10 +96,9 @@ class LlamaAdapter(HFAdapter):
         self._check_variant(cfg, where)
 
     def _check_variant(self, cfg: ModelConfig, where: str) -> None:
-        """What only this architecture requires (Qwen2 overrides it)."""
-        if cfg.add_qkv_bias:
-            # HF Llama's `attention_bias` also adds an o_proj bias, which Megatron's layer lacks.
-            raise ConfigError(f"{where}: Llama has no q/k/v-only bias; set model.add_qkv_bias=false or use arch=qwen2")
+        """What only this architecture requires (Qwen2 overrides it). Llama expresses q/k/v biases
+        with `attention_bias`, which also gives o_proj a bias: exported as zeros, required to be
+        zero on import (Megatron's attention has none there)."""
 
     def hf_config(self, cfg: ModelConfig) -> dict:
         """config.json contents for `cfg` (raises ConfigError if HF cannot express it)."""
@@ -125,7 +129,7 @@ class LlamaAdapter(HFAdapter):
         }
 
     def _extra_hf_config(self, cfg: ModelConfig) -> dict:
-        return {"attention_bias": False, "mlp_bias": False}
+        return {"attention_bias": cfg.add_qkv_bias, "mlp_bias": False}
 
     def model_config(self, hf_config: dict) -> ModelConfig:
         """ModelConfig for a config.json of this architecture (ConfigError for what is not supported)."""
@@ -161,12 +165,15 @@ class LlamaAdapter(HFAdapter):
         self._check_hf_variant(c)
 
     def _check_hf_variant(self, c: dict) -> None:
-        for key in ("attention_bias", "mlp_bias"):
-            if c.get(key):
-                raise ConfigError(f"llama config has {key}=true; Megatron's dense layer here has no such biases")
+        if c.get("mlp_bias"):
+            raise ConfigError("llama config has mlp_bias=true; Megatron's dense MLP here has no biases")
 
     def _has_qkv_bias(self, c: dict) -> bool:
-        return False
+        return bool(c.get("attention_bias"))
+
+    def _o_proj_bias(self, cfg: ModelConfig) -> bool:
+        """True when the HF layout has an o_proj bias that Megatron lacks (Llama's attention_bias)."""
+        return cfg.add_qkv_bias
 
     # ---- tensors -----------------------------------------------------------------------------
 
@@ -177,6 +184,9 @@ class LlamaAdapter(HFAdapter):
         if name in WHOLE_MODEL_NAMES:
             return [(WHOLE_MODEL_NAMES[name], tensor)]
         prefix, rest = self._layer(name)
+        if rest == "self_attention.linear_proj.weight" and self._o_proj_bias(cfg):
+            zeros = torch.zeros(tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
+            return [(prefix + "self_attn.o_proj.weight", tensor), (prefix + "self_attn.o_proj.bias", zeros)]
         if rest in _LAYER_RENAMES:
             return [(prefix + _LAYER_RENAMES[rest], tensor)]
         if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -197,6 +207,13 @@ class LlamaAdapter(HFAdapter):
         if name in WHOLE_MODEL_NAMES:
             return get(WHOLE_MODEL_NAMES[name])
         prefix, rest = self._layer(name)
+        if rest == "self_attention.linear_proj.weight" and self._o_proj_bias(cfg):
+            bias = get(prefix + "self_attn.o_proj.bias")
+            if bias.count_nonzero():
+                raise ConfigError(
+                    f"{prefix}self_attn.o_proj.bias is not zero: Megatron's attention here has q/k/v biases only, "
+                    "so this checkpoint cannot be loaded exactly"
+                )
         if rest in _LAYER_RENAMES:
             return get(prefix + _LAYER_RENAMES[rest])
         if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):

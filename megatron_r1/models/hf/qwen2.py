@@ -40,5 +40,8 @@ class Qwen2Adapter(LlamaAdapter):
     def _has_qkv_bias(self, c: dict) -> bool:
         return True
 
+    def _o_proj_bias(self, cfg: ModelConfig) -> bool:
+        return False
+
 
 ADAPTER = Qwen2Adapter()
