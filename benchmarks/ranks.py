@@ -55,7 +55,7 @@ def _base_model(path: str | None, work: Path) -> Path:
         return default
     print("no base model at runs/tiny_base/hf: pretraining one for 200 steps (speed, not accuracy, is measured)")
     _run([sys.executable, "-m", "megatron_r1.cli", "pretrain", "conf/stages/pretrain_tiny.yaml", f"logging.run_dir={work / 'base'}",
-          "steps=200", "extra.probe_samples=0", "logging.progress_bar=false"])
+          "steps=200", "pretrain.probe_samples=0", "logging.progress_bar=false"])
     return work / "base/hf"
 
 
@@ -74,7 +74,7 @@ def main() -> None:
         results = {}
         for name, (ranks, extra) in LAYOUTS.items():
             run_dir = work / name.replace(" ", "_").replace(":", "")
-            overrides = [f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "extra.base_stage=", f"steps={args.steps}",
+            overrides = [f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "checkpoint.base_stage=", f"steps={args.steps}",
                          f"grpo.prompts_per_step={args.prompts}", f"rollout.n_samples_per_prompt={args.samples}",
                          f"rollout.max_response_tokens={args.max_tokens}", "logging.eval_every=0", "checkpoint.save_every=0",
                          "checkpoint.export_hf=false", "logging.progress_bar=false", "data.eval_size=16", "logging.eval_samples=1"]

@@ -3,6 +3,7 @@
 Commands:
   r1-zero      GRPO straight on a base model with rule rewards (DeepSeek-R1-Zero)
   pretrain     train a tokenizer and pretrain the tiny base model (conf/stages/pretrain_tiny.yaml)
+  sft          supervised fine-tuning on jsonl conversations, response-only loss, packed (conf/stages/sft_tiny.yaml)
   show-config  print the resolved config (YAML) and exit
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face (`megatron-r1 convert --help`)
 
@@ -23,6 +24,7 @@ from megatron_r1.config import ConfigError, load_config, to_dict
 COMMANDS = {
     "r1-zero": "megatron_r1.train.rl:run",
     "pretrain": "megatron_r1.train.pretrain:run",
+    "sft": "megatron_r1.train.sft:run",
     "show-config": None,
     "convert": None,  # its own arguments: see _convert_parser
 }

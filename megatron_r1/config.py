@@ -193,6 +193,8 @@ class CheckpointConfig:
     resume: bool = True  # continue from the latest checkpoint in the run directory
     load_hf: str = ""  # initialise the policy from this Hugging Face directory (also: tokenizer, engine start)
     load_megatron: str = ""  # then load its weights from this Megatron checkpoint root (latest step), e.g. `convert from-hf`
+    base_stage: str = ""  # stage YAML that prepares `load_hf` when it is missing (the tiny base: conf/stages/pretrain_tiny.yaml)
+    base_overrides: list[str] = field(default_factory=list)  # overrides for that stage, e.g. [seed=777, pretrain.corpus_seed=300000]
     export_hf: bool = True  # write the final policy as Hugging Face weights to <run_dir>/hf
     keep_last: int = 2  # checkpoints kept on disk
 
@@ -210,10 +212,42 @@ class LoggingConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """The tiny base model: its tokenizer and its R1-template corpus (stage `pretrain`, see data/tiny_corpus.py)."""
+
+    corpus_seed: int = 100000  # stream seed of the corpus (disjoint from data.train_seed / data.eval_seed)
+    worked_share_start: float = 1.0  # share of examples that show worked steps at the start
+    worked_share_end: float = 0.05  # ... and at the last step
+    worked_share_hold: float = 0.5  # fraction of the steps held at the start share before the linear anneal
+    batch_size: int = 32  # sequences per optimizer step
+    seq_len: int = 160  # tokens per sequence (longer examples are cut)
+    tokenizer_vocab_size: int | None = None  # BPE vocabulary (None: model.vocab_size)
+    tokenizer_texts: int = 20000  # texts the BPE merges are learned from
+    warn_after_s: float = 900.0  # warn when pretraining takes longer (it never stops early; 0: never warn)
+    probe_samples: int = 8  # sampled responses per held-out prompt for the base probe (0: skip the probe)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on conversations (stages `sft`, `cold_start_sft`, `distill`; see train/sft.py)."""
+
+    train_path: str = ""  # jsonl, one conversation per line: {"prompt", "response"} or {"messages": [{role, content}, ...]}
+    eval_path: str = ""  # held-out jsonl of the same form (eval loss); empty: no evaluation
+    template: str = "auto"  # auto: the tokenizer's chat template, r1_zero when it has none | chat | r1_zero | plain
+    epochs: int = 2  # passes over the training set (the paper's 2 for the rejection-sampling SFT)
+    max_steps: int = 0  # stop after this many optimizer steps (0: all epochs)
+    batch_size: int = 16  # rows per optimizer step (packed rows when packing)
+    micro_batch_size: int = 16  # rows per forward/backward
+    max_seq_len: int = 512  # tokens per row; longer conversations are skipped and counted
+    packing: bool = True  # several conversations per row, each attending only to itself
+    eval_every: int = 50  # steps between eval-loss measurements (0: only at the end)
+
+
+@dataclass
 class StageConfig:
     """One stage of the R1 pipeline, everything it needs."""
 
-    name: str = "r1_zero"  # stage kind: r1_zero | pretrain | sft | reasoning_rl | final_rl | distill
+    name: str = "r1_zero"  # stage kind: r1_zero | pretrain | sft | cold_start_sft | reasoning_rl | final_rl | distill
     seed: int = 1234  # global seed
     steps: int = 60  # RL / training steps
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,7 +259,8 @@ class StageConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific knobs (e.g. pretraining corpus)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,10 +352,18 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        if cls is StageConfig and key == "extra":
+            raise ConfigError(_RETIRED_EXTRA)
         if key not in fields:
             raise ConfigError(_unknown_key(f"{where}.{key}" if where else key, key, fields))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
+
+
+_RETIRED_EXTRA = (
+    "the untyped 'extra' section is gone: pretraining knobs live in 'pretrain' (pretrain.corpus_seed, ...), "
+    "the base-model stage in checkpoint.base_stage / checkpoint.base_overrides"
+)
 
 
 def _unknown_key(full: str, key: str, fields: dict) -> str:
@@ -392,6 +435,7 @@ _CHOICES = {
     "grpo.kl_estimator": ("k1", "k2", "k3"),
     "reward.format_mode": ("strict", "soft"),
     "data.source": ("reasoning_gym", "jsonl"),
+    "sft.template": ("auto", "chat", "r1_zero", "plain"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
 }
 
@@ -424,6 +468,12 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level} must be 1 or 2")
     if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:
         raise ConfigError("grpo.clip_eps_low and grpo.clip_eps_high must be >= 0")
+    sft = cfg.sft
+    for name in ("epochs", "batch_size", "micro_batch_size"):
+        if getattr(sft, name) < 1:
+            raise ConfigError(f"sft.{name} must be >= 1, got {getattr(sft, name)}")
+    if sft.max_seq_len < 2:
+        raise ConfigError(f"sft.max_seq_len must be >= 2, got {sft.max_seq_len}")
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> Any:

@@ -9,7 +9,7 @@
    response length rising together. With too few worked examples RL finds nothing to select.
 3. Save the result in Hugging Face format (weights, config, tokenizer) to `<run_dir>/hf`.
 4. Probe it (`train.base_probe`): held-out accuracy, and how often and how accurately it shows
-   worked steps when sampled, the latent ability R1-Zero selects (`extra.probe_samples`, 0: skip).
+   worked steps when sampled, the latent ability R1-Zero selects (`pretrain.probe_samples`, 0: skip).
 
 The result is cached: `ensure_base_model` reuses `<run_dir>/hf` when it is already complete.
 """
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from megatron.core import parallel_state
 
 from megatron_r1 import distributed
-from megatron_r1.config import ConfigError, StageConfig, load_config, to_dict
+from megatron_r1.config import StageConfig, load_config, to_dict
 from megatron_r1.data.tiny_corpus import CorpusStream, tokenizer_training_texts
 from megatron_r1.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
@@ -49,6 +49,26 @@ def ensure_base_model(stage_config: str | Path, overrides: list[str] | None = No
     if not (Path(cfg.logging.run_dir) / DONE_MARKER).exists():
         run(cfg)
     return hf_dir
+
+
+def prepare_base_model(cfg: StageConfig) -> tuple[Path, float]:
+    """The Hugging Face directory a stage starts from (`checkpoint.load_hf`), and the seconds spent
+    preparing it: when `checkpoint.base_stage` names a stage (the tiny base's pretraining) and the
+    directory is missing, that stage runs first."""
+    hf_dir = Path(cfg.checkpoint.load_hf)
+    seconds = 0.0
+    if not cfg.checkpoint.load_hf:
+        raise FileNotFoundError("checkpoint.load_hf is empty: name the Hugging Face model directory to start from")
+    base_stage = cfg.checkpoint.base_stage
+    if base_stage and not (hf_dir / "config.json").exists():
+        log.info("no base model at %s: pretraining it with %s", hf_dir, base_stage)
+        start = time.perf_counter()
+        ensure_base_model(base_stage, cfg.checkpoint.base_overrides)
+        seconds = time.perf_counter() - start
+        distributed.init_model_parallel(cfg.parallel, cfg.seed)  # back to this stage's layout
+    if not (hf_dir / "config.json").exists():
+        raise FileNotFoundError(f"no Hugging Face model at {hf_dir} (config.json missing)")
+    return hf_dir, seconds
 
 
 def _encode_examples(tokenizer, stream, n: int, seq_len: int) -> list[tuple[list[int], int]]:
@@ -76,7 +96,7 @@ def _pad(examples: list[tuple[list[int], int]], pad_id: int) -> Batch:
 
 def run(cfg: StageConfig) -> Path:
     """Train the tokenizer and the base model; returns the Hugging Face output directory."""
-    extra = cfg.extra
+    pre = cfg.pretrain
     run_dir = Path(cfg.logging.run_dir)
     hf_dir = run_dir / "hf"
     tok_dir = run_dir / "tokenizer"
@@ -85,8 +105,8 @@ def run(cfg: StageConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     # Every rank trains the same tokenizer from the same seed: cheaper than broadcasting files.
-    texts = tokenizer_training_texts(int(extra.get("tokenizer_texts", 20000)), seed=int(extra.get("corpus_seed", 100000)))
-    tokenizer = train_tokenizer(texts, int(extra.get("tokenizer_vocab_size", cfg.model.vocab_size)), tok_dir)
+    texts = tokenizer_training_texts(pre.tokenizer_texts, seed=pre.corpus_seed)
+    tokenizer = train_tokenizer(texts, pre.tokenizer_vocab_size or cfg.model.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     if len(tokenizer) > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.vocab_size={cfg.model.vocab_size}")
@@ -96,23 +116,17 @@ def run(cfg: StageConfig) -> Path:
     if main:
         log.info("pretraining the tiny base model: %d parameters, up to %d steps", num_parameters(model), cfg.steps)
 
-    batch_size = int(extra.get("batch_size", 32))
-    seq_len = int(extra.get("seq_len", 160))
-    if "time_budget_s" in extra:
-        raise ConfigError(
-            "extra.time_budget_s no longer stops pretraining early (a wall-clock cut made the base model depend on "
-            "machine speed); set steps=N for a shorter run, or extra.warn_after_s to be warned"
-        )
-    warn_after = float(extra.get("warn_after_s", 0)) or None
+    batch_size, seq_len = pre.batch_size, pre.seq_len
+    warn_after = pre.warn_after_s or None
     stream = iter(
         CorpusStream(
             task=cfg.data.task,
             task_options=cfg.data.task_options,
             # Tensor/pipeline peers must see the same examples; data-parallel ranks different ones.
-            seed=int(extra.get("corpus_seed", 100000)) + 7919 * parallel_state.get_data_parallel_rank(),
-            worked_share_start=float(extra.get("worked_share_start", 1.0)),
-            worked_share_end=float(extra.get("worked_share_end", 0.05)),
-            worked_share_hold=float(extra.get("worked_share_hold", 0.0)),
+            seed=pre.corpus_seed + 7919 * parallel_state.get_data_parallel_rank(),
+            worked_share_start=pre.worked_share_start,
+            worked_share_end=pre.worked_share_end,
+            worked_share_hold=pre.worked_share_hold,
             total_examples=cfg.steps * batch_size,
         )
     )
@@ -132,7 +146,7 @@ def run(cfg: StageConfig) -> Path:
             bar.set_postfix(loss=f"{loss:.3f}")
         if warn_after is not None and time.perf_counter() - start > warn_after:
             if main:
-                log.warning("pretraining has taken %.0f s (extra.warn_after_s=%.0f) at step %d of %d; it runs to the end, "
+                log.warning("pretraining has taken %.0f s (pretrain.warn_after_s=%.0f) at step %d of %d; it runs to the end, "
                             "so the base model does not depend on machine speed", time.perf_counter() - start, warn_after, steps_done, cfg.steps)
             warn_after = None
     bar.close()
@@ -140,7 +154,7 @@ def run(cfg: StageConfig) -> Path:
 
     save_hf(model, cfg.model, hf_dir, tokenizer_dir=tok_dir)
     wall = time.perf_counter() - start
-    samples = int(extra.get("probe_samples", 8))
+    samples = pre.probe_samples
     # What R1-Zero will have to work with (see train/base_probe.py); every rank hosts an engine.
     probe = probe_base_model(hf_dir, cfg, k=samples) if samples > 0 else None
     if main:

@@ -38,6 +38,7 @@ from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.evaluate import evaluate, stop_conditions
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
 from megatron_r1.train.optim import build_optimizer
+from megatron_r1.train.pretrain import prepare_base_model
 from megatron_r1.train.step import Batch, compute_logprobs, train_step
 
 log = logging.getLogger(__name__)
@@ -45,27 +46,6 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Set-up: base model, policy (+ reference), engine, data, rewards.
-
-
-def _base_model_dir(cfg: StageConfig) -> tuple[Path, float]:
-    """The Hugging Face directory the policy starts from, and the seconds spent pretraining it
-    (the tiny base is pretrained first when `extra.base_stage` names its stage and it is missing)."""
-    hf_dir = Path(cfg.checkpoint.load_hf)
-    seconds = 0.0
-    if not cfg.checkpoint.load_hf:
-        raise FileNotFoundError("checkpoint.load_hf is empty: name the Hugging Face base model directory")
-    base_stage = cfg.extra.get("base_stage")
-    if base_stage and not (hf_dir / "config.json").exists():
-        from megatron_r1.train.pretrain import ensure_base_model
-
-        log.info("no base model at %s: pretraining it with %s", hf_dir, base_stage)
-        start = time.perf_counter()
-        ensure_base_model(base_stage, list(cfg.extra.get("base_overrides", [])))
-        seconds = time.perf_counter() - start
-        distributed.init_model_parallel(cfg.parallel, cfg.seed)
-    if not (hf_dir / "config.json").exists():
-        raise FileNotFoundError(f"no Hugging Face model at {hf_dir} (config.json missing)")
-    return hf_dir, seconds
 
 
 def _build_policy(cfg: StageConfig, hf_dir: Path):
@@ -356,7 +336,7 @@ def run(cfg: StageConfig) -> dict:
     main = distributed.is_main()
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    hf_dir, base_seconds = _base_model_dir(cfg)
+    hf_dir, base_seconds = prepare_base_model(cfg)
     wall_start = time.perf_counter()  # pretraining the base is its own stage: the RL clock starts here
     tokenizer = load_tokenizer(hf_dir)
 

@@ -45,6 +45,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from megatron.core.utils import get_model_config
 
 from megatron_r1 import platform
+from megatron_r1.config import ConfigError
 from megatron_r1.train.optim import current_lr
 
 Tensor = torch.Tensor
@@ -66,6 +67,7 @@ class Batch:
     old_logprobs: Tensor | None = None  # [B, S-1] log-probs of the policy that sampled (off-policy ratio)
     ref_logprobs: Tensor | None = None  # [B, S-1] log-probs of the reference model (KL penalty)
     extras: dict[str, Tensor] = field(default_factory=dict)
+    segment_ids: Tensor | None = None  # [B, S] packed rows: document number of each token (1, 2, ...; 0: padding)
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -74,6 +76,8 @@ class Batch:
             raise ValueError(f"Batch.loss_mask {tuple(self.loss_mask.shape)} must match tokens {tuple(self.tokens.shape)}")
         if self.tokens.shape[1] < 2:
             raise ValueError("sequences need at least 2 tokens (one input, one target)")
+        if self.segment_ids is not None and self.segment_ids.shape != self.tokens.shape:
+            raise ValueError(f"Batch.segment_ids {tuple(self.segment_ids.shape)} must match tokens {tuple(self.tokens.shape)}")
         for name, value in self._row_tensors().items():
             if value.shape[0] != self.tokens.shape[0]:
                 raise ValueError(f"Batch.{name} has {value.shape[0]} rows, tokens have {self.tokens.shape[0]}")
@@ -106,6 +110,7 @@ class Batch:
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
             extras={k: v[index] for k, v in self.extras.items()},
+            segment_ids=pick(self.segment_ids),
         )
 
     def split(self, parts: int) -> list[Batch]:
@@ -221,6 +226,7 @@ def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_s
             old_logprobs=_to_targets(part.old_logprobs, S, device),
             ref_logprobs=_to_targets(part.ref_logprobs, S, device),
             extras={k: _to_targets(v, S, device) for k, v in part.extras.items()},
+            segment_ids=None if part.segment_ids is None else part.segment_ids.to(device),
             num_tokens=num_tokens,
             num_sequences=num_sequences,
         )
@@ -254,11 +260,36 @@ def padded_to_multiple(batch: Batch, multiple: int) -> Batch:
         old_logprobs=pad(batch.old_logprobs),
         ref_logprobs=pad(batch.ref_logprobs),
         extras={k: pad(v) for k, v in batch.extras.items()},
+        segment_ids=pad(batch.segment_ids),  # padding is document 0
     )
 
 
-def _forward(model: torch.nn.Module, tokens: Tensor) -> Tensor:
+def packed_attention(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(position ids, attention mask) of packed rows: each document attends causally to itself only.
+
+    Positions restart at 0 in every document. The mask is `[b, 1, S, S]` boolean in Megatron's
+    convention (True hides the key). Rotary embeddings depend only on the distance between query
+    and key, and the mask keeps every pair inside one document, so a packed document gets the
+    logits it would get alone (up to float rounding of the larger rotation angles).
+    """
+    b, S = segment_ids.shape
+    index = torch.arange(S, device=segment_ids.device).expand(b, S)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - first, ~(same & causal).unsqueeze(1)
+
+
+def _forward(model: torch.nn.Module, tokens: Tensor, segment_ids: Tensor | None = None) -> Tensor:
     """Logits `[b, S, V/TP]` on the last pipeline stage, hidden states (sent onward) elsewhere."""
+    if segment_ids is not None:
+        if platform.has_transformer_engine():
+            # TE's causal attention ignores a dense mask; packed rows there need THD `packed_seq_params`.
+            raise ConfigError("packed sequences need the local attention in this version; set sft.packing=false with Transformer Engine")
+        position_ids, mask = packed_attention(segment_ids)
+        return model(tokens, position_ids, attention_mask=mask)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     # No attention mask: the batch is right-padded, so causal attention never lets a real token see padding.
     return model(tokens, position_ids, attention_mask=None)
@@ -312,7 +343,7 @@ def forward_backward(
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         micro = next(data_iterator)
-        return _forward(model, micro.tokens), partial(loss_closure, micro)
+        return _forward(model, micro.tokens, micro.segment_ids), partial(loss_closure, micro)
 
     with torch.no_grad() if forward_only else torch.enable_grad():
         per_micro = get_forward_backward_func()(

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.conftest import ROOT, cli as _cli
+
 STAGE = ROOT / "conf/stages/r1_zero_tiny.yaml"
-PRETRAIN = ROOT / "conf/stages/pretrain_tiny.yaml"
 
 # Small but complete: every phase runs, including eval, checkpoint, probe and export.
 TINY_RUN = [
@@ -53,31 +53,8 @@ if __name__ == "__main__":
 """
 
 
-def _cli(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "megatron_r1.cli"]
-    if ranks > 1:  # as users launch it
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "megatron_r1.cli"]
-    out = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"megatron-r1 {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    """A quickly pretrained tiny base model (the real stage, 150 steps instead of 4,000)."""
-    run_dir = tmp_path_factory.mktemp("tiny_base")
-    _cli(
-        "pretrain", str(PRETRAIN), f"logging.run_dir={run_dir}", "steps=150", "logging.progress_bar=false",
-        "data.eval_size=16", "extra.probe_samples=2", "rollout.max_response_tokens=48",
-    )
-    assert (run_dir / "hf/config.json").exists()
-    probe = json.loads((run_dir / "pretrain_done.json").read_text())["base_probe"]
-    assert probe["samples"] == 32 and 0.0 <= probe["worked_share"] <= 1.0 and 0.0 <= probe["greedy_accuracy"] <= 1.0
-    return run_dir / "hf"
-
-
 def _r1_zero(run_dir: Path, base: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    return _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "extra.base_stage=", *TINY_RUN, *extra, ranks=ranks)
+    return _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "checkpoint.base_stage=", *TINY_RUN, *extra, ranks=ranks)
 
 
 def _rows(run_dir: Path) -> dict[int, dict]:
@@ -172,7 +149,7 @@ print(json.dumps({"loss": out["loss"], "grad_norm": out["grad_norm"]}))
 @pytest.mark.parametrize("layout", list(TWO_RANK))
 def test_two_ranks_sample_each_prompt_once_and_train_like_one(base_model, tmp_path, layout):
     run_dir = tmp_path / "run"
-    common = [f"checkpoint.load_hf={base_model}", "extra.base_stage=", *TINY_RUN, "logging.save_rollouts=true", "steps=2"]
+    common = [f"checkpoint.load_hf={base_model}", "checkpoint.base_stage=", *TINY_RUN, "logging.save_rollouts=true", "steps=2"]
     _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", *common, *TWO_RANK[layout], ranks=2)
 
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,227 @@
+"""Supervised fine-tuning on conversations: the cold-start, rejection-sampling and distillation stages.
+
+Same Megatron step, optimizer, checkpoints, metrics and Hugging Face export as the RL loop; the
+loss is the token mean of the negative log-likelihood over response tokens (`data/sft.py` builds
+the masks and packs rows). The whole schedule (which rows, in which order, in which batch) is a
+pure function of the data, `seed` and `sft.*`, computed before the first step, so the
+learning-rate schedule knows its length and a resumed run continues with exactly the batch it
+would have trained on next.
+
+Outputs in `logging.run_dir`: `metrics.jsonl` (+ TensorBoard), `checkpoints/`, `hf/` (the
+fine-tuned model, loadable by transformers and vLLM), `summary.json` and `plot.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_r1 import distributed
+from megatron_r1.config import ConfigError, StageConfig, to_dict
+from megatron_r1.convert import model_info
+from megatron_r1.data.sft import Row, SFTDataError, SFTDataset, epoch_rows, load_sft_dataset
+from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.models.build import build_model, num_parameters
+from megatron_r1.models.hf.base import load_hf, read_hf_config, save_hf
+from megatron_r1.train import checkpoint as ckpt
+from megatron_r1.train.metrics import MetricsLogger, read_metrics
+from megatron_r1.train.optim import build_optimizer
+from megatron_r1.train.pretrain import prepare_base_model
+from megatron_r1.train.step import Batch, forward_backward, lm_loss_fn, train_step
+
+log = logging.getLogger(__name__)
+
+
+def collate(rows: list[Row], pad_id: int, packed: bool) -> Batch:
+    """Right-padded `Batch` of rows; packed rows carry their document numbers (`segment_ids`)."""
+    width = max(2, max(len(r.ids) for r in rows))
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    segments = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        tokens[i, :n] = torch.tensor(r.ids)
+        mask[i, :n] = torch.tensor(r.loss_mask, dtype=torch.float32)
+        segments[i, :n] = torch.tensor(r.segments)
+    return Batch(tokens=tokens, loss_mask=mask, segment_ids=segments if packed else None)
+
+
+def schedule(data: SFTDataset, cfg: StageConfig, data_parallel_size: int) -> list[list[Row]]:
+    """Every optimizer step's rows, epoch after epoch. A last batch too small to give every
+    data-parallel rank a row is dropped (its examples come again next epoch, in another order)."""
+    s = cfg.sft
+    steps: list[list[Row]] = []
+    for epoch in range(s.epochs):
+        rows = epoch_rows(data.examples, epoch, cfg.seed, s.max_seq_len, s.packing)
+        for start in range(0, len(rows), s.batch_size):
+            batch = rows[start : start + s.batch_size]
+            if len(batch) >= data_parallel_size:
+                steps.append(batch)
+    if s.max_steps:
+        steps = steps[: s.max_steps]
+    if not steps:
+        raise ConfigError(
+            f"{len(data.examples)} conversations give no batch of at least {data_parallel_size} rows "
+            "(one per data-parallel rank); add data or lower sft.batch_size"
+        )
+    return steps
+
+
+def _my_rows(rows: list[Row]) -> list[Row]:
+    """This data-parallel rank's contiguous share of a step's rows (denominators stay global)."""
+    from megatron.core import parallel_state
+
+    from megatron_r1.rollout.layout import even_bounds
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    start, stop = even_bounds(len(rows), dp, rank)
+    return rows[start:stop]
+
+
+def eval_loss(ddp, data: SFTDataset, cfg: StageConfig, pad_id: int, dp: int) -> float:
+    """Token-mean NLL of the held-out conversations' responses (forward only, every rank)."""
+    s = cfg.sft
+    total, tokens = 0.0, 0.0
+    rows = epoch_rows(data.examples, 0, cfg.seed, s.max_seq_len, s.packing)
+    if len(rows) < dp:
+        raise ConfigError(f"the held-out set packs into {len(rows)} rows, fewer than the {dp} data-parallel ranks; add data or leave sft.eval_path empty")
+    chunks = [rows[i : i + s.batch_size] for i in range(0, len(rows), s.batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) < dp:  # every rank needs a row: fold a short tail into the batch before
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    for chunk in chunks:
+        out = forward_backward(ddp, collate(_my_rows(chunk), pad_id, s.packing), lm_loss_fn, s.micro_batch_size, forward_only=True)
+        total += out["loss"] * out["num_tokens"]
+        tokens += out["num_tokens"]
+    return total / max(tokens, 1.0)
+
+
+def _log_data(name: str, data: SFTDataset) -> None:
+    skipped = ", ".join(f"{k} {v}" for k, v in data.skipped.most_common()) or "none"
+    log.info("%s: %d conversations (%d response tokens) from %d rows; skipped: %s",
+             name, len(data.examples), data.response_tokens, data.rows, skipped)
+
+
+def run(cfg: StageConfig) -> dict:
+    """Fine-tune `checkpoint.load_hf` on `sft.train_path` (every rank calls it); returns the summary on rank 0."""
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    from megatron.core import parallel_state
+
+    main = distributed.is_main()
+    run_dir = Path(cfg.logging.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    hf_dir, _ = prepare_base_model(cfg)
+    tokenizer = load_tokenizer(hf_dir)
+    try:
+        train = load_sft_dataset(cfg.sft.train_path, tokenizer, cfg.sft.template, cfg.sft.max_seq_len)
+        held_out = load_sft_dataset(cfg.sft.eval_path, tokenizer, cfg.sft.template, cfg.sft.max_seq_len) if cfg.sft.eval_path else None
+    except SFTDataError as e:
+        raise ConfigError(str(e)) from None
+    dp = parallel_state.get_data_parallel_world_size()
+    plan = schedule(train, cfg, dp)
+    if main:
+        _log_data("train", train)
+        if held_out is not None:
+            _log_data("eval", held_out)
+
+    model_cfg = dataclasses.replace(read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe)
+    model = build_model(model_cfg, cfg.parallel)
+    load_hf(model, model_cfg, hf_dir)
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan))
+    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
+    start_step, prior_wall = 0, 0.0
+    if cfg.checkpoint.resume and (latest := ckpt.latest_step(ckpt_dir)) is not None:
+        state = ckpt.load_checkpoint(ckpt_dir, latest, ddp, optimizer, scheduler)
+        start_step, prior_wall = latest, state.get("wall_seconds", 0.0)
+        if main:
+            log.info("resumed from %s at step %d of %d", ckpt_dir, latest, len(plan))
+    metrics.truncate_after(start_step if start_step else -1)  # each step once; a fresh run starts a fresh file
+    if main:
+        rows = len(epoch_rows(train.examples, 0, cfg.seed, cfg.sft.max_seq_len, cfg.sft.packing))
+        log.info("SFT: %s parameters, %d steps (%d epochs of %d rows of up to %d tokens, packing %s%s)",
+                 f"{num_parameters(model):,}", len(plan), cfg.sft.epochs, rows, cfg.sft.max_seq_len,
+                 "on" if cfg.sft.packing else "off", f"; stopping at sft.max_steps={cfg.sft.max_steps}" if cfg.sft.max_steps else "")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    initial_eval = None
+    if held_out is not None and start_step == 0:
+        initial_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
+        metrics.log(0, {"eval/loss": initial_eval})
+    wall_start = time.perf_counter()
+    bar = tqdm(range(start_step, len(plan)), initial=start_step, total=len(plan), desc="SFT",
+               disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
+    final_eval = None
+    for step in bar:
+        rows = plan[step]
+        out = train_step(ddp, optimizer, scheduler, collate(_my_rows(rows), pad_id, cfg.sft.packing), lm_loss_fn, cfg.sft.micro_batch_size)
+        done = step + 1
+        row = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
+               "train/response_tokens": out["num_tokens"], "train/rows": float(len(rows)),
+               "train/fill": sum(len(r.ids) for r in rows) / (len(rows) * cfg.sft.max_seq_len)}
+        if held_out is not None and (cfg.sft.eval_every and done % cfg.sft.eval_every == 0 or done == len(plan)):
+            final_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
+            row["eval/loss"] = final_eval
+        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
+            ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
+                                 {"wall_seconds": prior_wall + time.perf_counter() - wall_start, "model_info": model_info(model_cfg, hf_dir)},
+                                 keep_last=cfg.checkpoint.keep_last)
+        row["time/wall"] = prior_wall + time.perf_counter() - wall_start
+        metrics.log(done, row)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", **({"eval": f"{final_eval:.3f}"} if final_eval is not None else {}))
+    bar.close()
+    if held_out is not None and final_eval is None:  # resumed at the end
+        final_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
+
+    if cfg.checkpoint.export_hf:
+        save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=hf_dir)
+    metrics.close()
+    if not main:
+        return {}
+    history = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    summary = {
+        "steps": len(plan),
+        "epochs": cfg.sft.epochs,
+        "train_conversations": len(train.examples),
+        "train_response_tokens": train.response_tokens,
+        "skipped": dict(train.skipped),
+        "first_loss": history[0]["train/loss"] if history else None,
+        "final_loss": history[-1]["train/loss"] if history else None,
+        "initial_eval_loss": initial_eval,
+        "final_eval_loss": final_eval,
+        "wall_seconds": round(prior_wall + time.perf_counter() - wall_start, 1),
+        "base_model": str(hf_dir),
+        "config": to_dict(cfg),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot(run_dir)
+    print(f"\nSFT finished: {run_dir}\n  train loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} over {len(plan)} steps"
+          + (f"\n  eval loss  {initial_eval if initial_eval is not None else float('nan'):.3f} -> {final_eval:.3f}" if final_eval is not None else "")
+          + f"\n  model      {run_dir / 'hf'}\n", flush=True)
+    return summary
+
+
+def _plot(run_dir: Path) -> None:
+    """Train and eval loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train/loss", "train"), ("eval/loss", "held-out")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("response NLL (token mean)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "plot.png", dpi=110)
+    plt.close(fig)
