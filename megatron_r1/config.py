@@ -147,6 +147,7 @@ class RewardConfig:
     format_weight: float = 0.1  # <think>...</think><answer>...</answer>
     format_mode: str = "strict"  # strict | soft
     language_weight: float = 0.0  # language consistency of the chain of thought
+    languages: list[str] = field(default_factory=lambda: ["en", "zh", "fr", "de", "es", "ru"])  # ISO 639-1 codes the language reward tells apart (lingua)
     custom: dict[str, float] = field(default_factory=dict)  # "pkg.module:function" -> weight
     timeout_s: float = 5.0  # a reward call slower than this scores 0
 

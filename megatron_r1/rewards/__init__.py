@@ -2,7 +2,14 @@
 
 from megatron_r1.rewards.accuracy import extract_answer, gym_accuracy, math_accuracy
 from megatron_r1.rewards.format import FORMAT_MODES, extract_think, format_properties, format_reward
-from megatron_r1.rewards.language import LANGUAGES, detect_language, language_consistency, word_languages
+from megatron_r1.rewards.language import (
+    DEFAULT_LANGUAGES,
+    LanguageIdentifier,
+    detect_language,
+    language_consistency,
+    language_identifier,
+    word_languages,
+)
 from megatron_r1.rewards.reward_fn import (
     RewardBatch,
     RewardFn,
@@ -12,8 +19,9 @@ from megatron_r1.rewards.reward_fn import (
 )
 
 __all__ = [
+    "DEFAULT_LANGUAGES",
     "FORMAT_MODES",
-    "LANGUAGES",
+    "LanguageIdentifier",
     "RewardBatch",
     "RewardFn",
     "RewardTimeout",
@@ -25,6 +33,7 @@ __all__ = [
     "format_reward",
     "gym_accuracy",
     "language_consistency",
+    "language_identifier",
     "load_reward_function",
     "math_accuracy",
     "word_languages",

@@ -23,7 +23,7 @@ from torch import Tensor
 from megatron_r1.config import ConfigError, RewardConfig
 from megatron_r1.rewards.accuracy import gym_accuracy, math_accuracy
 from megatron_r1.rewards.format import FORMAT_MODES, extract_think, format_reward
-from megatron_r1.rewards.language import detect_language, language_consistency
+from megatron_r1.rewards.language import language_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,10 @@ class RewardFn:
         self.cfg = cfg
         self.weights = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight, "language": cfg.language_weight}
         self.custom = {path: load_reward_function(path) for path in cfg.custom}
+        try:
+            self.languages = language_identifier(tuple(cfg.languages))
+        except ValueError as e:
+            raise ConfigError(f"reward.languages: {e}") from None
         self.weights.update(cfg.custom)
         self._warned: set[tuple[str, str]] = set()
         # Import the verifiers now so the first timed call does not pay for the imports.
@@ -193,10 +197,10 @@ class RewardFn:
     def format(self, response: str) -> float:
         return format_reward(response, self.cfg.format_mode)
 
-    @staticmethod
-    def language(prompt: str, response: str, item: dict) -> float:
-        target = item.get("language") or detect_language(item.get("question") or prompt) or "en"
-        return language_consistency(extract_think(response) or "", target)
+    def language(self, prompt: str, response: str, item: dict) -> float:
+        ident = self.languages
+        target = item.get("language") or ident.detect(item.get("question") or prompt) or "en"
+        return ident.consistency(extract_think(response) or "", target)
 
     def __call__(self, prompts: list[str], responses: list[str], items: list[dict]) -> RewardBatch:
         if not len(prompts) == len(responses) == len(items):

@@ -10,7 +10,7 @@ import pytest
 import reasoning_gym
 import torch
 
-from megatron_r1.config import RewardConfig
+from megatron_r1.config import ConfigError, RewardConfig
 from megatron_r1.rewards import (
     RewardFn,
     RewardTimeout,
@@ -23,6 +23,7 @@ from megatron_r1.rewards import (
     language_consistency,
     load_reward_function,
     math_accuracy,
+    word_languages,
 )
 
 HERE = "tests.unit.test_rewards"
@@ -185,23 +186,66 @@ def test_gym_accuracy(chain_sum_entry):
 # language
 
 
-def test_language_consistency():
-    assert language_consistency("First add 3 and 4, which gives 7.", "en") == 1.0
-    assert language_consistency("首先计算", "zh") == 1.0
-    # 我 们 这 个 (4 Han characters, one word each) + "compute", "sum" (2 Latin words); digits neutral
-    mixed = "我们 compute 这个 sum: 3 + 4 = 7"
-    assert language_consistency(mixed, "zh") == pytest.approx(4 / 6)
-    assert language_consistency(mixed, "en") == pytest.approx(2 / 6)
-    assert language_consistency("Сначала сложим", "ru") == 1.0
-    assert language_consistency("3 + 4 = 7", "en") == 0.0  # no words at all earns nothing
-    with pytest.raises(ValueError, match="language"):
+# Real chains of thought, one language each (same-script pairs included: en/fr/de/es share Latin).
+COT = {
+    "en": "First I add the two numbers, then I subtract seven from the result, so the total is five.",
+    "fr": "D'abord j'additionne les deux nombres, puis je soustrais sept du résultat, donc le total est cinq.",
+    "de": "Zuerst addiere ich die beiden Zahlen, dann ziehe ich sieben vom Ergebnis ab, also ist die Summe fünf.",
+    "es": "Primero sumo los dos números, luego resto siete del resultado, así que el total es cinco.",
+    "zh": "首先把两个数相加，然后从结果中减去七，所以总数是五。",
+    "ru": "Сначала я складываю два числа, затем вычитаю семь из результата, итого пять.",
+}
+
+
+@pytest.mark.parametrize("lang", sorted(COT))
+def test_single_language_chains_score_one_in_their_language_only(lang):
+    assert language_consistency(COT[lang], lang) == 1.0
+    for other in COT:
+        if other != lang:
+            assert language_consistency(COT[lang], other) == 0.0, other
+
+
+def test_mixed_chains_score_lower_than_pure_ones():
+    # Code-switching at clause boundaries, as R1-Zero does: 2 English clauses, 1 French, 1 Chinese.
+    mixed = ("First I add the two numbers, then I subtract seven from the result. "
+             "Donc le total est cinq, 所以答案是五。")
+    en = language_consistency(mixed, "en")
+    assert 0.4 < en < 0.9
+    assert language_consistency(mixed, "fr") > 0.1 and language_consistency(mixed, "zh") > 0.1
+    assert en + language_consistency(mixed, "fr") + language_consistency(mixed, "zh") == pytest.approx(1.0)
+    # French vs English mixing, same script: a Unicode-script rule would call this 100 % English.
+    franglais = "I add the numbers carefully. Ensuite je vérifie le résultat avec soin."
+    assert 0.3 < language_consistency(franglais, "en") < 0.7
+    # Chinese characters are one word each; a Latin run inside the same letters is split off.
+    assert word_languages("我们compute这个") == ["zh", "zh", "en", "zh", "zh"]
+
+
+def test_math_and_empty_chains_are_neutral():
+    assert language_consistency("3 + 4 = 7, - 2 = 5", "en") == 0.0  # no words at all earns nothing
+    assert language_consistency("3 + 4 = 7, so the answer is 7", "en") == 1.0  # digits neither help nor hurt
+    with pytest.raises(ValueError, match="not among reward.languages"):
         language_consistency("x", "xx")
 
 
-def test_detect_language():
-    assert detect_language("What is 3 + 4?") == "en"
+def test_detect_language_of_questions():
+    assert detect_language("What is the sum of 3 and 4?") == "en"
+    assert detect_language("Quelle est la somme de 3 et de 4 ?") == "fr"
+    assert detect_language("Wie viel ist drei plus vier?") == "de"
     assert detect_language("计算 3 + 4 的和 (sum)") == "zh"
     assert detect_language("3 + 4") is None
+
+
+def test_language_sets_are_configurable_and_checked():
+    from megatron_r1.rewards.language import LanguageIdentifier
+
+    nl_en = LanguageIdentifier(["en", "nl"])
+    assert nl_en.consistency("Eerst tel ik de twee getallen op, dan trek ik zeven af.", "nl") == 1.0
+    with pytest.raises(ValueError, match="not known to lingua"):
+        LanguageIdentifier(["en", "klingon"])
+    with pytest.raises(ValueError, match="at least two"):
+        LanguageIdentifier(["en"])
+    with pytest.raises(ConfigError, match="reward.languages"):
+        RewardFn(RewardConfig(languages=["en", "xx"]))
 
 
 # --------------------------------------------------------------------------------------------
