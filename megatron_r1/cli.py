@@ -3,6 +3,7 @@
 Commands:
   r1-zero      GRPO straight on a base model with rule rewards (DeepSeek-R1-Zero)
   pretrain     train a tokenizer and pretrain the tiny base model (conf/stages/pretrain_tiny.yaml)
+  rejection-sample  k samples per prompt from a model, verified and filtered into an SFT set (jsonl + stats)
   sft          supervised fine-tuning on jsonl conversations, response-only loss, packed (conf/stages/sft_tiny.yaml)
   show-config  print the resolved config (YAML) and exit
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face (`megatron-r1 convert --help`)
@@ -25,6 +26,7 @@ COMMANDS = {
     "r1-zero": "megatron_r1.train.rl:run",
     "pretrain": "megatron_r1.train.pretrain:run",
     "sft": "megatron_r1.train.sft:run",
+    "rejection-sample": "megatron_r1.train.rejection_sampling:run",
     "show-config": None,
     "convert": None,  # its own arguments: see _convert_parser
 }

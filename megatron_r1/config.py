@@ -245,6 +245,20 @@ class SFTConfig:
 
 
 @dataclass
+class RejectionConfig:
+    """Rejection sampling (stage `rejection_sampling`, see train/rejection_sampling.py): k samples per
+    prompt from `checkpoint.load_hf`, only verified, well-formed, single-language ones kept."""
+
+    samples_per_prompt: int = 4  # k responses sampled per prompt
+    keep_per_prompt: int = 1  # distinct accepted responses kept per prompt (0: all of them)
+    max_prompts: int = 0  # prompts to sample from the training split (0: all of data.train_size)
+    prompts_per_call: int = 256  # prompts each engine generates for at once (progress and memory granularity)
+    require_correct: bool = True  # the verifier (accuracy reward) must accept the answer
+    require_format: bool = True  # <think>...</think> <answer>...</answer>, strictly
+    min_language_consistency: float = 1.0  # share of CoT words in the prompt's language (CoTs without words pass)
+
+
+@dataclass
 class StageConfig:
     """One stage of the R1 pipeline, everything it needs."""
 
@@ -262,6 +276,7 @@ class StageConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +488,9 @@ def validate(cfg: StageConfig) -> None:
     for name in ("epochs", "batch_size", "micro_batch_size"):
         if getattr(sft, name) < 1:
             raise ConfigError(f"sft.{name} must be >= 1, got {getattr(sft, name)}")
+    rej = cfg.rejection
+    if rej.samples_per_prompt < 1 or rej.keep_per_prompt < 0 or rej.max_prompts < 0 or rej.prompts_per_call < 1:
+        raise ConfigError("rejection: samples_per_prompt and prompts_per_call must be >= 1, keep_per_prompt and max_prompts >= 0")
     if sft.max_seq_len < 2:
         raise ConfigError(f"sft.max_seq_len must be >= 2, got {sft.max_seq_len}")
 

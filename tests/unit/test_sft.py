@@ -215,3 +215,18 @@ def test_schedule_covers_every_epoch_and_respects_max_steps(tokenizer, tmp_path)
 def test_retired_extra_section_names_the_new_home():
     with pytest.raises(ConfigError, match="pretrain.corpus_seed.*checkpoint.base_stage"):
         load_config(None, ["extra.corpus_seed=5"])
+
+
+def test_rejection_drop_reasons_in_order():
+    from megatron_r1.train.rejection_sampling import drop_reason
+
+    cfg = load_config(None, [])
+    good = {"accuracy": 1.0, "format": 1.0}
+    assert drop_reason("x", "length", good, [], "en", cfg) == "truncated"
+    assert drop_reason("x", "stop", {"accuracy": 0.0, "format": 0.0}, [], "en", cfg) == "incorrect"
+    assert drop_reason("x", "stop", {"accuracy": 1.0, "format": 0.0}, [], "en", cfg) == "bad_format"
+    assert drop_reason("x", "stop", good, ["en", "en", "fr"], "en", cfg) == "mixed_language"
+    assert drop_reason("x", "stop", good, ["en", None], "en", cfg) is None  # unidentified words do not count
+    assert drop_reason("x", "stop", good, [], "en", cfg) is None  # "3 + 4 = 7": no words, nothing mixed
+    relaxed = load_config(None, ["rejection.min_language_consistency=0.6", "rejection.require_correct=false"])
+    assert drop_reason("x", "stop", {"accuracy": 0.0, "format": 1.0}, ["en", "en", "fr"], "en", relaxed) is None
