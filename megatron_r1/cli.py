@@ -6,6 +6,7 @@ Commands:
   rejection-sample  k samples per prompt from a model, verified and filtered into an SFT set (jsonl + stats)
   sft          supervised fine-tuning on jsonl conversations, response-only loss, packed (conf/stages/sft_tiny.yaml)
   show-config  print the resolved config (YAML) and exit
+  pipeline     PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face (`megatron-r1 convert --help`)
 
 Under torchrun or srun every rank runs the same command; rank 0 writes files and prints.
@@ -29,6 +30,7 @@ COMMANDS = {
     "rejection-sample": "megatron_r1.train.rejection_sampling:run",
     "show-config": None,
     "convert": None,  # its own arguments: see _convert_parser
+    "pipeline": None,  # a pipeline file, not a stage config: see megatron_r1/pipeline.py
 }
 
 
@@ -91,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, FileNotFoundError, ValueError) as e:
             print(f"megatron-r1 convert: {e}", file=sys.stderr)
             return 2
+    if argv[:1] == ["pipeline"]:
+        logging.basicConfig(level=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if len(argv) < 2 or argv[1].startswith("-"):
+            print("usage: megatron-r1 pipeline PIPELINE.yaml [run_dir=DIR] [launcher='torchrun --nproc-per-node 2']", file=sys.stderr)
+            return 2
+        from megatron_r1 import pipeline
+
+        try:
+            pipeline.run(argv[1], argv[2:])
+        except (ConfigError, RuntimeError) as e:
+            print(f"megatron-r1 pipeline: {e}", file=sys.stderr)
+            return 2 if isinstance(e, ConfigError) else 1
+        return 0
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_third_party()

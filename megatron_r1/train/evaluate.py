@@ -24,6 +24,7 @@ class EvalResult:
     format_rate: float  # share of greedy responses in the strict R1 format
     length_mean: float  # greedy response length (tokens)
     samples: list[dict]  # a few greedy examples for the log
+    language_consistency: float = 0.0  # share of greedy CoT words in the question's language (rewards/language.py)
 
     def metrics(self, k: int) -> dict[str, float]:
         return {
@@ -31,6 +32,7 @@ class EvalResult:
             "eval/maj_accuracy": self.maj_accuracy,
             "eval/format_rate": self.format_rate,
             "eval/length_mean": self.length_mean,
+            "eval/language_consistency": self.language_consistency,
             "eval/k": float(k),
         }
 
@@ -63,7 +65,8 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
                              stop_token_ids=stop_ids, stop=stop_strings)
     texts = [decode(r.response_ids) for r in greedy]
     items = [p.as_reward_item() for p in mine]
-    accuracy = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components["accuracy"]
+    greedy_scores = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components
+    accuracy, language = greedy_scores["accuracy"], greedy_scores["language"]
 
     maj = accuracy.tolist()
     if k > 1:
@@ -86,8 +89,8 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
 
     rows = [
         {"accuracy": float(a), "maj": m, "format": format_reward(t, "strict"), "length": len(r.response_ids),
-         "question": p.question, "answer": p.answer, "response": t}
-        for p, t, r, a, m in zip(mine, texts, greedy, accuracy.tolist(), maj)
+         "language": float(lang), "question": p.question, "answer": p.answer, "response": t}
+        for p, t, r, a, m, lang in zip(mine, texts, greedy, accuracy.tolist(), maj, language.tolist())
     ]
     rows = groups.gather(rows)  # every prompt, in order, on every rank
     n = max(len(rows), 1)
@@ -96,5 +99,6 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
         maj_accuracy=sum(r["maj"] for r in rows) / n,
         format_rate=sum(r["format"] for r in rows) / n,
         length_mean=sum(r["length"] for r in rows) / n,
+        language_consistency=sum(r["language"] for r in rows) / n,
         samples=[{key: r[key] for key in ("question", "answer", "response")} for r in rows[:3]],
     )

@@ -488,6 +488,7 @@ def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, fi
         "final_accuracy": final.accuracy,
         "final_maj_accuracy": final.maj_accuracy,
         "final_format_rate": final.format_rate,
+        "final_language_consistency": final.language_consistency,
         "final_response_length": final.length_mean,
         "steps": cfg.steps,
         "wall_seconds": round(wall, 1),  # RL only: checkpoints keep it across restarts

@@ -1,0 +1,206 @@
+"""`megatron-r1 pipeline PIPELINE.yaml`: the R1 stages in order, each stage's output the next one's input.
+
+A pipeline file names its stages and, for each, the commands that produce it::
+
+    name: r1_tiny
+    run_dir: runs/r1_tiny              # stage outputs go to <run_dir>/<stage>/
+    launcher: ""                       # "" runs each command with this Python; e.g. "torchrun --nproc-per-node 2"
+    stages:
+      - name: cold_start_sft
+        run:
+          - rejection-sample conf/stages/rejection_sampling_tiny.yaml checkpoint.load_hf=${r1_zero}/hf logging.run_dir=${stage}/data
+          - sft conf/stages/sft_tiny.yaml sft.train_path=${stage}/data/data.jsonl logging.run_dir=${stage}
+
+`${stage}` is this stage's directory, `${<name>}` an earlier stage's. Every command is an ordinary
+`megatron-r1` command line (what it writes is what a user running it by hand would get); the
+pipeline only adds the order, the paths, skipping and the closing table:
+
+* A command whose completion marker exists (`summary.json` for r1-zero/sft, `stats.json` +
+  `data.jsonl` for rejection-sample, `pretrain_done.json` for pretrain) is skipped, so rerunning a
+  finished pipeline does no work.
+* An interrupted command is simply run again: it resumes from its own checkpoints.
+* At the end, one row per stage from its summary (held-out accuracy, format rate, response length,
+  samples kept, SFT loss) is printed and written to `<run_dir>/pipeline.json`.
+
+Stage names are the paper's: r1_zero, cold_start_sft, reasoning_rl, rejection_sampling, sft,
+reward_model, final_rl, distill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_r1.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = ("r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft", "reward_model", "final_rl", "distill")
+# What each command writes last, i.e. what tells that it finished.
+DONE_MARKERS = {
+    "r1-zero": ("summary.json",),
+    "sft": ("summary.json",),
+    "rejection-sample": ("stats.json", "data.jsonl"),
+    "pretrain": ("pretrain_done.json",),
+}
+_REF = re.compile(r"\$\{(\w+)\}")
+
+
+@dataclass
+class Job:
+    command: str
+    config: str
+    overrides: list[str]
+
+    @property
+    def run_dir(self) -> Path:
+        for o in reversed(self.overrides):
+            if o.startswith("logging.run_dir="):
+                return Path(o.split("=", 1)[1])
+        from megatron_r1.config import load_config
+
+        return Path(load_config(self.config).logging.run_dir)
+
+    def done(self) -> bool:
+        return all((self.run_dir / marker).is_file() for marker in DONE_MARKERS[self.command])
+
+    def argv(self) -> list[str]:
+        return [self.command, self.config, *self.overrides]
+
+
+@dataclass
+class Stage:
+    name: str
+    dir: Path
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass
+class Pipeline:
+    name: str
+    run_dir: Path
+    launcher: list[str]
+    stages: list[Stage]
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
+    """Parse and check a pipeline file; `${...}` references resolved to stage directories.
+    `overrides` (`run_dir=...`, `launcher=...`) replace top-level keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key not in ("run_dir", "launcher", "name"):
+            raise ConfigError(f"pipeline override {o!r}: only run_dir=, launcher= and name= can be overridden")
+        data[key] = value
+    unknown = set(data) - {"name", "run_dir", "launcher", "stages"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown keys {sorted(unknown)}; a pipeline has name, run_dir, launcher, stages")
+    name = str(data.get("name") or p.stem)
+    run_dir = Path(data.get("run_dir") or f"runs/{name}")
+    launcher = shlex.split(data.get("launcher") or "") or [sys.executable]
+    paths: dict[str, Path] = {}
+    stages = []
+    for i, raw in enumerate(data.get("stages") or []):
+        if not isinstance(raw, dict) or "name" not in raw or "run" not in raw:
+            raise ConfigError(f"{p}: stage {i} needs 'name' and 'run'")
+        stage_name = raw["name"]
+        if stage_name not in STAGE_NAMES:
+            raise ConfigError(f"{p}: stage {stage_name!r} is not one of: {', '.join(STAGE_NAMES)}")
+        if stage_name in paths:
+            raise ConfigError(f"{p}: stage {stage_name!r} appears twice")
+        stage = Stage(stage_name, run_dir / stage_name)
+        paths[stage_name] = stage.dir
+        commands = raw["run"] if isinstance(raw["run"], list) else [raw["run"]]
+        for line in commands:
+
+            def resolve(match: re.Match) -> str:
+                ref = match.group(1)
+                if ref == "stage":
+                    return str(stage.dir)
+                if ref not in paths or ref == stage_name:
+                    raise ConfigError(f"{p}: stage {stage_name!r} refers to ${{{ref}}}, which is not an earlier stage")
+                return str(paths[ref])
+
+            argv = shlex.split(_REF.sub(resolve, str(line)))
+            if len(argv) < 2 or argv[0] not in DONE_MARKERS:
+                raise ConfigError(f"{p}: stage {stage_name!r}: {line!r} must be '<command> <config> [overrides]' with a command of: {', '.join(DONE_MARKERS)}")
+            stage.jobs.append(Job(argv[0], argv[1], argv[2:]))
+        stages.append(stage)
+    if not stages:
+        raise ConfigError(f"{p}: no stages")
+    return Pipeline(name, run_dir, launcher, stages)
+
+
+def _launch(pipeline: Pipeline, job: Job) -> None:
+    argv = [*pipeline.launcher, "-m", "megatron_r1.cli", *job.argv()]
+    log.info("running: %s", shlex.join(argv))
+    env = dict(os.environ)
+    code = subprocess.call(argv, env=env)
+    if code != 0:
+        raise RuntimeError(f"'{shlex.join(job.argv())}' failed (exit {code}); fix it and rerun the pipeline: finished stages are skipped")
+
+
+def stage_row(stage: Stage) -> dict:
+    """What the stage achieved, from its last command's summary (and its data, for sampling)."""
+    row: dict = {"stage": stage.name}
+    for job in stage.jobs:
+        d = job.run_dir
+        if job.command == "rejection-sample" and (d / "stats.json").is_file():
+            stats = json.loads((d / "stats.json").read_text())
+            row.update(samples_kept=stats["kept"], samples=stats["samples"])
+        elif job.command == "r1-zero" and (d / "summary.json").is_file():
+            s = json.loads((d / "summary.json").read_text())
+            row.update(accuracy=s["final_accuracy"], format_rate=s["final_format_rate"], response_length=s["final_response_length"],
+                       language_consistency=s.get("final_language_consistency"))
+        elif job.command == "sft" and (d / "summary.json").is_file():
+            s = json.loads((d / "summary.json").read_text())
+            row.update(sft_loss=s["final_loss"], eval_loss=s["final_eval_loss"], sft_conversations=s["train_conversations"])
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    cols = [("stage", "stage", "{}"), ("accuracy", "held-out acc", "{:.1%}"), ("format_rate", "format", "{:.1%}"),
+            ("language_consistency", "language", "{:.1%}"), ("response_length", "length", "{:.1f}"),
+            ("samples_kept", "kept", "{}"), ("sft_loss", "SFT loss", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}")]
+    header = " | ".join(title for _, title, _ in cols)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(" | ".join(fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols))
+    return "\n".join(lines)
+
+
+def run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Run every unfinished command of every stage, in order; print and save the table."""
+    pipeline = load_pipeline(path, overrides)
+    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for stage in pipeline.stages:
+        for job in stage.jobs:
+            if job.done():
+                log.info("[%s] %s: done already (%s), skipped", stage.name, job.command, job.run_dir)
+                continue
+            log.info("[%s] %s -> %s", stage.name, job.command, job.run_dir)
+            _launch(pipeline, job)
+            if not job.done():
+                raise RuntimeError(f"[{stage.name}] {job.command} exited without writing {', '.join(DONE_MARKERS[job.command])} in {job.run_dir}")
+    rows = [stage_row(s) for s in pipeline.stages]
+    (pipeline.run_dir / "pipeline.json").write_text(json.dumps({"name": pipeline.name, "stages": rows,
+                                                                "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    print(f"\npipeline {pipeline.name} finished: {pipeline.run_dir}\n{_table(rows)}\n", flush=True)
+    return rows

@@ -1,0 +1,67 @@
+"""`megatron-r1 pipeline` end to end on CPU: rejection sampling -> cold-start SFT -> reasoning RL with the
+language reward, each stage reading the previous one's output; a rerun of a finished pipeline does no
+work; a stage that did not finish is run again and resumes from its checkpoint."""
+
+import json
+
+import pytest
+
+from megatron_r1.config import ConfigError
+from megatron_r1.pipeline import load_pipeline
+from tests.e2e.conftest import ROOT, cli
+from tests.e2e.test_r1_zero import TINY_RUN
+
+PIPELINE = """
+name: tiny_test
+run_dir: {run_dir}
+stages:
+  - name: cold_start_sft
+    run:
+      - rejection-sample conf/stages/rejection_sampling_tiny.yaml checkpoint.load_hf={base} logging.run_dir=${{stage}}/data rejection.max_prompts=32 rejection.samples_per_prompt=8 rollout.max_response_tokens=48 logging.progress_bar=false
+      - sft conf/stages/sft_tiny.yaml checkpoint.load_hf={base} checkpoint.base_stage= sft.train_path=${{stage}}/data/data.jsonl sft.epochs=1 sft.max_steps=2 optimizer.lr_warmup_steps=0 logging.progress_bar=false logging.run_dir=${{stage}}
+  - name: reasoning_rl
+    run: r1-zero conf/stages/r1_zero_tiny.yaml checkpoint.load_hf=${{cold_start_sft}}/hf checkpoint.base_stage= reward.language_weight=0.1 steps=2 {tiny} logging.run_dir=${{stage}}
+"""
+
+
+def test_pipeline_chains_stages_skips_finished_ones_and_resumes(base_model, tmp_path):
+    run_dir = tmp_path / "pipe"
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(PIPELINE.format(run_dir=run_dir, base=base_model, tiny=" ".join(TINY_RUN)))
+    out = cli("pipeline", str(spec))
+    assert "pipeline tiny_test finished" in out.stdout
+    table = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    assert [r["stage"] for r in table] == ["cold_start_sft", "reasoning_rl"]
+    assert table[0]["samples_kept"] > 0 and table[0]["sft_loss"] > 0
+    assert 0.0 <= table[1]["accuracy"] <= 1.0 and table[1]["language_consistency"] is not None
+    rl = json.loads((run_dir / "reasoning_rl/summary.json").read_text())
+    assert rl["base_model"] == str(run_dir / "cold_start_sft/hf")  # each stage starts from the previous one's output
+    assert rl["config"]["reward"]["language_weight"] == 0.1
+
+    # A finished pipeline: nothing runs again.
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")}
+    again = cli("pipeline", str(spec))
+    assert again.stderr.count("skipped") == 3
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")} == stamps
+
+    # A stage that did not finish (no summary yet, its checkpoints on disk) is run again and resumes.
+    (run_dir / "reasoning_rl/summary.json").unlink()
+    third = cli("pipeline", str(spec))
+    assert third.stderr.count("skipped") == 2 and "resumed from" in third.stderr
+    assert (run_dir / "reasoning_rl/summary.json").is_file()
+
+
+def test_pipeline_files_are_checked(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - name: warmup\n    run: sft conf/stages/sft_tiny.yaml\n")
+    with pytest.raises(ConfigError, match="'warmup' is not one of: r1_zero, cold_start_sft"):
+        load_pipeline(bad)
+    bad.write_text("stages:\n  - name: sft\n    run: sft conf/stages/sft_tiny.yaml sft.train_path=${rejection_sampling}/data.jsonl\n")
+    with pytest.raises(ConfigError, match="not an earlier stage"):
+        load_pipeline(bad)
+    bad.write_text("stages:\n  - name: sft\n    run: train conf/stages/sft_tiny.yaml\n")
+    with pytest.raises(ConfigError, match="command of: r1-zero, sft, rejection-sample, pretrain"):
+        load_pipeline(bad)
+    shipped = load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml")
+    assert [s.name for s in shipped.stages] == ["r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft"]
+    assert shipped.stages[2].jobs[0].overrides[0] == "checkpoint.load_hf=runs/r1_tiny/cold_start_sft/hf"
