@@ -1,6 +1,6 @@
 """`megatron-r1 sft` end to end on CPU, as users run it: jsonl conversations (some malformed) -> packed
 SFT of the tiny base model -> held-out loss falls, the exported model fits the responses better under
-plain transformers, a resumed run repeats the uninterrupted one, and 2 data-parallel ranks train like 1."""
+plain transformers, a resumed run repeats the uninterrupted one, and 2 ranks (DP or TP) train like 1."""
 
 import json
 import shutil
@@ -97,9 +97,12 @@ def test_resumed_sft_repeats_the_uninterrupted_run(one_rank_run, base_model, dat
         assert again[step] == pytest.approx(full[step], rel=1e-5), step
 
 
-def test_two_data_parallel_ranks_train_like_one(one_rank_run, base_model, data, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["parallel.tensor_model_parallel_size=2"]], ids=["dp2", "tp2"])
+def test_two_ranks_train_like_one(one_rank_run, base_model, data, tmp_path, layout):
+    """Data parallel (rows split, global denominators) and tensor parallel (packed masks and
+    vocab-parallel losses over sharded heads) give the 1-rank losses at every step."""
     two = tmp_path / "two_ranks"
-    _sft(two, base_model, data, "checkpoint.save_every=0", ranks=2)
+    _sft(two, base_model, data, "checkpoint.save_every=0", *layout, ranks=2)
     one, dp2 = _losses(one_rank_run), _losses(two)
     assert sorted(dp2) == sorted(one)
     for step in one:
