@@ -46,7 +46,9 @@ def main():
     params = SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_response_tokens, skip_special_tokens=False)
     texts = [o.outputs[0].text for o in llm.generate([p.prompt for p in prompts], params, use_tqdm=False)]
     scores = RewardFn(cfg.reward)([p.prompt for p in prompts], texts, [p.as_reward_item() for p in prompts])
-    print(json.dumps({"accuracy": float(scores.components["accuracy"].mean())}))
+    probe = prompts[0].prompt + " <think> 5 + 3 = 8 </think> <answer> 1 </answer>"
+    ids = list(llm.get_tokenizer().encode(probe))  # vLLM's own tokenizer, as it tokenizes text prompts
+    print(json.dumps({"accuracy": float(scores.components["accuracy"].mean()), "probe": probe, "ids": ids}))
 
 if __name__ == "__main__":
     main()
@@ -100,8 +102,9 @@ def test_contract_files(base_model, tmp_path):
     out = subprocess.run([sys.executable, "-c", VLLM_TEXT_EVAL, str(run_dir / "hf"), str(STAGE), *TINY_RUN],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]
-    accuracy = json.loads(out.stdout.strip().splitlines()[-1])["accuracy"]
-    assert accuracy == pytest.approx(summary["final_accuracy"], abs=0.02)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ids"] == load_tokenizer(run_dir / "hf")(result["probe"])["input_ids"]  # the third loader agrees
+    assert result["accuracy"] == pytest.approx(summary["final_accuracy"], abs=0.02)
 
 
 def test_resume_reaches_the_same_loss(base_model, tmp_path):
