@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_r1 import distributed
+from megatron_r1 import distributed, platform
 from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.convert import model_info
 from megatron_r1.data.sft import Row, SFTDataError, SFTDataset, epoch_rows, load_sft_dataset
@@ -113,6 +113,9 @@ def run(cfg: StageConfig) -> dict:
     from megatron.core import parallel_state
 
     main = distributed.is_main()
+    if cfg.sft.packing and platform.has_transformer_engine():
+        # Packed rows use a per-document mask, which TE's fused causal attention would ignore.
+        raise ConfigError("sft.packing=true needs the local attention (CPU) in this version; set sft.packing=false with Transformer Engine")
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     hf_dir, _ = prepare_base_model(cfg)
