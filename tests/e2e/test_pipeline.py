@@ -1,8 +1,13 @@
 """`megatron-r1 pipeline` end to end on CPU: rejection sampling -> cold-start SFT -> reasoning RL with the
-language reward, each stage reading the previous one's output; a rerun of a finished pipeline does no
-work; a stage that did not finish is run again and resumes from its checkpoint."""
+language reward, each stage reading the previous one's output; killed mid-stage and rerun, it skips what
+finished and the killed stage resumes from its checkpoint; a rerun of a finished pipeline does no work."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -20,15 +25,29 @@ stages:
       - rejection-sample conf/stages/rejection_sampling_tiny.yaml checkpoint.load_hf={base} logging.run_dir=${{stage}}/data rejection.max_prompts=32 rejection.samples_per_prompt=8 rollout.max_response_tokens=48 logging.progress_bar=false
       - sft conf/stages/sft_tiny.yaml checkpoint.load_hf={base} checkpoint.base_stage= sft.train_path=${{stage}}/data/data.jsonl sft.epochs=1 sft.max_steps=2 optimizer.lr_warmup_steps=0 logging.progress_bar=false logging.run_dir=${{stage}}
   - name: reasoning_rl
-    run: r1-zero conf/stages/r1_zero_tiny.yaml checkpoint.load_hf=${{cold_start_sft}}/hf checkpoint.base_stage= reward.language_weight=0.1 steps=2 {tiny} logging.run_dir=${{stage}}
+    run: r1-zero conf/stages/r1_zero_tiny.yaml checkpoint.load_hf=${{cold_start_sft}}/hf checkpoint.base_stage= reward.language_weight=0.1 steps=3 {tiny} checkpoint.save_every=1 logging.run_dir=${{stage}}
 """
 
 
-def test_pipeline_chains_stages_skips_finished_ones_and_resumes(base_model, tmp_path):
+def test_pipeline_chains_stages_resumes_after_a_kill_and_skips_finished_ones(base_model, tmp_path):
     run_dir = tmp_path / "pipe"
     spec = tmp_path / "pipeline.yaml"
     spec.write_text(PIPELINE.format(run_dir=run_dir, base=base_model, tiny=" ".join(TINY_RUN)))
+
+    # Killed in the middle of the RL stage (pipeline and stage process alike), as a preempted job is.
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_r1.cli", "pipeline", str(spec)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "reasoning_rl/checkpoints/latest"
+    deadline = time.monotonic() + 900
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (run_dir / "reasoning_rl/summary.json").exists(), "the stage was not caught mid-way"
+
+    # Rerun: the finished commands are skipped, the killed stage resumes from its checkpoint.
     out = cli("pipeline", str(spec))
+    assert out.stderr.count("skipped") == 2 and "resumed from" in out.stderr
     assert "pipeline tiny_test finished" in out.stdout
     table = json.loads((run_dir / "pipeline.json").read_text())["stages"]
     assert [r["stage"] for r in table] == ["cold_start_sft", "reasoning_rl"]
@@ -36,19 +55,13 @@ def test_pipeline_chains_stages_skips_finished_ones_and_resumes(base_model, tmp_
     assert 0.0 <= table[1]["accuracy"] <= 1.0 and table[1]["language_consistency"] is not None
     rl = json.loads((run_dir / "reasoning_rl/summary.json").read_text())
     assert rl["base_model"] == str(run_dir / "cold_start_sft/hf")  # each stage starts from the previous one's output
-    assert rl["config"]["reward"]["language_weight"] == 0.1
+    assert rl["config"]["reward"]["language_weight"] == 0.1 and rl["steps"] == 3
 
     # A finished pipeline: nothing runs again.
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")}
     again = cli("pipeline", str(spec))
     assert again.stderr.count("skipped") == 3
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")} == stamps
-
-    # A stage that did not finish (no summary yet, its checkpoints on disk) is run again and resumes.
-    (run_dir / "reasoning_rl/summary.json").unlink()
-    third = cli("pipeline", str(spec))
-    assert third.stderr.count("skipped") == 2 and "resumed from" in third.stderr
-    assert (run_dir / "reasoning_rl/summary.json").is_file()
 
 
 def test_pipeline_files_are_checked(tmp_path):
