@@ -217,7 +217,7 @@ def test_mixed_chains_score_lower_than_pure_ones():
     franglais = "I add the numbers carefully. Ensuite je vérifie le résultat avec soin."
     assert 0.3 < language_consistency(franglais, "en") < 0.7
     # Chinese characters are one word each; a Latin run inside the same letters is split off.
-    assert word_languages("我们compute这个") == ["zh", "zh", "en", "zh", "zh"]
+    assert word_languages("我们compute the sum这个") == ["zh", "zh", "en", "en", "en", "zh", "zh"]
 
 
 def test_math_and_empty_chains_are_neutral():
