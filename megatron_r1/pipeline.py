@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shlex
 import subprocess
@@ -150,8 +149,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
 def _launch(pipeline: Pipeline, job: Job) -> None:
     argv = [*pipeline.launcher, "-m", "megatron_r1.cli", *job.argv()]
     log.info("running: %s", shlex.join(argv))
-    env = dict(os.environ)
-    code = subprocess.call(argv, env=env)
+    code = subprocess.call(argv)
     if code != 0:
         raise RuntimeError(f"'{shlex.join(job.argv())}' failed (exit {code}); fix it and rerun the pipeline: finished stages are skipped")
 

@@ -31,7 +31,7 @@ from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
 from megatron_r1.models.hf.base import export_hf_tensors, load_hf, read_hf_config, save_hf
 from megatron_r1.rewards.reward_fn import RewardFn, score_split
-from megatron_r1.rollout.layout import EngineLayout, even_bounds
+from megatron_r1.rollout.layout import EngineLayout
 from megatron_r1.rollout.vllm_engine import VLLMEngine
 from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds
 from megatron_r1.train import checkpoint as ckpt
@@ -39,7 +39,7 @@ from megatron_r1.train.evaluate import evaluate, stop_conditions
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.pretrain import prepare_base_model
-from megatron_r1.train.step import Batch, compute_logprobs, train_step
+from megatron_r1.train.step import Batch, compute_logprobs, data_parallel_share, train_step
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +158,6 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
         **{f"sampling/{k}": float(v) for k, v in acc.stats().items()},
     }
     return batch, stats, timings
-
-
-def data_parallel_share(n: int) -> slice:
-    """The sequences of a batch of `n` this trainer data-parallel rank trains on (contiguous,
-    near-equal; the loss denominators are global, so the split does not change the gradient)."""
-    from megatron.core import parallel_state
-
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    if n < dp:
-        raise ValueError(
-            f"a batch of {n} sequences cannot feed {dp} data-parallel ranks; raise grpo.prompts_per_step "
-            "or rollout.n_samples_per_prompt"
-        )
-    return slice(*even_bounds(n, dp, rank))
 
 
 def make_batch(samples: list[Sample], advantages, pad_id) -> Batch:
@@ -385,7 +371,7 @@ def run(cfg: StageConfig) -> dict:
         samples, rewards = sampled["samples"], sampled["rewards"]
         # 3. advantages, over whole groups; then this data-parallel rank's part of the batch
         advantages = group_advantages(rewards, cfg.rollout.n_samples_per_prompt, scale_by_std=cfg.grpo.scale_advantages_by_std)
-        share = data_parallel_share(len(samples))
+        share = data_parallel_share(len(samples), "raise grpo.prompts_per_step or rollout.n_samples_per_prompt")
         batch = make_batch(samples[share], advantages[share], tokenizer.pad_token_id)
         if main and cfg.logging.save_rollouts:
             _save_rollouts(run_dir, step + 1, samples, rewards, advantages)

@@ -33,7 +33,7 @@ from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.metrics import MetricsLogger, read_metrics
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.pretrain import prepare_base_model
-from megatron_r1.train.step import Batch, forward_backward, lm_loss_fn, train_step
+from megatron_r1.train.step import Batch, data_parallel_share, forward_backward, lm_loss_fn, train_step
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,8 @@ def schedule(data: SFTDataset, cfg: StageConfig, data_parallel_size: int) -> lis
 
 
 def _my_rows(rows: list[Row]) -> list[Row]:
-    """This data-parallel rank's contiguous share of a step's rows (denominators stay global)."""
-    from megatron.core import parallel_state
-
-    from megatron_r1.rollout.layout import even_bounds
-
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    start, stop = even_bounds(len(rows), dp, rank)
-    return rows[start:stop]
+    """This data-parallel rank's share of a step's rows."""
+    return rows[data_parallel_share(len(rows), "add data or lower sft.batch_size")]
 
 
 def eval_loss(ddp, data: SFTDataset, cfg: StageConfig, pad_id: int, dp: int) -> float:

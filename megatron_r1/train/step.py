@@ -46,6 +46,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_r1 import platform
 from megatron_r1.config import ConfigError
+from megatron_r1.rollout.layout import even_bounds
 from megatron_r1.train.optim import current_lr
 
 Tensor = torch.Tensor
@@ -192,6 +193,15 @@ def _num_microbatches(batch_size: int, micro_batch_size: int) -> int:
             f"with pipeline parallelism the batch ({batch_size}) must split evenly into micro-batches of {micro_batch_size}"
         )
     return n
+
+
+def data_parallel_share(n: int, fix: str = "use a larger batch") -> slice:
+    """The rows of an `n`-row batch this trainer data-parallel rank trains on (contiguous,
+    near-equal; the loss denominators are global, so the split does not change the gradient)."""
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if n < dp:
+        raise ValueError(f"a batch of {n} rows cannot feed {dp} data-parallel ranks; {fix}")
+    return slice(*even_bounds(n, dp, rank))
 
 
 def _dp_mean_denominators(batch: Batch) -> tuple[float, float]:
