@@ -168,6 +168,7 @@ class DataConfig:
     train_size: int = 20000  # training prompts
     eval_size: int = 200  # held-out prompts
     template: str = "r1_zero"  # prompt template
+    languages: list[str] = field(default_factory=list)  # pose each chain_sum prompt in one of these (en, zh; data/phrasebook.py); empty: as written
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
 
 
@@ -226,6 +227,7 @@ class PretrainConfig:
     tokenizer_texts: int = 20000  # texts the BPE merges are learned from
     warn_after_s: float = 900.0  # warn when pretraining takes longer (it never stops early; 0: never warn)
     probe_samples: int = 8  # sampled responses per held-out prompt for the base probe (0: skip the probe)
+    cot_languages: list[str] = field(default_factory=list)  # write worked steps in words of these languages, drawn independently of the prompt's (empty: symbols)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 from megatron_r1.config import DataConfig
 from megatron_r1.data.gym import gym_entry, make_gym_dataset
+from megatron_r1.data.phrasebook import LOCALIZABLE_TASKS, check_languages, localize_question, pick_language
 from megatron_r1.data.templates import render_prompt
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,11 @@ class PromptItem:
     entry: dict[str, Any] | None  # the reasoning-gym entry (for its score_answer), None for jsonl
     index: int  # position in the source: reasoning-gym item index or 0-based jsonl line number
     prompt_ids: list[int] | None = None  # token ids of `prompt` when loaded with a tokenizer
+    language: str | None = None  # the language the question is posed in, when known (else detected)
 
     def as_reward_item(self) -> dict[str, Any]:
         """The view the reward functions take."""
-        return {"question": self.question, "answer": self.answer, "entry": self.entry}
+        return {"question": self.question, "answer": self.answer, "entry": self.entry, "language": self.language}
 
 
 @dataclass
@@ -87,8 +89,8 @@ def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> Pro
         rows = kept
 
     items = [
-        PromptItem(prompt=render_prompt(data_cfg.template, q), question=q, answer=a, entry=e, index=i)
-        for i, q, a, e in rows
+        PromptItem(prompt=render_prompt(data_cfg.template, q), question=q, answer=a, entry=e, index=i, language=lang)
+        for i, q, a, e, lang in rows
     ]
     if tokenizer is not None:
         items = _fit_to_length(items, tokenizer, data_cfg.max_prompt_tokens, reasons)
@@ -102,8 +104,8 @@ def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> Pro
     return prompts
 
 
-# A row is (index, question, answer, entry) once validated.
-_Row = tuple[int, str, str, dict[str, Any] | None]
+# A row is (index, question, answer, entry, language) once validated.
+_Row = tuple[int, str, str, dict[str, Any] | None, str | None]
 
 
 def _gym_rows(data_cfg: DataConfig, split: str) -> list[_Row]:
@@ -111,11 +113,18 @@ def _gym_rows(data_cfg: DataConfig, split: str) -> list[_Row]:
     size = data_cfg.train_size if split == "train" else data_cfg.eval_size
     if data_cfg.train_seed == data_cfg.eval_seed:
         raise ValueError("data.train_seed and data.eval_seed must differ (the eval prompts would be training prompts)")
+    languages = check_languages(data_cfg.languages, "data.languages")
+    if languages and data_cfg.task not in LOCALIZABLE_TASKS:
+        raise ValueError(f"data.languages: questions of {data_cfg.task!r} exist in English only ({', '.join(LOCALIZABLE_TASKS)} can be posed in others); set data.languages=[]")
     dataset = make_gym_dataset(data_cfg.task, data_cfg.task_options, seed, size)
     rows = []
     for i in range(size):
         entry = gym_entry(dataset, i)
-        rows.append((i, str(entry["question"]), str(entry["answer"]), entry))
+        question, language = str(entry["question"]), None
+        if languages:
+            language = pick_language(languages, "prompt", seed, i)
+            question = localize_question(question, language)
+        rows.append((i, question, str(entry["answer"]), entry, language))
     return rows
 
 
@@ -152,6 +161,7 @@ def _jsonl_rows(path: Path) -> tuple[list[_Row], Counter]:
 
 
 def _validate_row(obj: Any, line_no: int) -> tuple[_Row | None, str]:
+    # An optional "language" (ISO 639-1) says which language the answer should think in.
     if not isinstance(obj, dict):
         return None, "not_an_object"
     question = obj.get("question", obj.get("prompt"))  # "prompt" is accepted as the question text
@@ -165,15 +175,18 @@ def _validate_row(obj: Any, line_no: int) -> tuple[_Row | None, str]:
     # Numbers are fine as answers (json files often store 42, not "42"); bools and containers are not.
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         return None, "bad_answer"
-    return (line_no, question, str(answer), None), ""
+    language = obj.get("language")
+    if language is not None and (not isinstance(language, str) or not language.strip()):
+        return None, "bad_language"
+    return (line_no, question, str(answer), None, language.strip().lower() if language else None), ""
 
 
 def _train_questions(data_cfg: DataConfig) -> set[str]:
     """Questions of the training split, to keep the evaluation split disjoint from it."""
     if data_cfg.source == "reasoning_gym":
-        return {q for _, q, _, _ in _gym_rows(data_cfg, "train")}
+        return {row[1] for row in _gym_rows(data_cfg, "train")}
     if data_cfg.train_path and Path(data_cfg.train_path).expanduser().is_file():
-        return {q for _, q, _, _ in _jsonl_rows(Path(data_cfg.train_path).expanduser())[0]}
+        return {row[1] for row in _jsonl_rows(Path(data_cfg.train_path).expanduser())[0]}
     return set()  # evaluating on a file alone: nothing to compare against
 
 

@@ -11,6 +11,12 @@ mostly direct answers: the base guesses (4-10 % right held out, greedy) and keep
 behaviour as a rare mode (about 5 % of samples, most of them right), which GRPO then raises to the
 accuracy of that mode (see README).
 
+Languages (`data.languages`, `pretrain.cot_languages`, see `phrasebook.py`): each example's
+question is posed in one of the prompt languages and its thought written in one of the CoT
+languages, drawn independently, in words ("5 plus 3 makes 8", "5 加 3 得 8"): the language mixing
+of R1-Zero that the language-consistency reward then corrects. Without CoT languages the worked
+steps are symbols, in no language.
+
 Seeds: a stream seed owns its own block of reasoning-gym item seeds (see `gym.py`), so the
 pretraining stream (seed 10_000 by default) never generates the items of the RL prompts
 (`DataConfig.train_seed` 1000) or the held-out prompts (`DataConfig.eval_seed` 2000). Different
@@ -27,6 +33,7 @@ from typing import Any
 
 from megatron_r1.config import DataConfig
 from megatron_r1.data.gym import gym_entry, make_gym_dataset
+from megatron_r1.data.phrasebook import check_languages, direct_thought, localize_question, pick_language, worked_in_words
 from megatron_r1.data.templates import render_prompt
 
 PRETRAIN_SEED = 10_000  # default stream seed of the pretraining corpus (RL uses 1000 / 2000)
@@ -80,7 +87,7 @@ def _chain(entry: dict[str, Any]) -> tuple[int, list[tuple[str, int]]]:
         return parse_chain(str(expression))
 
 
-def worked_solution(entry: dict[str, Any]) -> str:
+def worked_solution(entry: dict[str, Any], language: str | None = None) -> str:
     """The running sum of a chain_sum entry, one step per operator: "5 + 3 = 8, - 7 = 1, + 4 = 5".
 
     Each later step starts with its operator, not with a copy of the running total: the token after
@@ -89,32 +96,45 @@ def worked_solution(entry: dict[str, Any]) -> str:
     "8 - 7 = 1, 1 + 4 = 5" it must predict the operator right after a digit it has just copied, and
     with everything else equal it copied the operators badly (14 %).
 
+    With a `language` the steps are written in its words instead ("5 plus 3 makes 8, minus 7 makes 1").
+
     The final value is checked against the entry's answer, so a parsing slip can never teach wrong
     arithmetic.
     """
     total, steps = _chain(entry)
+    if language is not None:
+        text = worked_in_words(total, steps, language)
+        for op, operand in steps:
+            total = total + operand if op == "+" else total - operand
+        _check_answer(entry, total)
+        return text
     lines = []
     for op, operand in steps:
         new_total = total + operand if op == "+" else total - operand
         lhs = f"{total} {op} {operand}" if not lines else f"{op} {operand}"
         lines.append(f"{lhs} = {new_total}")  # operators kept as written
         total = new_total
-    if total != int(str(entry["answer"]).strip()):
-        raise ValueError(f"worked solution gives {total}, entry answer is {entry['answer']!r}: {entry['question']!r}")
+    _check_answer(entry, total)
     return ", ".join(lines) if lines else str(total)
 
 
-def direct_solution(entry: dict[str, Any]) -> str:
-    """The thought of a direct answer: no steps, just a confident guess."""
-    return DIRECT_THOUGHT
+def _check_answer(entry: dict[str, Any], total: int) -> None:
+    if total != int(str(entry["answer"]).strip()):
+        raise ValueError(f"worked solution gives {total}, entry answer is {entry['answer']!r}: {entry['question']!r}")
 
 
-def completion(entry: dict[str, Any], worked: bool) -> str:
+def direct_solution(entry: dict[str, Any], language: str | None = None) -> str:
+    """The thought of a direct answer: no steps, just a confident guess (in `language`, English by default)."""
+    return DIRECT_THOUGHT if language is None else direct_thought(language)
+
+
+def completion(entry: dict[str, Any], worked: bool, language: str | None = None) -> str:
     """The assistant's text after "Assistant:" in R1 format, without end-of-sequence.
 
     " <think> 5 + 3 = 8, - 7 = 1 </think> <answer> 1 </answer>". The trainer appends the eos token id.
+    With a `language`, the thought is written in its words (see `worked_solution`).
     """
-    thought = worked_solution(entry) if worked else direct_solution(entry)
+    thought = worked_solution(entry, language) if worked else direct_solution(entry, language)
     return f" <think> {thought} </think> <answer> {str(entry['answer']).strip()} </answer>"
 
 
@@ -123,7 +143,9 @@ class CorpusStream:
 
     Example i shows worked steps with probability `worked_share(i)`: `worked_share_start` for the
     first `worked_share_hold` fraction of the stream, then falling linearly to `worked_share_end`
-    at the last example. Every example is a pure function of (seed, i), so `examples(start=k)`
+    at the last example. Its question is posed in one of `languages` (empty: as the task writes
+    it) and its thought written in one of `cot_languages` (empty: symbols), drawn independently.
+    Every example is a pure function of (seed, i), so `examples(start=k)`
     resumes a stream exactly at example k.
     """
 
@@ -138,6 +160,8 @@ class CorpusStream:
         worked_share_hold: float = 0.0,
         template: str = "r1_zero",
         exclude_questions: Iterable[str] = (),
+        languages: Iterable[str] = (),
+        cot_languages: Iterable[str] = (),
     ):
         for name, share in (("worked_share_start", worked_share_start), ("worked_share_end", worked_share_end)):
             if not 0.0 <= share <= 1.0:
@@ -157,6 +181,10 @@ class CorpusStream:
         self.total_examples = total_examples
         self.template = template
         self.exclude_questions = frozenset(exclude_questions)
+        self.languages = check_languages(list(languages), "data.languages")
+        self.cot_languages = check_languages(list(cot_languages), "pretrain.cot_languages")
+        if (self.languages or self.cot_languages) and task not in WORKED_TASKS:
+            raise ValueError(f"a corpus in several languages exists for {', '.join(WORKED_TASKS)} only")
         self.excluded = 0  # examples skipped because their question is in `exclude_questions`
         self._dataset = make_gym_dataset(task, self.task_options, seed, total_examples)
 
@@ -176,25 +204,42 @@ class CorpusStream:
     def entry(self, i: int) -> dict[str, Any]:
         return gym_entry(self._dataset, i)
 
+    def question(self, i: int, entry: dict[str, Any]) -> str:
+        """Example i's question, in its drawn language."""
+        if not self.languages:
+            return str(entry["question"])
+        return localize_question(str(entry["question"]), pick_language(self.languages, "prompt", self.seed, i))
+
+    def cot_language(self, i: int) -> str | None:
+        """The language example i thinks in (None: symbols)."""
+        return pick_language(self.cot_languages, "cot", self.seed, i) if self.cot_languages else None
+
     def example(self, i: int) -> tuple[str, str]:
         """(prompt_text, completion_text) of example i."""
         entry = self.entry(i)
-        return render_prompt(self.template, entry["question"]), completion(entry, self.is_worked(i))
+        return render_prompt(self.template, self.question(i, entry)), completion(entry, self.is_worked(i), self.cot_language(i))
 
     def examples(self, start: int = 0) -> Iterator[tuple[str, str]]:
         """Examples start, start+1, ... to the end, minus excluded questions."""
         for i in range(start, self.total_examples):
             entry = self.entry(i)
-            if entry["question"] in self.exclude_questions:
+            question = self.question(i, entry)
+            if entry["question"] in self.exclude_questions or question in self.exclude_questions:
                 self.excluded += 1
                 continue
-            yield render_prompt(self.template, entry["question"]), completion(entry, self.is_worked(i))
+            yield render_prompt(self.template, question), completion(entry, self.is_worked(i), self.cot_language(i))
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return self.examples()
 
 
-def tokenizer_training_texts(n: int, seed: int = PRETRAIN_SEED, task_options: dict[str, Any] | None = None) -> list[str]:
+def tokenizer_training_texts(
+    n: int,
+    seed: int = PRETRAIN_SEED,
+    task_options: dict[str, Any] | None = None,
+    languages: Iterable[str] = (),
+    cot_languages: Iterable[str] = (),
+) -> list[str]:
     """`n` full texts (prompt + completion), half of them worked, to train the tokenizer's merges on."""
-    stream = CorpusStream("chain_sum", task_options, seed, 0.5, 0.5, n)
+    stream = CorpusStream("chain_sum", task_options, seed, 0.5, 0.5, n, languages=languages, cot_languages=cot_languages)
     return [prompt + comp for prompt, comp in stream]

@@ -197,10 +197,12 @@ class RewardFn:
     def format(self, response: str) -> float:
         return format_reward(response, self.cfg.format_mode)
 
+    def target_language(self, prompt: str, item: dict) -> str:
+        """The language a response should think in: the item's, else the question's (detected), else English."""
+        return item.get("language") or self.languages.detect(item.get("question") or prompt) or "en"
+
     def language(self, prompt: str, response: str, item: dict) -> float:
-        ident = self.languages
-        target = item.get("language") or ident.detect(item.get("question") or prompt) or "en"
-        return ident.consistency(extract_think(response) or "", target)
+        return self.languages.consistency(extract_think(response) or "", self.target_language(prompt, item))
 
     def __call__(self, prompts: list[str], responses: list[str], items: list[dict]) -> RewardBatch:
         if not len(prompts) == len(responses) == len(items):

@@ -105,7 +105,7 @@ def run(cfg: StageConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     # Every rank trains the same tokenizer from the same seed: cheaper than broadcasting files.
-    texts = tokenizer_training_texts(pre.tokenizer_texts, seed=pre.corpus_seed)
+    texts = tokenizer_training_texts(pre.tokenizer_texts, seed=pre.corpus_seed, languages=cfg.data.languages, cot_languages=pre.cot_languages)
     tokenizer = train_tokenizer(texts, pre.tokenizer_vocab_size or cfg.model.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     if len(tokenizer) > cfg.model.vocab_size:
@@ -128,6 +128,8 @@ def run(cfg: StageConfig) -> Path:
             worked_share_end=pre.worked_share_end,
             worked_share_hold=pre.worked_share_hold,
             total_examples=cfg.steps * batch_size,
+            languages=cfg.data.languages,
+            cot_languages=pre.cot_languages,
         )
     )
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)

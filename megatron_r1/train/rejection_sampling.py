@@ -87,7 +87,7 @@ def _sample_share(cfg, engine, tokenizer, reward_fn, prompts: list[PromptItem], 
     for j, (r, text) in enumerate(zip(out, texts)):
         prompt = mine[r.prompt_index]
         scores = {name: float(v[j]) for name, v in scored.components.items()}
-        target = ident.detect(prompt.question) or "en"
+        target = reward_fn.target_language(prompt.prompt, items[j])
         reason = drop_reason(text, r.finish_reason, scores, ident.word_languages(extract_think(text) or ""), target, cfg)
         seen = kept_texts.setdefault(r.prompt_index, set())
         if reason is None and _normalised(text) in seen:

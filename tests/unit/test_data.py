@@ -59,7 +59,7 @@ def test_reasoning_gym_prompts():
     assert item.index == 0 and item.entry is not None and item.prompt_ids is None
     assert item.question == item.entry["question"] and item.answer == item.entry["answer"]
     assert item.prompt == render_prompt("r1_zero", item.question)
-    assert item.as_reward_item() == {"question": item.question, "answer": item.answer, "entry": item.entry}
+    assert item.as_reward_item() == {"question": item.question, "answer": item.answer, "entry": item.entry, "language": None}
     # The entry is what reasoning-gym's own scorer needs.
     import reasoning_gym
 
