@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast r1-zero bench lint clean
+.PHONY: setup test test-fast r1-zero r1-pipeline bench lint clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: setup
 
 r1-zero: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml
+
+# Every DeepSeek-R1 stage on the tiny bilingual setting (runs/r1_tiny/<stage>/, table in pipeline.json).
+r1-pipeline: setup
+	$(PY) -m megatron_r1.cli pipeline conf/pipelines/r1_tiny.yaml
 
 clean:
 	rm -rf runs .pytest_cache

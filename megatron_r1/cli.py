@@ -5,6 +5,9 @@ Commands:
   pretrain     train a tokenizer and pretrain the tiny base model (conf/stages/pretrain_tiny.yaml)
   rejection-sample  k samples per prompt from a model, verified and filtered into an SFT set (jsonl + stats)
   sft          supervised fine-tuning on jsonl conversations, response-only loss, packed (conf/stages/sft_tiny.yaml)
+  reward-model the scalar reward model: a value head, Bradley-Terry on preference pairs (conf/stages/reward_model_tiny.yaml)
+  evaluate     held-out accuracy, maj@k, format, language consistency of any HF model (checkpoint.load_hf) -> eval.json
+  grpo         the GRPO loop of r1-zero under its general name (reasoning RL, final RL with reward models)
   show-config  print the resolved config (YAML) and exit
   pipeline     PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face (`megatron-r1 convert --help`)
@@ -25,6 +28,9 @@ from megatron_r1.config import ConfigError, load_config, to_dict
 
 COMMANDS = {
     "r1-zero": "megatron_r1.train.rl:run",
+    "grpo": "megatron_r1.train.rl:run",
+    "reward-model": "megatron_r1.train.reward_model:run",
+    "evaluate": "megatron_r1.train.evaluate:run",
     "pretrain": "megatron_r1.train.pretrain:run",
     "sft": "megatron_r1.train.sft:run",
     "rejection-sample": "megatron_r1.train.rejection_sampling:run",

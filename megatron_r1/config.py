@@ -150,6 +150,11 @@ class RewardConfig:
     languages: list[str] = field(default_factory=lambda: ["en", "zh", "fr", "de", "es", "ru"])  # ISO 639-1 codes the language reward tells apart (lingua)
     custom: dict[str, float] = field(default_factory=dict)  # "pkg.module:function" -> weight
     timeout_s: float = 5.0  # a reward call slower than this scores 0
+    # General prompts (data.general_*; stage final_rl): scored by a reward model instead of the rules.
+    general_scorer: str = "reward_model"  # reward_model: the scalar model at model_path | judge: a rubric prompt to the judge engine
+    model_path: str = ""  # Hugging Face directory of the scalar reward model (`megatron-r1 reward-model` writes <run_dir>/hf)
+    model_weight: float = 1.0  # weight of the reward model's (or judge's) score in a general prompt's reward
+    judge_max_tokens: int = 32  # verdict budget of the generative judge (the policy's own engine, greedy)
 
 
 @dataclass
@@ -169,6 +174,12 @@ class DataConfig:
     eval_size: int = 200  # held-out prompts
     template: str = "r1_zero"  # prompt template
     languages: list[str] = field(default_factory=list)  # pose each chain_sum prompt in one of these (en, zh; data/phrasebook.py); empty: as written
+    general_path: str = ""  # general prompts, jsonl {"prompt"|"question", optional "answer", "language"}: scored by reward.general_scorer
+    general_task: str = ""  # ... or a reasoning-gym task standing in for them (its verifier only reported, never rewarded)
+    general_task_options: dict[str, Any] = field(default_factory=dict)  # options of general_task
+    general_seed: int = 3000  # seed of the general prompts (disjoint from train/eval seeds)
+    general_size: int = 2000  # general prompts drawn from general_task
+    general_share: float = 0.0  # share of each step's prompts drawn from the general prompts (paper: ~200k of 800k SFT rows)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
 
 
@@ -258,6 +269,27 @@ class RejectionConfig:
     require_correct: bool = True  # the verifier (accuracy reward) must accept the answer
     require_format: bool = True  # <think>...</think> <answer>...</answer>, strictly
     min_language_consistency: float = 1.0  # share of CoT words in the prompt's language (CoTs without words pass)
+    rewrite: str = "none"  # none | readable: whitespace-normalised thought + a summary line in the prompt's language (cold start)
+
+
+@dataclass
+class RewardModelConfig:
+    """The scalar reward model (stage `reward_model`, see train/reward_model.py): the policy architecture
+    with a value head, trained with the Bradley-Terry loss on preference pairs."""
+
+    train_path: str = ""  # jsonl {"prompt", "chosen", "rejected"}; empty: synthetic chain_sum pairs (data/preferences.py)
+    eval_path: str = ""  # held-out pairs of the same form; empty: synthetic ones from another seed
+    synthetic_pairs: int = 4000  # training pairs to generate when train_path is empty
+    synthetic_eval_pairs: int = 400  # held-out pairs to generate when eval_path is empty
+    train_seed: int = 4000  # stream seed of the synthetic training pairs
+    eval_seed: int = 5000  # ... and of the held-out ones
+    synthetic_in_words: bool = False  # synthetic worked steps in words of the question's language (the bilingual tiny setting), not symbols
+    template: str = "r1_zero"  # how a prompt is wrapped (data/templates.py, or auto/chat as in sft.template)
+    epochs: int = 1  # passes over the training pairs
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch_size: int = 32  # pairs per forward/backward
+    max_seq_len: int = 512  # longer pairs are skipped and counted
+    eval_every: int = 50  # steps between held-out accuracy measurements (0: only at the start and end)
 
 
 @dataclass
@@ -279,6 +311,7 @@ class StageConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 
 # --------------------------------------------------------------------------------------------

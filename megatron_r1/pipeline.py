@@ -5,6 +5,8 @@ A pipeline file names its stages and, for each, the commands that produce it::
     name: r1_tiny
     run_dir: runs/r1_tiny              # stage outputs go to <run_dir>/<stage>/
     launcher: ""                       # "" runs each command with this Python; e.g. "torchrun --nproc-per-node 2"
+    overrides:                         # put before every command's own overrides (which win)
+      - data.languages=[en,zh]
     stages:
       - name: cold_start_sft
         run:
@@ -15,12 +17,13 @@ A pipeline file names its stages and, for each, the commands that produce it::
 `megatron-r1` command line (what it writes is what a user running it by hand would get); the
 pipeline only adds the order, the paths, skipping and the closing table:
 
-* A command whose completion marker exists (`summary.json` for r1-zero/sft, `stats.json` +
-  `data.jsonl` for rejection-sample, `pretrain_done.json` for pretrain) is skipped, so rerunning a
-  finished pipeline does no work.
+* A command whose completion marker exists (`summary.json` for r1-zero/grpo/sft/reward-model,
+  `stats.json` + `data.jsonl` for rejection-sample, `eval.json` for evaluate, `pretrain_done.json`
+  for pretrain) is skipped, so rerunning a finished pipeline does no work.
 * An interrupted command is simply run again: it resumes from its own checkpoints.
-* At the end, one row per stage from its summary (held-out accuracy, format rate, response length,
-  samples kept, SFT loss) is printed and written to `<run_dir>/pipeline.json`.
+* At the end, one row per stage from its outputs (held-out accuracy, format rate, language
+  consistency, response length, samples kept, SFT loss, reward-model pair accuracy) is printed and
+  written to `<run_dir>/pipeline.json`.
 
 Stage names are the paper's: r1_zero, cold_start_sft, reasoning_rl, rejection_sampling, sft,
 reward_model, final_rl, distill.
@@ -48,6 +51,9 @@ STAGE_NAMES = ("r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling"
 # What each command writes last, i.e. what tells that it finished.
 DONE_MARKERS = {
     "r1-zero": ("summary.json",),
+    "grpo": ("summary.json",),
+    "reward-model": ("summary.json",),
+    "evaluate": ("eval.json",),
     "sft": ("summary.json",),
     "rejection-sample": ("stats.json", "data.jsonl"),
     "pretrain": ("pretrain_done.json",),
@@ -107,9 +113,12 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         if key not in ("run_dir", "launcher", "name"):
             raise ConfigError(f"pipeline override {o!r}: only run_dir=, launcher= and name= can be overridden")
         data[key] = value
-    unknown = set(data) - {"name", "run_dir", "launcher", "stages"}
+    unknown = set(data) - {"name", "run_dir", "launcher", "overrides", "stages"}
     if unknown:
-        raise ConfigError(f"{p}: unknown keys {sorted(unknown)}; a pipeline has name, run_dir, launcher, stages")
+        raise ConfigError(f"{p}: unknown keys {sorted(unknown)}; a pipeline has name, run_dir, launcher, overrides, stages")
+    shared = data.get("overrides") or []
+    if not isinstance(shared, list) or not all(isinstance(o, str) and "=" in o for o in shared):
+        raise ConfigError(f"{p}: overrides must be a list of section.field=value strings")
     name = str(data.get("name") or p.stem)
     run_dir = Path(data.get("run_dir") or f"runs/{name}")
     launcher = shlex.split(data.get("launcher") or "") or [sys.executable]
@@ -139,7 +148,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
             argv = shlex.split(_REF.sub(resolve, str(line)))
             if len(argv) < 2 or argv[0] not in DONE_MARKERS:
                 raise ConfigError(f"{p}: stage {stage_name!r}: {line!r} must be '<command> <config> [overrides]' with a command of: {', '.join(DONE_MARKERS)}")
-            stage.jobs.append(Job(argv[0], argv[1], argv[2:]))
+            stage.jobs.append(Job(argv[0], argv[1], [*shared, *argv[2:]]))
         stages.append(stage)
     if not stages:
         raise ConfigError(f"{p}: no stages")
@@ -155,27 +164,35 @@ def _launch(pipeline: Pipeline, job: Job) -> None:
 
 
 def stage_row(stage: Stage) -> dict:
-    """What the stage achieved, from its last command's summary (and its data, for sampling)."""
+    """What the stage achieved, from its commands' outputs (later commands fill in what earlier ones left)."""
     row: dict = {"stage": stage.name}
     for job in stage.jobs:
         d = job.run_dir
         if job.command == "rejection-sample" and (d / "stats.json").is_file():
             stats = json.loads((d / "stats.json").read_text())
             row.update(samples_kept=stats["kept"], samples=stats["samples"])
-        elif job.command == "r1-zero" and (d / "summary.json").is_file():
+        elif job.command in ("r1-zero", "grpo") and (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
             row.update(accuracy=s["final_accuracy"], format_rate=s["final_format_rate"], response_length=s["final_response_length"],
                        language_consistency=s.get("final_language_consistency"))
         elif job.command == "sft" and (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
             row.update(sft_loss=s["final_loss"], eval_loss=s["final_eval_loss"], sft_conversations=s["train_conversations"])
+        elif job.command == "reward-model" and (d / "summary.json").is_file():
+            s = json.loads((d / "summary.json").read_text())
+            row.update(pair_accuracy=s["final_accuracy"])
+        elif job.command == "evaluate" and (d / "eval.json").is_file():
+            s = json.loads((d / "eval.json").read_text())
+            row.update(accuracy=s["accuracy"], format_rate=s["format_rate"], response_length=s["response_length"],
+                       language_consistency=s["language_consistency"])
     return row
 
 
 def _table(rows: list[dict]) -> str:
     cols = [("stage", "stage", "{}"), ("accuracy", "held-out acc", "{:.1%}"), ("format_rate", "format", "{:.1%}"),
             ("language_consistency", "language", "{:.1%}"), ("response_length", "length", "{:.1f}"),
-            ("samples_kept", "kept", "{}"), ("sft_loss", "SFT loss", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}")]
+            ("samples_kept", "kept", "{}"), ("sft_loss", "SFT loss", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}"),
+            ("pair_accuracy", "RM pair acc", "{:.1%}")]
     header = " | ".join(title for _, title, _ in cols)
     lines = [header, "-" * len(header)]
     for r in rows:

@@ -30,6 +30,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "=": "makes",
         "sep": ", ",
         "direct": "this is easy",
+        "summary": "{thought}. So the answer is {answer}.",
     },
     "zh": {
         "question": "请给出下面算式的最终结果：{expression} =",
@@ -38,6 +39,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "=": "得",
         "sep": "，",
         "direct": "这很简单",
+        "summary": "{thought}。所以答案是 {answer}。",
     },
 }
 LANGUAGES = tuple(PHRASES)
@@ -72,16 +74,23 @@ def localize_question(question: str, language: str) -> str:
     return PHRASES[language]["question"].replace("{expression}", chain_expression(question))
 
 
-def worked_in_words(first: int, steps: Sequence[tuple[str, int]], language: str) -> str:
-    """The running sum in words: "5 plus 3 makes 8, minus 7 makes 1" (en), "5 加 3 得 8，减 7 得 1" (zh)."""
+def worked_in_words(first: int, steps: Sequence[tuple[str, int]], totals: Sequence[int], language: str) -> str:
+    """The running sum in words: "5 plus 3 makes 8, minus 7 makes 1" (en), "5 加 3 得 8，减 7 得 1" (zh).
+    `totals[i]` is written after step i (the caller computes them, and may get them wrong on purpose)."""
     p = PHRASES[language]
-    total, parts = first, []
-    for op, operand in steps:
-        total = total + operand if op == "+" else total - operand
-        lhs = f"{p[op]} {operand}" if parts else f"{first} {p[op]} {operand}"
-        parts.append(f"{lhs} {p['=']} {total}")
+    parts = [f"{first} {p[op]} {operand} {p['=']} {total}" if i == 0 else f"{p[op]} {operand} {p['=']} {total}"
+             for i, ((op, operand), total) in enumerate(zip(steps, totals))]
     return p["sep"].join(parts) if parts else str(first)
 
 
 def direct_thought(language: str) -> str:
     return PHRASES[language]["direct"]
+
+
+def with_summary(thought: str, answer: str, language: str) -> str | None:
+    """The thought followed by a one-line summary in `language` ("... So the answer is 1."): the
+    readable pattern of R1's cold-start data. None when the phrasebook has no such line for it."""
+    phrases = PHRASES.get(language)
+    if phrases is None:
+        return None
+    return phrases["summary"].replace("{thought}", thought.rstrip(" .。")).replace("{answer}", answer)

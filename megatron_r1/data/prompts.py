@@ -12,7 +12,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class PromptItem:
     index: int  # position in the source: reasoning-gym item index or 0-based jsonl line number
     prompt_ids: list[int] | None = None  # token ids of `prompt` when loaded with a tokenizer
     language: str | None = None  # the language the question is posed in, when known (else detected)
+    source: str = "reasoning"  # reasoning: rule rewards | general: scored by the reward model or judge
 
     def as_reward_item(self) -> dict[str, Any]:
         """The view the reward functions take."""
@@ -104,6 +105,39 @@ def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> Pro
     return prompts
 
 
+def load_general_prompts(data_cfg: DataConfig, tokenizer: Any = None) -> PromptSet:
+    """The general prompts of the final RL stage (`data.general_path`, else `data.general_task`):
+    scored by a reward model or judge, not by rules. Rows need no answer; a reference answer or a
+    reasoning-gym entry, when there is one, is only used to report how right the responses are."""
+    if data_cfg.general_path:
+        path = Path(data_cfg.general_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.general_path: no such file {data_cfg.general_path!r}")
+        rows, reasons = _jsonl_rows(path, answer_required=False)
+    elif data_cfg.general_task:
+        if data_cfg.general_seed in (data_cfg.train_seed, data_cfg.eval_seed):
+            raise ValueError("data.general_seed must differ from data.train_seed and data.eval_seed")
+        general = replace(data_cfg, task=data_cfg.general_task, task_options=data_cfg.general_task_options,
+                          train_seed=data_cfg.general_seed, train_size=data_cfg.general_size,
+                          languages=data_cfg.languages if data_cfg.general_task in LOCALIZABLE_TASKS else [])
+        rows, reasons = _gym_rows(general, "train"), Counter()
+    else:
+        raise ValueError("data.general_share > 0 needs general prompts: set data.general_path (jsonl) or data.general_task")
+    items = [
+        PromptItem(prompt=render_prompt(data_cfg.template, q), question=q, answer=a, entry=e, index=i, language=lang, source="general")
+        for i, q, a, e, lang in rows
+    ]
+    if tokenizer is not None:
+        items = _fit_to_length(items, tokenizer, data_cfg.max_prompt_tokens, reasons)
+    prompts = PromptSet(split="general", items=items, skip_reasons=reasons)
+    if prompts.skipped:
+        detail = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
+        logger.warning("general prompts: kept %d, skipped %d (%s)", len(items), prompts.skipped, detail)
+    if not items:
+        raise ValueError(f"no usable general prompts (skipped: {dict(reasons) or 'none'}); check data.general_path / data.general_task")
+    return prompts
+
+
 # A row is (index, question, answer, entry, language) once validated.
 _Row = tuple[int, str, str, dict[str, Any] | None, str | None]
 
@@ -139,7 +173,7 @@ def _jsonl_path(data_cfg: DataConfig, split: str) -> Path:
     return path
 
 
-def _jsonl_rows(path: Path) -> tuple[list[_Row], Counter]:
+def _jsonl_rows(path: Path, answer_required: bool = True) -> tuple[list[_Row], Counter]:
     """Rows `{"question" | "prompt": str, "answer": str | number}`; anything else is counted and skipped."""
     rows: list[_Row] = []
     reasons: Counter = Counter()
@@ -152,6 +186,8 @@ def _jsonl_rows(path: Path) -> tuple[list[_Row], Counter]:
             except json.JSONDecodeError:
                 reasons["bad_json"] += 1
                 continue
+            if not answer_required and isinstance(obj, dict) and obj.get("answer") is None:
+                obj = {**obj, "answer": ""}
             row, reason = _validate_row(obj, line_no)
             if row is None:
                 reasons[reason] += 1
@@ -260,3 +296,37 @@ class PromptSampler:
             )
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._order = self._epoch_order(self.epoch)
+
+
+class MixedSampler:
+    """Batches of `round(batch_size * share)` general prompts and the rest reasoning prompts, each
+    drawn by its own `PromptSampler` (reasoning first in a batch). With no general prompts it is the
+    reasoning sampler alone; its state holds both samplers' states for an exact resume."""
+
+    def __init__(self, reasoning: PromptSet, general: PromptSet | None, batch_size: int, share: float, seed: int = 0):
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"data.general_share must be in [0, 1), got {share}")
+        n_general = round(batch_size * share) if general is not None else 0
+        if general is not None and share > 0 and n_general == 0:
+            raise ValueError(f"data.general_share={share} of {batch_size} prompts per step rounds to 0 general prompts; raise it or grpo.prompts_per_step")
+        if n_general >= batch_size:
+            raise ValueError(f"data.general_share={share} leaves no reasoning prompt in a batch of {batch_size}")
+        self.reasoning = PromptSampler(reasoning, batch_size - n_general, seed=seed)
+        self.general = PromptSampler(general, n_general, seed=seed + 1) if n_general else None
+
+    def next_batch(self) -> list[PromptItem]:
+        batch = self.reasoning.next_batch()
+        return batch + self.general.next_batch() if self.general is not None else batch
+
+    def state_dict(self) -> dict:
+        state = self.reasoning.state_dict()
+        if self.general is not None:
+            state["general"] = self.general.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reasoning.load_state_dict({k: v for k, v in state.items() if k != "general"})
+        if (self.general is None) != ("general" not in state):
+            raise ValueError("sampler state and data.general_share disagree on general prompts; resume with the same data config")
+        if self.general is not None:
+            self.general.load_state_dict(state["general"])

@@ -87,6 +87,24 @@ def _chain(entry: dict[str, Any]) -> tuple[int, list[tuple[str, int]]]:
         return parse_chain(str(expression))
 
 
+def running_totals(first: int, steps: list[tuple[str, int]]) -> list[int]:
+    """The running sum after each step of a chain."""
+    totals, total = [], first
+    for op, operand in steps:
+        total = total + operand if op == "+" else total - operand
+        totals.append(total)
+    return totals
+
+
+def render_steps(first: int, steps: list[tuple[str, int]], totals: list[int], language: str | None = None) -> str:
+    """Steps with the given running totals: "5 + 3 = 8, - 7 = 1" (symbols) or in `language`'s words."""
+    if language is not None:
+        return worked_in_words(first, steps, totals, language)
+    lines = [f"{first} {op} {operand} = {total}" if i == 0 else f"{op} {operand} = {total}"  # operators kept as written
+             for i, ((op, operand), total) in enumerate(zip(steps, totals))]
+    return ", ".join(lines) if lines else str(first)
+
+
 def worked_solution(entry: dict[str, Any], language: str | None = None) -> str:
     """The running sum of a chain_sum entry, one step per operator: "5 + 3 = 8, - 7 = 1, + 4 = 5".
 
@@ -101,21 +119,10 @@ def worked_solution(entry: dict[str, Any], language: str | None = None) -> str:
     The final value is checked against the entry's answer, so a parsing slip can never teach wrong
     arithmetic.
     """
-    total, steps = _chain(entry)
-    if language is not None:
-        text = worked_in_words(total, steps, language)
-        for op, operand in steps:
-            total = total + operand if op == "+" else total - operand
-        _check_answer(entry, total)
-        return text
-    lines = []
-    for op, operand in steps:
-        new_total = total + operand if op == "+" else total - operand
-        lhs = f"{total} {op} {operand}" if not lines else f"{op} {operand}"
-        lines.append(f"{lhs} = {new_total}")  # operators kept as written
-        total = new_total
-    _check_answer(entry, total)
-    return ", ".join(lines) if lines else str(total)
+    first, steps = _chain(entry)
+    totals = running_totals(first, steps)
+    _check_answer(entry, totals[-1] if totals else first)
+    return render_steps(first, steps, totals, language)
 
 
 def _check_answer(entry: dict[str, Any], total: int) -> None:

@@ -15,7 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megatron_r1.config import StageConfig
+from megatron_r1.data.phrasebook import PHRASES
 from megatron_r1.data.tiny_corpus import DIRECT_THOUGHT
+
+# The direct thought in every language the corpus writes ("this is easy", "这很简单").
+DIRECT_THOUGHTS = frozenset({DIRECT_THOUGHT, *(p["direct"] for p in PHRASES.values())})
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ def thought(response: str) -> str | None:
 def is_worked(response: str) -> bool:
     """A response that reasons inside <think> rather than giving the direct thought (or none)."""
     t = thought(response)
-    return bool(t) and t != DIRECT_THOUGHT
+    return bool(t) and t not in DIRECT_THOUGHTS
 
 
 @dataclass

@@ -12,6 +12,14 @@ A sample is kept when, in this order (the first failing check names its drop rea
 5. it is not a duplicate of a response already kept for the prompt (`duplicate`, whitespace-normalised),
 6. the prompt has fewer than `rejection.keep_per_prompt` kept responses (`over_cap`).
 
+With `rejection.rewrite=readable` (the cold-start stage) a kept response is rewritten into the
+readable pattern of R1's cold-start data, reasoning then a summary, in our tags::
+
+    <think> {the thought, whitespace-normalised}. So the answer is {answer}. </think> <answer> {answer} </answer>
+
+(the summary line in the prompt's language, `data/phrasebook.py`; a language without one is kept
+as sampled and counted as `not_rewritten`).
+
 SPMD like the rollouts: every engine samples its share of the prompts, the ranks of an engine split
 the scoring, rank 0 writes `<run_dir>/data.jsonl` (one `{"prompt", "response", "answer", "source",
 "provenance"}` row per kept response, in prompt order; `megatron-r1 sft` reads it as it is) and
@@ -33,6 +41,8 @@ from megatron_r1 import distributed, platform
 from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.data.prompts import PromptItem, load_prompts
 from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.data.phrasebook import with_summary
+from megatron_r1.rewards.accuracy import extract_answer
 from megatron_r1.rewards.format import extract_think
 from megatron_r1.rewards.reward_fn import RewardFn, score_split
 from megatron_r1.rollout.layout import EngineLayout
@@ -64,6 +74,18 @@ def drop_reason(text: str, finish_reason: str, scores: dict[str, float], cot_lan
 
 def _normalised(text: str) -> str:
     return " ".join(text.split())
+
+
+REWRITES = ("none", "readable")
+
+
+def readable(text: str, language: str) -> str | None:
+    """`text` in the readable pattern (module docstring), or None when it cannot be rewritten."""
+    thought, answer = extract_think(text), extract_answer(text)
+    if thought is None or answer is None:
+        return None
+    summary = with_summary(_normalised(thought), _normalised(answer), language)
+    return None if summary is None else f"<think> {summary} </think> <answer> {_normalised(answer)} </answer>"
 
 
 def _sample_share(cfg, engine, tokenizer, reward_fn, prompts: list[PromptItem], call: int, model: str) -> tuple[list[dict], Counter]:
@@ -99,9 +121,14 @@ def _sample_share(cfg, engine, tokenizer, reward_fn, prompts: list[PromptItem], 
             continue
         seen.add(_normalised(text))
         counts["kept"] += 1
+        response = text.strip()
+        if cfg.rejection.rewrite == "readable":
+            rewritten = readable(text, target)
+            counts["not_rewritten" if rewritten is None else "rewritten"] += 1
+            response = rewritten or response
         rows.append({
             "prompt": prompt.question,
-            "response": text.strip(),
+            "response": response,
             "answer": prompt.answer,
             "source": "reasoning",
             "provenance": {"model": model, "task": cfg.data.task if cfg.data.source == "reasoning_gym" else cfg.data.train_path,
@@ -121,6 +148,8 @@ def run(cfg: StageConfig) -> dict:
         if main:
             log.info("rejection sampling already done: %s (%d rows); delete it to sample again", run_dir / DATA_FILE, stats["kept"])
         return stats if main else {}
+    if cfg.rejection.rewrite not in REWRITES:
+        raise ConfigError(f"rejection.rewrite={cfg.rejection.rewrite!r} is not one of: {', '.join(REWRITES)}")
     hf_dir, _ = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
     prompt_set = load_prompts(cfg.data, "train", tokenizer)
@@ -156,6 +185,7 @@ def run(cfg: StageConfig) -> dict:
         "samples": samples,
         "kept": counts["kept"],
         "dropped": {reason: counts[reason] for reason in DROP_REASONS},
+        **({"rewritten": counts["rewritten"], "not_rewritten": counts["not_rewritten"]} if cfg.rejection.rewrite != "none" else {}),
         "prompts_with_a_kept_response": len({r["provenance"]["index"] for r in rows}),
         "pass_rate": counts["kept"] / samples,
         "seconds": round(time.perf_counter() - start, 1),

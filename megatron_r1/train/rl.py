@@ -25,11 +25,13 @@ from megatron_r1.algorithms import aggregate, group_advantages, kl_penalty, over
 from megatron_r1.algorithms.sampling import GroupAccumulator
 from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.convert import model_info
-from megatron_r1.data.prompts import PromptSampler, load_prompts
+from megatron_r1.data.prompts import MixedSampler, load_general_prompts, load_prompts
 from megatron_r1.data.templates import TEMPLATES
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
 from megatron_r1.models.hf.base import export_hf_tensors, load_hf, read_hf_config, save_hf
+from megatron_r1.rewards.general import SCORERS as GENERAL_SCORERS
+from megatron_r1.rewards.general import GeneralReward
 from megatron_r1.rewards.reward_fn import RewardFn, score_split
 from megatron_r1.rollout.layout import EngineLayout
 from megatron_r1.rollout.vllm_engine import VLLMEngine
@@ -93,16 +95,19 @@ def sampling_seed(seed: int, step: int, round_: int, engine: int) -> int:
     return seed * 1_000_003 + step * 101 + round_ * 7 + engine * 7919
 
 
-def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
+def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general=None):
     """Sample G responses per prompt and score them, each engine its share of the prompts; returns
     the whole batch (every group, in prompt order) on every rank. With dynamic sampling, groups
     whose rewards are all equal (no signal: zero advantage) are dropped and more prompts are
-    sampled until the batch is full or the round cap is reached."""
+    sampled until the batch is full or the round cap is reached.
+
+    General prompts (`general`, a `GeneralReward`) are rewarded by the judge (each engine, on what it
+    sampled) or the reward model (every rank, on the gathered batch) instead of the rules."""
     g = cfg.rollout.n_samples_per_prompt
     layout, groups = engine.layout, engine.groups
     dynamic = cfg.grpo.dynamic_sampling
     acc = GroupAccumulator(cfg.grpo.prompts_per_step, cfg.grpo.max_sampling_rounds if dynamic else 1)
-    failures, timings, sampled_here = 0, {"rollout": 0.0, "reward": 0.0}, 0
+    failures, malformed, timings, sampled_here = 0, 0, {"rollout": 0.0, "reward": 0.0}, 0
     while not acc.done:
         prompts = sampler.next_batch()  # the same on every rank
         start, _ = layout.shard_bounds(len(prompts))
@@ -128,20 +133,42 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
         items = [mine[i // g] for i in range(len(out))]
         scored = score_split(reward_fn, [p.prompt for p in items], texts, [p.as_reward_item() for p in items], groups.split_work)
         rewards = scored.total.clone()
+        components = dict(scored.components)
+        bad_verdicts = 0
+        if general is not None:
+            is_general = torch.tensor([float(p.source == "general") for p in items])
+            components["general"] = is_general
+            components[general.kind] = torch.zeros(len(out))
+            if not general.collective:  # the judge: this engine grades what it sampled
+                index = [j for j, p in enumerate(items) if p.source == "general"]
+                scores, bad = general([items[j].question for j in index], [texts[j] for j in index])
+                bad_verdicts = bad
+                components[general.kind][index] = scores
+                rewards[index] = general.weight * scores
         lengths = torch.tensor([len(r.response_ids) for r in out], dtype=torch.float32)
+        penalty = torch.zeros(len(out))
         if cfg.grpo.overlong_buffer_tokens > 0:
-            rewards += overlong_penalty(lengths, cfg.rollout.max_response_tokens, cfg.grpo.overlong_buffer_tokens, cfg.grpo.overlong_penalty)
+            penalty = overlong_penalty(lengths, cfg.rollout.max_response_tokens, cfg.grpo.overlong_buffer_tokens, cfg.grpo.overlong_penalty)
+        rewards += penalty
         local = [
             {
                 "samples": [Sample(r.prompt_ids, r.response_ids, r.finish_reason, start + i, layout.engine_index) for r in out[i * g : (i + 1) * g]],
                 "rewards": rewards[i * g : (i + 1) * g],
                 "lengths": lengths[i * g : (i + 1) * g],
-                "components": {k: v[i * g : (i + 1) * g] for k, v in scored.components.items()},
+                "components": {k: v[i * g : (i + 1) * g] for k, v in components.items()},
+                "general": mine[i].source == "general",
+                "question": mine[i].question,
+                "texts": texts[i * g : (i + 1) * g],
+                "penalty": penalty[i * g : (i + 1) * g],
             }
             for i in range(len(mine))
         ]
         round_groups = groups.gather(local)  # whole groups, in prompt order, on every rank
         failures += sum(groups.all_gather(scored.failures if layout.is_engine_leader else 0))
+        if general is not None:
+            malformed += sum(groups.all_gather(bad_verdicts if layout.is_engine_leader else 0))
+            if general.collective:  # the reward model: every rank scores the gathered general groups together
+                _score_general_groups(round_groups, general)
         timings["reward"] += time.perf_counter() - t0
         rewards_round = torch.stack([grp["rewards"] for grp in round_groups]) if round_groups else torch.zeros(0, g)
         acc.add(rewards_round, round_groups, keep=None if dynamic else torch.ones(len(round_groups), dtype=torch.bool))
@@ -154,10 +181,22 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step):
     }
     stats = {
         "reward/failures": float(failures),
+        **({"reward/judge_malformed": float(malformed)} if general is not None and general.kind == "judge" else {}),
         "rollout/sequences_sampled_per_engine": float(sampled_here),
         **{f"sampling/{k}": float(v) for k, v in acc.stats().items()},
     }
     return batch, stats, timings
+
+
+def _score_general_groups(round_groups: list[dict], general) -> None:
+    """Reward every response of the general groups with the reward model (collective, in place)."""
+    mine = [grp for grp in round_groups if grp["general"]]
+    questions = [grp["question"] for grp in mine for _ in grp["texts"]]
+    scores = general(questions, [t for grp in mine for t in grp["texts"]])[0]
+    for i, grp in enumerate(mine):
+        part = scores[i * len(grp["texts"]) : (i + 1) * len(grp["texts"])]
+        grp["components"][general.kind] = part
+        grp["rewards"] = general.weight * part + grp["penalty"]
 
 
 def make_batch(samples: list[Sample], advantages, pad_id) -> Batch:
@@ -256,7 +295,7 @@ class Policy:
     reference: torch.nn.Module | None
 
 
-def _resume(cfg: StageConfig, ckpt_dir: Path, policy: Policy, sampler: PromptSampler, metrics: MetricsLogger) -> tuple[int, float, float | None]:
+def _resume(cfg: StageConfig, ckpt_dir: Path, policy: Policy, sampler: MixedSampler, metrics: MetricsLogger) -> tuple[int, float, float | None]:
     """(first step, RL seconds so far, base accuracy) from the latest checkpoint, or a fresh start."""
     if not cfg.checkpoint.resume or (latest := ckpt.latest_step(ckpt_dir)) is None:
         return 0, 0.0, None
@@ -287,10 +326,19 @@ def _load_megatron_weights(cfg: StageConfig, policy: Policy) -> bool:
 
 def _step_row(rewards, lengths, components, samples, share: slice, stats: dict, train: dict, sync: dict, rollout_seconds: float) -> dict:
     """The metrics row of one step (the same on every rank)."""
+    by_source = {}
+    if "general" in components:  # final RL: every reward also per prompt source
+        is_general = components["general"] > 0
+        for source, mask in (("reasoning", ~is_general), ("general", is_general)):
+            if mask.any():
+                by_source[f"reward/{source}/mean"] = float(rewards[mask].mean())
+                by_source.update({f"reward/{source}/{k}": float(v[mask].mean()) for k, v in components.items()
+                                  if k != "general" and (source == "general" or k not in GENERAL_SCORERS)})
     return {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         **{f"reward/{k}": float(v.mean()) for k, v in components.items()},
+        **by_source,
         **stats,
         "rollout/sequences": float(len(samples)),
         "rollout/sequences_per_rank": float(share.stop - share.start),
@@ -329,7 +377,8 @@ def run(cfg: StageConfig) -> dict:
     policy = Policy(*_build_policy(cfg, hf_dir))
     train_set = load_prompts(cfg.data, "train", tokenizer)
     eval_set = load_prompts(cfg.data, "eval", tokenizer)
-    sampler = PromptSampler(train_set, cfg.grpo.prompts_per_step, seed=cfg.seed)
+    general_set = load_general_prompts(cfg.data, tokenizer) if cfg.data.general_share > 0 else None
+    sampler = MixedSampler(train_set, general_set, cfg.grpo.prompts_per_step, cfg.data.general_share, seed=cfg.seed)
     reward_fn = RewardFn(cfg.reward)
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
     start_step, prior_wall, base_accuracy = _resume(cfg, ckpt_dir, policy, sampler, metrics)
@@ -339,6 +388,10 @@ def run(cfg: StageConfig) -> dict:
     engine = VLLMEngine(cfg.rollout, str(hf_dir))  # one worker on every rank
     platform.install_cuda_stand_ins()  # vLLM's CPU worker replaces torch.cuda's streams/events
     syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
+    general = GeneralReward(cfg, engine, tokenizer) if general_set is not None else None
+    if general is not None and main:
+        log.info("general prompts: %d, %d per step, rewarded by the %s (weight %g)", len(general_set),
+                 sampler.general.batch_size, general.kind.replace("_", " "), general.weight)
     if main:
         log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), engine.layout.describe())
     probe = _make_probe(cfg, engine, tokenizer, eval_set, policy.model)
@@ -362,7 +415,7 @@ def run(cfg: StageConfig) -> dict:
     last_eval = None
     for step in bar:
         # 1-2. rollout and reward: each engine its share of the prompts; whole groups on every rank
-        sampled, sampling_stats, timings = rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step)
+        sampled, sampling_stats, timings = rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general)
         for phase, seconds in timings.items():
             timer.seconds[phase] += seconds
         if not sampled["samples"]:  # dynamic sampling found no group with signal: nothing to learn
@@ -470,6 +523,7 @@ def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, fi
                 phases[k[5:]] = phases.get(k[5:], 0.0) + v
     task = {"name": cfg.data.task, "options": cfg.data.task_options} if cfg.data.source == "reasoning_gym" else {"name": "jsonl", "path": cfg.data.train_path}
     summary = {
+        "stage": cfg.name,
         "base_accuracy": base_accuracy,
         "final_accuracy": final.accuracy,
         "final_maj_accuracy": final.maj_accuracy,
@@ -497,7 +551,7 @@ def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, fi
 def _print_table(s: dict, run_dir: Path) -> None:
     lines = [
         "",
-        f"R1-Zero finished: {run_dir}",
+        f"GRPO ({s['stage']}) finished: {run_dir}",
         f"  held-out accuracy   base {100 * s['base_accuracy']:5.1f} %  ->  final {100 * s['final_accuracy']:5.1f} %  (maj@k {100 * s['final_maj_accuracy']:.1f} %)",
         f"  format rate         {100 * s['final_format_rate']:.1f} %",
         f"  response length     {s['final_response_length']:.1f} tokens",

@@ -318,8 +318,13 @@ def forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
     with_entropy: bool = False,
+    head: str = "lm",
 ) -> dict[str, float]:
     """Run `loss_fn` over `batch` in micro-batches; accumulate gradients (unless `forward_only`).
+
+    `head="lm"`: the loss_fn gets target log-probabilities `[b, S-1]` (the contract above).
+    `head="value"`: a reward model's per-token scalars `[b, S]` instead (`models.reward_model`),
+    token-aligned, and no entropy.
 
     Gradients land in the DDP buffers and are reduced over data-parallel ranks after the last
     micro-batch, so call this once per optimizer step (after `zero_grad_buffer`), as `train_step` does.
@@ -337,11 +342,17 @@ def forward_backward(
     micro_batch_size = min(micro_batch_size, batch.size)
     num_tokens, num_sequences = _dp_mean_denominators(batch)
 
+    if head not in ("lm", "value"):
+        raise ValueError(f"head must be 'lm' or 'value', got {head!r}")
+
     def loss_closure(micro: MicroBatch, logits: Tensor) -> tuple[Tensor, dict]:
-        logits = logits[:, :-1]  # the last position predicts past the sequence
-        logprobs = token_logprobs(logits, micro.targets)
-        entropy = token_entropy(logits) if with_entropy else None
-        loss, metrics = loss_fn(logprobs, entropy, micro)
+        if head == "value":
+            loss, metrics = loss_fn(logits[..., 0].float(), None, micro)
+        else:
+            logits = logits[:, :-1]  # the last position predicts past the sequence
+            logprobs = token_logprobs(logits, micro.targets)
+            entropy = token_entropy(logits) if with_entropy else None
+            loss, metrics = loss_fn(logprobs, entropy, micro)
         # Metrics are weighted by this micro-batch's masked targets; kept as tensors (no device sync
         # per micro-batch) and reduced once in _reduce_metrics.
         weight = micro.mask.sum().double()
@@ -406,14 +417,26 @@ def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: i
     Takes the DDP wrapper or the bare GPTModel. Exact under TP (vocab-parallel reduction); with
     pipeline parallelism the last stage's result is broadcast, so every rank returns the same tensor.
     """
-    width = tokens.shape[1]
+    return _forward_only(model, tokens, micro_batch_size, lambda micro, logits: token_logprobs(logits[:, :-1], micro.targets))[:, : tokens.shape[1] - 1]
+
+
+@torch.no_grad()
+def compute_values(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int) -> Tensor:
+    """Forward-only per-token scalars of a reward model (`head="value"`) -> `[B, S]` float32, on every rank."""
+    return _forward_only(model, tokens, micro_batch_size, lambda micro, values: values[..., 0].float(), width_offset=0)[:, : tokens.shape[1]]
+
+
+def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
+                  per_micro: Callable[[MicroBatch, Tensor], Tensor], width_offset: int = 1) -> Tensor:
+    """`per_micro(micro, model output)` over micro-batches of `tokens`, concatenated, `[B, S - width_offset]`
+    float32 on every rank (the last pipeline stage computes it and broadcasts it)."""
     batch = padded_to_multiple(Batch(tokens=tokens, loss_mask=torch.zeros_like(tokens)), _sequence_multiple(get_model_config(model)))
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
     micro_batch_size = min(micro_batch_size, batch.size)
 
-    def collect(micro: MicroBatch, logits: Tensor) -> tuple[Tensor, dict]:
-        lp = token_logprobs(logits[:, :-1], micro.targets)
-        return torch.zeros((), device=lp.device), {"logprobs": lp}
+    def collect(micro: MicroBatch, output: Tensor) -> tuple[Tensor, dict]:
+        values = per_micro(micro, output)
+        return torch.zeros((), device=values.device), {"values": values}
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         micro = next(data_iterator)
@@ -434,16 +457,16 @@ def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: i
     finally:
         model.train(was_training)
 
-    out = torch.empty(batch.size, batch.seq_len - 1, dtype=torch.float32, device=platform.device())
+    out = torch.empty(batch.size, batch.seq_len - width_offset, dtype=torch.float32, device=platform.device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        out = torch.cat([m["logprobs"] for m in per_micro]).float()
+        out = torch.cat([m["values"] for m in per_micro]).float()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(
             out,
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    return out[:, : width - 1]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +481,7 @@ def train_step(
     loss_fn: LossFn,
     micro_batch_size: int,
     with_entropy: bool = False,
+    head: str = "lm",
 ) -> dict[str, float]:
     """zero grads -> forward/backward over micro-batches -> clip + Adam step -> advance the lr schedule.
 
@@ -468,7 +492,7 @@ def train_step(
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     lr = current_lr(optimizer)
-    metrics = forward_backward(ddp_model, batch, loss_fn, micro_batch_size, with_entropy=with_entropy)
+    metrics = forward_backward(ddp_model, batch, loss_fn, micro_batch_size, with_entropy=with_entropy, head=head)
     update_successful, grad_norm, _num_zeros = optimizer.step()
     if update_successful:
         scheduler.step(1)

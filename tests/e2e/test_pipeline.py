@@ -1,6 +1,7 @@
-"""`megatron-r1 pipeline` end to end on CPU: rejection sampling -> cold-start SFT -> reasoning RL with the
-language reward, each stage reading the previous one's output; killed mid-stage and rerun, it skips what
-finished and the killed stage resumes from its checkpoint; a rerun of a finished pipeline does no work."""
+"""`megatron-r1 pipeline` end to end on CPU: rejection sampling -> cold-start SFT (+ held-out evaluation)
+-> reasoning RL with the language reward -> reward model -> final RL over mixed prompts, each stage
+reading the previous one's output; killed mid-stage and rerun, it skips what finished and the killed
+stage resumes from its checkpoint; a rerun of a finished pipeline does no work."""
 
 import json
 import os
@@ -24,8 +25,13 @@ stages:
     run:
       - rejection-sample conf/stages/rejection_sampling_tiny.yaml checkpoint.load_hf={base} logging.run_dir=${{stage}}/data rejection.max_prompts=32 rejection.samples_per_prompt=8 rollout.max_response_tokens=48 logging.progress_bar=false
       - sft conf/stages/sft_tiny.yaml checkpoint.load_hf={base} checkpoint.base_stage= sft.train_path=${{stage}}/data/data.jsonl sft.epochs=1 sft.max_steps=2 optimizer.lr_warmup_steps=0 logging.progress_bar=false logging.run_dir=${{stage}}
+      - evaluate conf/stages/r1_zero_tiny.yaml checkpoint.load_hf=${{stage}}/hf checkpoint.base_stage= {tiny} logging.run_dir=${{stage}}/eval
   - name: reasoning_rl
     run: r1-zero conf/stages/r1_zero_tiny.yaml checkpoint.load_hf=${{cold_start_sft}}/hf checkpoint.base_stage= reward.language_weight=0.1 steps=3 {tiny} checkpoint.save_every=1 logging.run_dir=${{stage}}
+  - name: reward_model
+    run: reward-model conf/stages/reward_model_tiny.yaml checkpoint.load_hf=${{reasoning_rl}}/hf checkpoint.base_stage= reward_model.synthetic_pairs=64 reward_model.synthetic_eval_pairs=32 logging.progress_bar=false logging.run_dir=${{stage}}
+  - name: final_rl
+    run: grpo conf/stages/final_rl_tiny.yaml checkpoint.load_hf=${{reasoning_rl}}/hf reward.model_path=${{reward_model}}/hf data.languages=[] steps=2 {tiny} logging.run_dir=${{stage}}
 """
 
 
@@ -47,20 +53,25 @@ def test_pipeline_chains_stages_resumes_after_a_kill_and_skips_finished_ones(bas
 
     # Rerun: the finished commands are skipped, the killed stage resumes from its checkpoint.
     out = cli("pipeline", str(spec))
-    assert out.stderr.count("skipped") == 2 and "resumed from" in out.stderr
+    assert out.stderr.count("skipped") == 3 and "resumed from" in out.stderr
     assert "pipeline tiny_test finished" in out.stdout
     table = json.loads((run_dir / "pipeline.json").read_text())["stages"]
-    assert [r["stage"] for r in table] == ["cold_start_sft", "reasoning_rl"]
-    assert table[0]["samples_kept"] > 0 and table[0]["sft_loss"] > 0
+    assert [r["stage"] for r in table] == ["cold_start_sft", "reasoning_rl", "reward_model", "final_rl"]
+    assert table[0]["samples_kept"] > 0 and table[0]["sft_loss"] > 0 and 0.0 <= table[0]["accuracy"] <= 1.0
     assert 0.0 <= table[1]["accuracy"] <= 1.0 and table[1]["language_consistency"] is not None
+    assert 0.0 <= table[2]["pair_accuracy"] <= 1.0 and 0.0 <= table[3]["accuracy"] <= 1.0
     rl = json.loads((run_dir / "reasoning_rl/summary.json").read_text())
     assert rl["base_model"] == str(run_dir / "cold_start_sft/hf")  # each stage starts from the previous one's output
     assert rl["config"]["reward"]["language_weight"] == 0.1 and rl["steps"] == 3
+    final = json.loads((run_dir / "final_rl/summary.json").read_text())
+    assert final["config"]["reward"]["model_path"] == str(run_dir / "reward_model/hf") and final["stage"] == "final_rl"
+    rows = [json.loads(line) for line in (run_dir / "final_rl/metrics.jsonl").read_text().splitlines()]
+    assert all("reward/general/reward_model" in r and "reward/reasoning/accuracy" in r for r in rows if "time/step" in r)
 
     # A finished pipeline: nothing runs again.
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")}
     again = cli("pipeline", str(spec))
-    assert again.stderr.count("skipped") == 3
+    assert again.stderr.count("skipped") == 6
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")} == stamps
 
 
@@ -73,8 +84,13 @@ def test_pipeline_files_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="not an earlier stage"):
         load_pipeline(bad)
     bad.write_text("stages:\n  - name: sft\n    run: train conf/stages/sft_tiny.yaml\n")
-    with pytest.raises(ConfigError, match="command of: r1-zero, sft, rejection-sample, pretrain"):
+    with pytest.raises(ConfigError, match="command of: r1-zero, grpo, reward-model, evaluate, sft, rejection-sample, pretrain"):
+        load_pipeline(bad)
+    bad.write_text("overrides: data.languages=[en]\nstages:\n  - name: sft\n    run: sft conf/stages/sft_tiny.yaml\n")
+    with pytest.raises(ConfigError, match="overrides must be a list"):
         load_pipeline(bad)
     shipped = load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml")
-    assert [s.name for s in shipped.stages] == ["r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft"]
-    assert shipped.stages[2].jobs[0].overrides[0] == "checkpoint.load_hf=runs/r1_tiny/cold_start_sft/hf"
+    assert [s.name for s in shipped.stages] == ["r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft",
+                                                "reward_model", "final_rl", "distill"]
+    # The shared overrides come first, so a command's own win.
+    assert shipped.stages[2].jobs[0].overrides[:3] == ["data.languages=[en,zh]", "reward.languages=[en,zh]", "checkpoint.load_hf=runs/r1_tiny/cold_start_sft/hf"]

@@ -13,6 +13,8 @@ DIRECT = completion(ENTRY, worked=False)
 def test_modes_of_corpus_completions():
     assert thought(WORKED) == "5 + 3 = 8, - 7 = 1" and is_worked(WORKED)
     assert thought(DIRECT) == "this is easy" and not is_worked(DIRECT)
+    assert not is_worked(" <think> 这很简单 </think> <answer> 3 </answer>")  # the direct thought in Chinese
+    assert is_worked(" <think> 5 加 3 得 8，减 7 得 1 </think> <answer> 1 </answer>")
     # Without a thought, or an empty one, nothing was worked out.
     assert not is_worked("<answer> 3 </answer>") and not is_worked("<think> </think> <answer> 3 </answer>")
     assert thought("no tags") is None

@@ -414,3 +414,103 @@ def test_worked_shares_need_a_worked_task():
         CorpusStream(task="basic_arithmetic", total_examples=10)
     with pytest.raises(ValueError, match="worked_share_start"):
         CorpusStream(worked_share_start=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# two languages (data/phrasebook.py): prompts, worked steps, the corpus
+
+
+def test_phrasebook_poses_questions_and_steps_in_each_language():
+    from megatron_r1.data.phrasebook import localize_question, pick_language, worked_in_words
+
+    q = "State the final answer to the following arithmetic problem: 5 + 3 - 7 ="
+    assert localize_question(q, "en") == q
+    assert localize_question(q, "zh") == "请给出下面算式的最终结果：5 + 3 - 7 ="
+    assert localize_question(localize_question(q, "zh"), "zh") == "请给出下面算式的最终结果：5 + 3 - 7 ="
+    assert worked_in_words(5, [("+", 3), ("-", 7)], [8, 1], "en") == "5 plus 3 makes 8, minus 7 makes 1"
+    assert worked_in_words(5, [("+", 3), ("-", 7)], [8, 1], "zh") == "5 加 3 得 8，减 7 得 1"
+    picks = [pick_language(("en", "zh"), "prompt", 7, i) for i in range(400)]
+    assert picks == [pick_language(("en", "zh"), "prompt", 7, i) for i in range(400)]
+    assert 150 < picks.count("zh") < 250
+
+
+def test_bilingual_prompts_carry_their_language_to_the_reward():
+    data = dataclasses.replace(SMALL, languages=["en", "zh"])
+    prompts = load_prompts(data, "eval")
+    langs = {p.language for p in prompts}
+    assert langs == {"en", "zh"}
+    for p in prompts:
+        assert ("请给出" in p.question) == (p.language == "zh")
+        assert p.as_reward_item()["language"] == p.language
+        assert p.prompt.endswith(f"User: {p.question}. Assistant:")
+    # Same items as the English set, posed differently: the answers are unchanged.
+    english = load_prompts(SMALL, "eval")
+    assert [p.answer for p in prompts] == [p.answer for p in english]
+
+
+def test_languages_need_phrases_and_a_localizable_task():
+    with pytest.raises(ValueError, match="no phrases for fr"):
+        load_prompts(dataclasses.replace(SMALL, languages=["en", "fr"]), "eval")
+    with pytest.raises(ValueError, match="English only"):
+        load_prompts(dataclasses.replace(SMALL, task="basic_arithmetic", task_options={}, languages=["en", "zh"]), "eval")
+
+
+def test_bilingual_corpus_thinks_in_a_language_drawn_apart_from_the_question():
+    """Worked steps in words of either language, independent of the question's: the mixing that
+    R1-Zero inherits and the language reward corrects."""
+    from megatron_r1.rewards.format import extract_think
+    from megatron_r1.rewards.language import language_identifier
+
+    stream = CorpusStream(seed=3, worked_share_start=1.0, worked_share_end=1.0, total_examples=300,
+                          languages=["en", "zh"], cot_languages=["en", "zh"])
+    ident = language_identifier(("en", "zh"))
+    same = 0
+    for prompt, comp in stream:
+        question_zh = "请给出" in prompt
+        cot = extract_think(comp)
+        cot_lang = ident.detect(cot)
+        assert ident.consistency(cot, cot_lang) == 1.0  # one language per chain of thought
+        assert re.search(r"\d+ (plus|minus|加|减) \d+ (makes|得) -?\d+", cot), cot
+        same += (cot_lang == "zh") == question_zh
+    assert 100 < same < 200  # about half the thoughts match their question's language
+
+
+def test_symbol_corpus_is_unchanged_by_the_language_options():
+    plain = list(CorpusStream(seed=3, total_examples=20))
+    assert plain == list(CorpusStream(seed=3, total_examples=20, languages=[], cot_languages=[]))
+    assert all("plus" not in c and "加" not in c for _, c in plain)
+
+
+def test_mixed_sampler_draws_a_fixed_share_of_general_prompts_and_resumes():
+    from megatron_r1.data.prompts import MixedSampler, load_general_prompts
+
+    data = dataclasses.replace(SMALL, general_task="chain_sum", general_task_options=SMALL.task_options, general_size=50, general_share=0.25)
+    reasoning, general = load_prompts(data, "train"), load_general_prompts(data)
+    assert {p.source for p in general} == {"general"} and {p.source for p in reasoning} == {"reasoning"}
+    assert not {p.question for p in general} & {p.question for p in reasoning}
+    sampler = MixedSampler(reasoning, general, batch_size=8, share=0.25, seed=1)
+    first = [sampler.next_batch() for _ in range(3)]
+    assert all([p.source for p in b] == ["reasoning"] * 6 + ["general"] * 2 for b in first)
+    state = sampler.state_dict()
+    later = [sampler.next_batch() for _ in range(30)]  # past a general epoch (50 prompts)
+    again = MixedSampler(reasoning, general, batch_size=8, share=0.25, seed=1)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert [[p.question for p in b] for b in later] == [[p.question for p in again.next_batch()] for _ in range(30)]
+    with pytest.raises(ValueError, match="rounds to 0 general prompts"):
+        MixedSampler(reasoning, general, batch_size=2, share=0.2)
+    with pytest.raises(ValueError, match="data.general_path"):
+        load_general_prompts(SMALL)
+    alone = MixedSampler(reasoning, None, batch_size=8, share=0.0)
+    assert "general" not in alone.state_dict()
+    with pytest.raises(ValueError, match="disagree on general prompts"):
+        alone.load_state_dict(state)
+
+
+def test_general_prompts_from_jsonl_need_no_answer(tmp_path):
+    from megatron_r1.data.prompts import load_general_prompts
+
+    path = tmp_path / "general.jsonl"
+    path.write_text('{"prompt": "Write a haiku about GPUs."}\n{"question": "Explain RL.", "answer": "", "language": "en"}\n{"answer": 3}\n')
+    general = load_general_prompts(dataclasses.replace(SMALL, general_path=str(path)))
+    assert [(p.question, p.answer, p.language) for p in general] == [("Write a haiku about GPUs.", "", None), ("Explain RL.", "", "en")]
+    assert general.skip_reasons == {"missing_question": 1}

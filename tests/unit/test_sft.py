@@ -230,3 +230,20 @@ def test_rejection_drop_reasons_in_order():
     assert drop_reason("x", "stop", good, [], "en", cfg) is None  # "3 + 4 = 7": no words, nothing mixed
     relaxed = load_config(None, ["rejection.min_language_consistency=0.6", "rejection.require_correct=false"])
     assert drop_reason("x", "stop", {"accuracy": 0.0, "format": 1.0}, ["en", "en", "fr"], "en", relaxed) is None
+
+
+def test_readable_rewrite_adds_a_summary_in_the_prompts_language():
+    """The cold-start pattern: the thought, then a summary line, in strict R1 tags, one language."""
+    from megatron_r1.rewards.format import extract_think, format_reward
+    from megatron_r1.rewards.language import language_consistency
+    from megatron_r1.train.rejection_sampling import readable
+
+    en = readable(" <think> 5 plus 3 makes 8,   minus 7 makes 1 </think>  <answer> 1 </answer>", "en")
+    assert en == "<think> 5 plus 3 makes 8, minus 7 makes 1. So the answer is 1. </think> <answer> 1 </answer>"
+    zh = readable(" <think> 5 加 3 得 8，减 7 得 1 </think> <answer> 1 </answer>", "zh")
+    assert zh == "<think> 5 加 3 得 8，减 7 得 1。所以答案是 1。 </think> <answer> 1 </answer>"
+    for text, lang in ((en, "en"), (zh, "zh")):
+        assert format_reward(text) == 1.0
+        assert language_consistency(extract_think(text), lang, ("en", "zh")) == 1.0
+    assert readable(" <think> 5 + 3 = 8 </think>", "en") is None  # no answer to summarise
+    assert readable(" <think> 5 + 3 = 8 </think> <answer> 8 </answer>", "fr") is None  # no summary line for French

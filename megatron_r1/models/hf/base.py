@@ -358,11 +358,29 @@ class _SafetensorsReader:
         self._stack.close()
 
 
-def load_hf(model: torch.nn.Module, cfg: ModelConfig, hf_dir: str | Path) -> None:
-    """Load a HF checkpoint directory into this rank's shard of `model` (each rank reads what it holds)."""
+# Heads a model can carry in place of the language-model head (`models/reward_model.py`).
+HEADS = ("lm", "score", "none")
+_SCORE = "score.weight"  # HF sequence classifiers' head
+
+
+def load_hf(model: torch.nn.Module, cfg: ModelConfig, hf_dir: str | Path, head: str = "lm") -> None:
+    """Load a HF checkpoint directory into this rank's shard of `model` (each rank reads what it holds).
+
+    `head`: "lm" loads the language-model head as usual; "score" loads `output_layer` (a reward
+    model's value head) from a sequence classifier's `score.weight`; "none" leaves it as
+    initialised (a reward model started from a causal LM).
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     adapter = get_adapter(cfg.arch)
     with _SafetensorsReader(hf_dir) as reader:
-        load_full_state(model, lambda name: adapter.from_hf(name, reader.get, cfg))
+
+        def get_full(name: str) -> Tensor | None:
+            if name == _OUTPUT and head != "lm":
+                return reader.get(_SCORE) if head == "score" else None
+            return adapter.from_hf(name, reader.get, cfg)
+
+        load_full_state(model, get_full)
 
 
 def read_hf_config(hf_dir: str | Path) -> ModelConfig:
@@ -466,13 +484,19 @@ def save_hf(
     tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    head: str = "lm",
 ) -> Path:
     """Write the whole model as a HF directory that transformers and vLLM load (collective).
 
     Rank 0 writes `model.safetensors` (or shards + index), `config.json`, `generation_config.json`
     and the tokenizer files of `tokenizer_dir`; the other ranks only take part in the gathers.
-    `dtype` defaults to `cfg.params_dtype`.
+    `dtype` defaults to `cfg.params_dtype`. `head="score"` writes a reward model (untied, its value
+    head as `output_layer`) as the architecture's sequence classifier with one label.
     """
+    if head not in ("lm", "score"):
+        raise ValueError(f"save_hf head must be 'lm' or 'score', got {head!r}")
+    if head == "score" and cfg.tie_embeddings:
+        raise ValueError("a reward model's head is not the embedding: save it with tie_embeddings=False (models.reward_model.reward_model_config)")
     adapter = get_adapter(cfg.arch)
     out = Path(out_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
@@ -481,6 +505,12 @@ def save_hf(
     dtype = dtype or _DTYPES[cfg.params_dtype]
     dtype_name = str(dtype).replace("torch.", "")
     hf_config = adapter.hf_config(cfg)  # before any collective: a config error then stops every rank alike
+    if head == "score":
+        hf_config.update(
+            architectures=[adapter.architecture.replace("ForCausalLM", "ForSequenceClassification")],
+            num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+        )
+    lm_head = WHOLE_MODEL_NAMES[_OUTPUT]
     main = not dist.is_initialized() or dist.get_rank() == 0
     writer = None
     if main:
@@ -490,6 +520,8 @@ def save_hf(
             stale.unlink(missing_ok=True)
         writer = _ShardWriter(out, max_shard_bytes)
     for name, tensor in export_hf_tensors(model, cfg):
+        if head == "score" and name == lm_head:
+            name = _SCORE
         if writer is not None:
             # A copy: views of one fused tensor share storage, which safetensors refuses.
             writer.add(name, tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous())
