@@ -270,6 +270,8 @@ class RejectionConfig:
     require_format: bool = True  # <think>...</think> <answer>...</answer>, strictly
     min_language_consistency: float = 1.0  # share of CoT words in the prompt's language (CoTs without words pass)
     rewrite: str = "none"  # none | readable: whitespace-normalised thought + a summary line in the prompt's language (cold start)
+    general_ratio: float = 0.0  # general rows per kept reasoning row, from data.general_* prompts approved by the reward model (paper: 200k : 600k = 0.33)
+    min_general_score: float | None = None  # a general response is kept only if the reward model scores it at least this (None: the best of its k)
 
 
 @dataclass

@@ -20,6 +20,13 @@ readable pattern of R1's cold-start data, reasoning then a summary, in our tags:
 (the summary line in the prompt's language, `data/phrasebook.py`; a language without one is kept
 as sampled and counted as `not_rewritten`).
 
+General prompts (`rejection.general_ratio` > 0, prompts from `data.general_path` / `data.general_task`)
+have no verifier: each gets k samples too, the reward model at `reward.model_path` scores them (on the
+trainer ranks, like the final RL stage), and a prompt keeps its best `rejection.keep_per_prompt`
+distinct finished responses scoring at least `rejection.min_general_score`. General prompts are
+sampled until there are `general_ratio` x (kept reasoning rows) general rows (the paper mixes 600k
+reasoning with 200k general samples: 0.33) or they run out; rows say `"source": "general"`.
+
 SPMD like the rollouts: every engine samples its share of the prompts, the ranks of an engine split
 the scoring, rank 0 writes `<run_dir>/data.jsonl` (one `{"prompt", "response", "answer", "source",
 "provenance"}` row per kept response, in prompt order; `megatron-r1 sft` reads it as it is) and
@@ -138,6 +145,88 @@ def _sample_share(cfg, engine, tokenizer, reward_fn, prompts: list[PromptItem], 
     return rows, counts
 
 
+def _general_candidates(cfg, engine, tokenizer, prompts: list[PromptItem], call: int) -> list[dict]:
+    """k finished-or-not samples per prompt of this engine's share, as plain rows (for the gather)."""
+    layout = engine.layout
+    k = cfg.rejection.samples_per_prompt
+    mine = layout.shard(prompts)
+    if not mine:
+        return []
+    torch.manual_seed((cfg.seed * 1_000_003 + 500_009 + call) * 1_009 + layout.engine_index)
+    stop_ids, stop_strings = stop_conditions(tokenizer, cfg.rollout.stop)
+    out = engine.generate([p.prompt_ids for p in mine], n=k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                          max_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_ids, stop=stop_strings)
+    return [{"prompt": mine[r.prompt_index], "sample": j % k, "finish_reason": r.finish_reason, "tokens": len(r.response_ids),
+             "text": tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "").strip()}
+            for j, r in enumerate(out)]
+
+
+def select_general(candidates: list[dict], scores: list[float], keep_per_prompt: int, min_score: float | None,
+                   model: str) -> tuple[list[dict], Counter]:
+    """The reward model's pick per general prompt: finished, distinct, best first, at least `min_score`."""
+    counts: Counter = Counter()
+    by_prompt: dict[int, list[tuple[float, dict]]] = {}
+    for cand, score in zip(candidates, scores):
+        by_prompt.setdefault(cand["prompt"].index, []).append((score, cand))
+    rows = []
+    for group in by_prompt.values():
+        seen: set[str] = set()
+        for score, cand in sorted(group, key=lambda sc: -sc[0]):  # stable: equal scores keep sample order
+            if cand["finish_reason"] != "stop":
+                reason = "truncated"
+            elif min_score is not None and score < min_score:
+                reason = "low_score"
+            elif _normalised(cand["text"]) in seen:
+                reason = "duplicate"
+            elif keep_per_prompt and len(seen) >= keep_per_prompt:
+                reason = "over_cap"
+            else:
+                reason = None
+            if reason is not None:
+                counts[reason] += 1
+                continue
+            seen.add(_normalised(cand["text"]))
+            counts["kept"] += 1
+            prompt = cand["prompt"]
+            rows.append({"prompt": prompt.question, "response": cand["text"], "answer": prompt.answer, "source": "general",
+                         "provenance": {"model": model, "index": prompt.index, "sample": cand["sample"],
+                                        "reward_model_score": score, "response_tokens": cand["tokens"]}})
+    return rows, counts
+
+
+def _general_rows(cfg, engine, tokenizer, target: int, model: str) -> tuple[list[dict], dict]:
+    """Up to `target` reward-model-approved general rows (collective: every rank calls it)."""
+    from megatron_r1.data.prompts import load_general_prompts
+    from megatron_r1.rewards.reward_model import RewardModelScorer
+
+    r = cfg.rejection
+    if cfg.reward.general_scorer != "reward_model":
+        raise ConfigError("rejection.general_ratio > 0 approves general responses with the scalar reward model; set reward.general_scorer=reward_model and reward.model_path")
+    if not cfg.reward.model_path:
+        raise ConfigError("rejection.general_ratio > 0 needs reward.model_path (a `megatron-r1 reward-model` run's hf/ directory)")
+    prompts = load_general_prompts(cfg.data, tokenizer).items
+    scorer = RewardModelScorer(cfg.reward.model_path, cfg.parallel)
+    rows: list[dict] = []
+    counts: Counter = Counter()
+    sampled = 0
+    per_call = r.prompts_per_call * engine.layout.num_engines
+    for call, first in enumerate(range(0, len(prompts), per_call)):
+        if len(rows) >= target:
+            break
+        chunk = prompts[first : first + per_call]
+        candidates = [c for part in engine.groups.gather([_general_candidates(cfg, engine, tokenizer, chunk, call)]) for c in part]
+        scores = scorer([c["prompt"].question for c in candidates], [c["text"] for c in candidates]).tolist()
+        got, got_counts = select_general(candidates, scores, r.keep_per_prompt, r.min_general_score, model)
+        rows += got
+        counts += got_counts
+        sampled += len(chunk)
+    counts["over_ratio"] = max(0, len(rows) - target)
+    rows = rows[:target]
+    stats = {"target": target, "kept": len(rows), "prompts_sampled": sampled, "reward_model": cfg.reward.model_path,
+             "dropped": {k: counts[k] for k in ("truncated", "low_score", "duplicate", "over_cap", "over_ratio")}}
+    return rows, stats
+
+
 def run(cfg: StageConfig) -> dict:
     """Sample, verify, filter and write the SFT set (every rank calls it); returns the stats on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
@@ -177,6 +266,12 @@ def run(cfg: StageConfig) -> dict:
         bar.update(len(chunk))
         bar.set_postfix(kept=counts["kept"])
     bar.close()
+    general = None
+    if cfg.rejection.general_ratio > 0:
+        general_rows, general = _general_rows(cfg, engine, tokenizer, round(cfg.rejection.general_ratio * counts["kept"]), str(hf_dir))
+        rows += general_rows
+        if main:
+            log.info("general prompts: kept %d of the %d the ratio asks for, from %d prompts", general["kept"], general["target"], general["prompts_sampled"])
     engine.shutdown()
 
     samples = len(prompts) * cfg.rejection.samples_per_prompt
@@ -186,7 +281,8 @@ def run(cfg: StageConfig) -> dict:
         "kept": counts["kept"],
         "dropped": {reason: counts[reason] for reason in DROP_REASONS},
         **({"rewritten": counts["rewritten"], "not_rewritten": counts["not_rewritten"]} if cfg.rejection.rewrite != "none" else {}),
-        "prompts_with_a_kept_response": len({r["provenance"]["index"] for r in rows}),
+        **({"general": general} if general is not None else {}),
+        "prompts_with_a_kept_response": len({r["provenance"]["index"] for r in rows if r["source"] == "reasoning"}),
         "pass_rate": counts["kept"] / samples,
         "seconds": round(time.perf_counter() - start, 1),
         "model": str(hf_dir),

@@ -89,3 +89,20 @@ def test_evaluate_reports_the_held_out_metrics_of_any_model(base_model, tmp_path
     assert result["accuracy"] == pytest.approx(probe["greedy_accuracy"])
     assert result["eval_size"] == 16 and 0.0 <= result["format_rate"] <= 1.0 and result["response_length"] > 0
     assert "held-out evaluation" in out.stdout
+
+
+def test_rejection_sampling_mixes_in_reward_model_approved_general_rows(base_model, reward_model, tmp_path):
+    """Reasoning rows verified, general rows picked by the reward model, mixed by the configured ratio."""
+    cli("rejection-sample", "conf/stages/rejection_sampling_tiny.yaml", f"checkpoint.load_hf={base_model}",
+        "rejection.max_prompts=48", "rejection.samples_per_prompt=8", "rollout.max_response_tokens=48",
+        "rejection.general_ratio=0.5", "data.general_task=chain_sum", "data.general_size=64",
+        "data.general_task_options={min_terms: 5, max_terms: 8, min_digits: 1, max_digits: 1, allow_negation: false}",
+        f"reward.model_path={reward_model / 'hf'}", "logging.progress_bar=false", f"logging.run_dir={tmp_path}")
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    reasoning = [r for r in rows if r["source"] == "reasoning"]
+    general = [r for r in rows if r["source"] == "general"]
+    assert len(reasoning) == stats["kept"] > 0
+    assert stats["general"]["target"] == round(0.5 * stats["kept"]) and len(general) == stats["general"]["kept"] <= stats["general"]["target"]
+    assert len({r["provenance"]["index"] for r in general}) == len(general)  # keep_per_prompt=1
+    assert all(isinstance(r["provenance"]["reward_model_score"], float) for r in general)

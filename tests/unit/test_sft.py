@@ -247,3 +247,26 @@ def test_readable_rewrite_adds_a_summary_in_the_prompts_language():
         assert language_consistency(extract_think(text), lang, ("en", "zh")) == 1.0
     assert readable(" <think> 5 + 3 = 8 </think>", "en") is None  # no answer to summarise
     assert readable(" <think> 5 + 3 = 8 </think> <answer> 8 </answer>", "fr") is None  # no summary line for French
+
+
+def test_general_responses_are_picked_by_reward_model_score():
+    from megatron_r1.data.prompts import PromptItem
+    from megatron_r1.train.rejection_sampling import select_general
+
+    a = PromptItem(prompt="A", question="qa", answer="", entry=None, index=0, source="general")
+    b = PromptItem(prompt="B", question="qb", answer="", entry=None, index=1, source="general")
+
+    def cand(prompt, sample, text, finish="stop"):
+        return {"prompt": prompt, "sample": sample, "text": text, "finish_reason": finish, "tokens": 3}
+
+    candidates = [cand(a, 0, "ok"), cand(a, 1, "best", "length"), cand(a, 2, "good"), cand(a, 3, " good "),
+                  cand(b, 0, "meh"), cand(b, 1, "fine")]
+    scores = [0.5, 9.0, 2.0, 2.0, -3.0, 1.0]
+    rows, counts = select_general(candidates, scores, keep_per_prompt=1, min_score=0.0, model="m")
+    # a: the truncated best is dropped, "good" wins, its whitespace twin is a duplicate, "ok" is over the cap;
+    # b: "fine" kept, "meh" under the minimum score.
+    assert [(r["prompt"], r["response"], r["provenance"]["reward_model_score"]) for r in rows] == [("qa", "good", 2.0), ("qb", "fine", 1.0)]
+    assert all(r["source"] == "general" for r in rows)
+    assert counts == {"kept": 2, "truncated": 1, "duplicate": 1, "over_cap": 1, "low_score": 1}
+    rows, _ = select_general(candidates, scores, keep_per_prompt=0, min_score=None, model="m")
+    assert [r["response"] for r in rows] == ["good", "ok", "fine", "meh"]
