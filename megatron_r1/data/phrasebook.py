@@ -30,7 +30,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "=": "makes",
         "sep": ", ",
         "direct": "this is easy",
-        "summary": "{thought}. So the answer is {answer}.",
+        "summary": "{thought}, the final answer: {answer}",
     },
     "zh": {
         "question": "请给出下面算式的最终结果：{expression} =",
@@ -39,7 +39,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "=": "得",
         "sep": "，",
         "direct": "这很简单",
-        "summary": "{thought}。所以答案是 {answer}。",
+        "summary": "{thought}，最终结果：{answer}",
     },
 }
 LANGUAGES = tuple(PHRASES)
@@ -88,9 +88,10 @@ def direct_thought(language: str) -> str:
 
 
 def with_summary(thought: str, answer: str, language: str) -> str | None:
-    """The thought followed by a one-line summary in `language` ("... So the answer is 1."): the
-    readable pattern of R1's cold-start data. None when the phrasebook has no such line for it."""
+    """The thought followed by a summary in `language` ("..., the final answer: 1"): the readable
+    pattern of R1's cold-start data. The words are the questions' own ("final answer", "最终结果"),
+    which the tiny tokenizer already has. None when the phrasebook has no summary for `language`."""
     phrases = PHRASES.get(language)
     if phrases is None:
         return None
-    return phrases["summary"].replace("{thought}", thought.rstrip(" .。")).replace("{answer}", answer)
+    return phrases["summary"].replace("{thought}", thought.rstrip(" .。,，")).replace("{answer}", answer)

@@ -15,7 +15,7 @@ A sample is kept when, in this order (the first failing check names its drop rea
 With `rejection.rewrite=readable` (the cold-start stage) a kept response is rewritten into the
 readable pattern of R1's cold-start data, reasoning then a summary, in our tags::
 
-    <think> {the thought, whitespace-normalised}. So the answer is {answer}. </think> <answer> {answer} </answer>
+    <think> {the thought, whitespace-normalised}, the final answer: {answer} </think> <answer> {answer} </answer>
 
 (the summary line in the prompt's language, `data/phrasebook.py`; a language without one is kept
 as sampled and counted as `not_rewritten`).

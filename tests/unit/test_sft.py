@@ -239,9 +239,9 @@ def test_readable_rewrite_adds_a_summary_in_the_prompts_language():
     from megatron_r1.train.rejection_sampling import readable
 
     en = readable(" <think> 5 plus 3 makes 8,   minus 7 makes 1 </think>  <answer> 1 </answer>", "en")
-    assert en == "<think> 5 plus 3 makes 8, minus 7 makes 1. So the answer is 1. </think> <answer> 1 </answer>"
+    assert en == "<think> 5 plus 3 makes 8, minus 7 makes 1, the final answer: 1 </think> <answer> 1 </answer>"
     zh = readable(" <think> 5 加 3 得 8，减 7 得 1 </think> <answer> 1 </answer>", "zh")
-    assert zh == "<think> 5 加 3 得 8，减 7 得 1。所以答案是 1。 </think> <answer> 1 </answer>"
+    assert zh == "<think> 5 加 3 得 8，减 7 得 1，最终结果：1 </think> <answer> 1 </answer>"
     for text, lang in ((en, "en"), (zh, "zh")):
         assert format_reward(text) == 1.0
         assert language_consistency(extract_think(text), lang, ("en", "zh")) == 1.0
