@@ -298,7 +298,7 @@ class RewardModelConfig:
 class StageConfig:
     """One stage of the R1 pipeline, everything it needs."""
 
-    name: str = "r1_zero"  # stage kind: r1_zero | pretrain | sft | cold_start_sft | reasoning_rl | final_rl | distill
+    name: str = "r1_zero"  # stage name (reported in summaries): r1_zero | pretrain | sft | cold_start_sft | reasoning_rl | reward_model | final_rl | distill
     seed: int = 1234  # global seed
     steps: int = 60  # RL / training steps
     model: ModelConfig = field(default_factory=ModelConfig)

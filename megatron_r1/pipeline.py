@@ -217,5 +217,43 @@ def run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[d
     rows = [stage_row(s) for s in pipeline.stages]
     (pipeline.run_dir / "pipeline.json").write_text(json.dumps({"name": pipeline.name, "stages": rows,
                                                                 "seconds": round(time.perf_counter() - start, 1)}, indent=2))
-    print(f"\npipeline {pipeline.name} finished: {pipeline.run_dir}\n{_table(rows)}\n", flush=True)
+    plot_pipeline(pipeline, rows, pipeline.run_dir / "pipeline.png")
+    print(f"\npipeline {pipeline.name} finished: {pipeline.run_dir}\n{_table(rows)}\n  plot: {pipeline.run_dir / 'pipeline.png'}\n", flush=True)
     return rows
+
+
+def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
+    """Left: held-out accuracy and language consistency after each stage. Right: held-out accuracy
+    against step in every RL stage (r1-zero / grpo commands), one line per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_r1.train.metrics import read_metrics
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
+    shown = [r for r in rows if r.get("accuracy") is not None]
+    x = range(len(shown))
+    for offset, key, label in ((-0.2, "accuracy", "held-out accuracy"), (0.2, "language_consistency", "language consistency")):
+        bars.bar([i + offset for i in x], [100 * (r.get(key) or 0.0) for r in shown], width=0.4, label=label)
+    bars.set_xticks(list(x), [r["stage"] for r in shown], rotation=20)
+    bars.set_ylabel("%")
+    bars.set_ylim(0, 105)
+    bars.legend(loc="lower right")
+    bars.set_title("after each stage (greedy, held-out)")
+    for stage in pipeline.stages:
+        for job in stage.jobs:
+            path = job.run_dir / "metrics.jsonl"
+            if job.command in ("r1-zero", "grpo") and path.is_file():
+                pts = [(r["step"], 100 * r["eval/accuracy"]) for r in read_metrics(path) if "eval/accuracy" in r]
+                if pts:
+                    curves.plot(*zip(*pts), marker="o", markersize=3, label=stage.name)
+    curves.set_xlabel("RL step")
+    curves.set_ylabel("held-out accuracy (%)")
+    curves.set_title("RL stages")
+    curves.grid(alpha=0.3)
+    curves.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
