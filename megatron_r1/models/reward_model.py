@@ -3,7 +3,7 @@
 `build_reward_model` builds the usual Megatron-Core `GPTModel` (any TP/PP/EP layout) with untied
 embeddings and swaps `output_layer` (hidden -> vocabulary) for a `ValueHead` (hidden -> 1): the
 forward then returns one scalar per token, `[b, S, 1]`, and a response's reward is the scalar at its
-last token (the end-of-sequence token the trainer appends). Trained with the Bradley-Terry loss on
+last token (`rewards.reward_model.encode_for_reward`). Trained with the Bradley-Terry loss on
 preference pairs (`train/reward_model.py`), scored with `train.step.compute_values`.
 
 On disk it is a Hugging Face sequence classifier (`LlamaForSequenceClassification` and friends,

@@ -4,7 +4,7 @@ Every rank builds its shard of the reward model in the trainer's layout (TP/PP/E
 from `reward.model_path`, a sequence-classifier directory that `megatron-r1 reward-model` writes.
 Scoring is collective: each data-parallel rank scores a share of the responses and the scores are
 all-gathered, so every rank returns all of them. The question is wrapped in the template the reward
-model was trained with (its `reward_model.json`), then the response and the end-of-sequence token.
+model was trained with (its `reward_model.json`), then the response (`encode_for_reward`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,22 @@ def check_reward_model_dir(path: str | Path) -> dict:
     return config
 
 
+def encode_for_reward(question: str, response: str, tokenizer, template: str) -> tuple[list[int] | None, str]:
+    """(token ids, "") of a question and response as the reward model reads them, or (None, reason):
+    the prompt template, the response, and no end-of-sequence token. The reward is read at the last
+    token, as transformers' sequence classifiers do (they take the last token that is not padding,
+    and a tokenizer that pads with its end-of-sequence token would make an appended one invisible)."""
+    example, reason = encode_conversation(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": response}], tokenizer, template
+    )
+    if example is None:
+        return None, reason
+    ids = list(example.ids)
+    if len(ids) > 1 and ids[-1] == tokenizer.eos_token_id:
+        ids.pop()
+    return ids, ""
+
+
 class RewardModelScorer:
     """`scorer(questions, responses) -> [N] float32` on every rank (collective over the whole job)."""
 
@@ -61,14 +77,11 @@ class RewardModelScorer:
 
     def encode(self, question: str, response: str) -> list[int]:
         """Token ids as in training; a sequence longer than the model's positions keeps its end
-        (the end-of-sequence token the score is read at)."""
-        example, reason = encode_conversation(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": response if response.strip() else " "}],
-            self.tokenizer, self.template,
-        )
-        if example is None:
+        (the token the score is read at)."""
+        ids, reason = encode_for_reward(question, response if response.strip() else " ", self.tokenizer, self.template)
+        if ids is None:
             raise ValueError(f"cannot encode a response for the reward model: {reason}")
-        return example.ids[-self.max_len:]
+        return ids[-self.max_len:]
 
     def __call__(self, questions: list[str], responses: list[str]) -> torch.Tensor:
         from megatron.core import parallel_state

@@ -2,7 +2,9 @@
 
 The model is the policy architecture with a value head (`models/reward_model.py`), initialised from
 `checkpoint.load_hf` (a causal LM: its decoder; the head starts random). A pair's loss is
-``-log sigmoid(r(chosen) - r(rejected))``, r the scalar at the response's last token; the reported
+``-log sigmoid(r(chosen) - r(rejected))``, r the scalar at the response's last token (no
+end-of-sequence token is appended: transformers' sequence classifiers read the last token that is
+not padding, and many tokenizers pad with their end-of-sequence token); the reported
 accuracy is the share of pairs with r(chosen) > r(rejected) (0.5 is chance).
 
 Pairs come from `reward_model.train_path` / `eval_path`, or are synthetic for the tiny chain_sum
@@ -31,12 +33,12 @@ from megatron_r1 import distributed
 from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.convert import model_info
 from megatron_r1.data.preferences import PreferencePair, load_preferences, synthetic_pairs
-from megatron_r1.data.sft import SFTDataError, encode_conversation, resolve_template
+from megatron_r1.data.sft import SFTDataError, resolve_template
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import num_parameters
 from megatron_r1.models.hf.base import load_hf, read_hf_config, save_hf
 from megatron_r1.models.reward_model import build_reward_model, last_token_index, reward_model_config
-from megatron_r1.rewards.reward_model import META_FILE, score_sequences
+from megatron_r1.rewards.reward_model import META_FILE, encode_for_reward, score_sequences
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.metrics import MetricsLogger, read_metrics
 from megatron_r1.train.optim import build_optimizer
@@ -54,20 +56,18 @@ class EncodedPair:
 
 
 def encode_pairs(pairs: list[PreferencePair], tokenizer, template: str, max_seq_len: int) -> tuple[list[EncodedPair], Counter]:
-    """Token ids of both sides (prompt template + response + end of sequence); pairs that cannot be
+    """Token ids of both sides (`rewards.reward_model.encode_for_reward`); pairs that cannot be
     encoded or are longer than `max_seq_len` are skipped and counted."""
     template = resolve_template(template, tokenizer)
     out, skipped = [], Counter()
     for pair in pairs:
         sides = []
         for response in (pair.chosen, pair.rejected):
-            example, reason = encode_conversation(
-                [{"role": "user", "content": pair.prompt}, {"role": "assistant", "content": response}], tokenizer, template
-            )
-            if example is None:
+            ids, reason = encode_for_reward(pair.prompt, response, tokenizer, template)
+            if ids is None:
                 skipped[reason] += 1
                 break
-            sides.append(example.ids)
+            sides.append(ids)
         else:
             if max(len(s) for s in sides) > max_seq_len:
                 skipped["longer_than_max_seq_len"] += 1

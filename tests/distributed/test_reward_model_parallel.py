@@ -1,11 +1,11 @@
 """The reward model under model parallelism, two gloo processes on the CPU, against one process.
 
 A random `LlamaForSequenceClassification` (the format `megatron-r1 reward-model` exports) is loaded
-into the Megatron reward model with TP=2 + sequence parallelism (the replicated value head gathers the
-sequence-cut hidden states) and with PP=2 (the head on the last stage). In both layouts every rank must
-give the scores transformers gives, and one Bradley-Terry training step must give the loss and
-gradient norm of the same step on one process: a head whose gradient were summed over TP ranks, or
-lost on a pipeline stage, would change the norm.
+into the Megatron reward model with TP=2 (the value head replicated on both ranks) and with PP=2 (the
+head on the last stage). In both layouts every rank must give the scores transformers gives, and one
+Bradley-Terry training step must give the loss and gradient norm of the same step on one process: a
+head counted twice in the norm, or lost on a pipeline stage, would change it. (Sequence parallelism
+needs Transformer Engine's norms, so the head's gather under it runs on GPUs only.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CFG = ModelConfig(
 )
 OPTIMIZER = OptimizerConfig(lr=1e-3, clip_grad=1e9)  # no clipping: the step's norm is the raw gradient's
 LAYOUTS = {
-    "tp2_sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+    "tp2": ParallelConfig(tensor_model_parallel_size=2),
     "pp2": ParallelConfig(pipeline_model_parallel_size=2),
 }
 
