@@ -29,7 +29,7 @@ stages:
   - name: reasoning_rl
     run: r1-zero conf/stages/r1_zero_tiny.yaml checkpoint.load_hf=${{cold_start_sft}}/hf checkpoint.base_stage= reward.language_weight=0.1 steps=3 {tiny} checkpoint.save_every=1 logging.run_dir=${{stage}}
   - name: reward_model
-    run: reward-model conf/stages/reward_model_tiny.yaml checkpoint.load_hf=${{reasoning_rl}}/hf checkpoint.base_stage= reward_model.synthetic_pairs=64 reward_model.synthetic_eval_pairs=32 logging.progress_bar=false logging.run_dir=${{stage}}
+    run: reward-model conf/stages/reward_model_tiny.yaml checkpoint.load_hf=${{reasoning_rl}}/hf checkpoint.base_stage= reward_model.synthetic_pairs=64 reward_model.synthetic_eval_pairs=32 optimizer.lr_warmup_steps=0 logging.progress_bar=false logging.run_dir=${{stage}}
   - name: final_rl
     run: grpo conf/stages/final_rl_tiny.yaml checkpoint.load_hf=${{reasoning_rl}}/hf reward.model_path=${{reward_model}}/hf data.languages=[] steps=2 {tiny} logging.run_dir=${{stage}}
 """
@@ -53,7 +53,7 @@ def test_pipeline_chains_stages_resumes_after_a_kill_and_skips_finished_ones(bas
 
     # Rerun: the finished commands are skipped, the killed stage resumes from its checkpoint.
     out = cli("pipeline", str(spec))
-    assert out.stderr.count("skipped") == 3 and "resumed from" in out.stderr
+    assert out.stderr.count("done already") == 3 and "resumed from" in out.stderr
     assert "pipeline tiny_test finished" in out.stdout
     table = json.loads((run_dir / "pipeline.json").read_text())["stages"]
     assert [r["stage"] for r in table] == ["cold_start_sft", "reasoning_rl", "reward_model", "final_rl"]
@@ -71,7 +71,7 @@ def test_pipeline_chains_stages_resumes_after_a_kill_and_skips_finished_ones(bas
     # A finished pipeline: nothing runs again.
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")}
     again = cli("pipeline", str(spec))
-    assert again.stderr.count("skipped") == 6
+    assert again.stderr.count("done already") == 6
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("summary.json")} == stamps
 
 
