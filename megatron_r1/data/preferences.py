@@ -25,7 +25,7 @@ from typing import Any
 
 from megatron_r1.data.gym import gym_entry, make_gym_dataset
 from megatron_r1.data.phrasebook import check_languages, localize_question, pick_language
-from megatron_r1.data.tiny_corpus import DIRECT_THOUGHT, _chain, direct_solution, render_steps, running_totals, worked_solution
+from megatron_r1.data.tiny_corpus import _chain, direct_solution, render_steps, running_totals, worked_solution
 
 PAIR_KINDS = ("wrong_answer", "guess", "wrong_language", "bad_format")
 
@@ -117,8 +117,7 @@ def synthetic_pairs(
             rejected = _answer_block(thought, wrong)
         elif kind == "guess":
             wrong = int(answer) + rng.choice([-1, 1]) * rng.randint(1, 9)
-            thought = direct_solution(entry, cot_language) if cot_language else DIRECT_THOUGHT
-            rejected = _answer_block(thought, wrong)
+            rejected = _answer_block(direct_solution(entry, cot_language), wrong)
         elif kind == "wrong_language":
             other = next(lang for lang in languages if lang != language)
             rejected = _answer_block(worked_solution(entry, other), answer)
