@@ -88,9 +88,41 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1  # EP
     expert_tensor_parallel_size: int | None = None  # TP inside experts (None: same as TP)
     context_parallel_size: int = 1  # CP
+    num_layers_in_first_pipeline_stage: int | None = None  # uneven PP: layers on the first stage (None: even split)
+    num_layers_in_last_pipeline_stage: int | None = None  # uneven PP: layers on the last stage (embedding/loss make the ends heavier)
     sequence_parallel: bool = False  # shard activations along sequence in TP regions (needed for TP+MoE)
     use_distributed_optimizer: bool = False  # ZeRO-1 style optimizer state sharding
     backend: str = "auto"  # auto | nccl | gloo
+
+    def layers_per_stage(self, num_layers: int) -> list[int]:
+        """Decoder layers on each pipeline stage (Megatron's uneven split: first/last given, the rest even)."""
+        pp = self.pipeline_model_parallel_size
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if pp == 1:
+            return [num_layers]
+        ends = [n for n in (first, last) if n is not None]
+        middle_stages = pp - len(ends)
+        middle_layers = num_layers - sum(ends)
+        if any(n < 1 for n in ends) or middle_layers < middle_stages or (middle_stages and middle_layers % middle_stages) or (
+            not middle_stages and middle_layers
+        ):
+            raise ConfigError(
+                f"{num_layers} layers cannot be split over {pp} pipeline stages with first={first}, last={last}: "
+                "the stages between them must get an equal share; change "
+                "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
+            )
+        each = middle_layers // middle_stages if middle_stages else 0
+        return [first if first is not None else each] + [each] * (pp - 2) + [last if last is not None else each]
+
+
+@dataclass
+class MemoryConfig:
+    """Trading compute or host memory for GPU memory (what `megatron-r1 plan` weighs)."""
+
+    recompute: str = "none"  # none | full: recompute whole decoder layers in backward (keeps only each layer's input)
+    recompute_num_layers: int = 1  # full: layers per recomputed chunk (Megatron's uniform method)
+    precision_aware_optimizer: bool = False  # GPU + Transformer Engine: Adam moments in bf16 (8 instead of 12 bytes/param)
+    optimizer_offload_fraction: float = 0.0  # GPU: share of the optimizer state (and its step) kept on the host
 
 
 @dataclass
@@ -303,6 +335,7 @@ class StageConfig:
     steps: int = 60  # RL / training steps
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -484,6 +517,7 @@ _CHOICES = {
     "model.rope_type": ("rope", "yarn"),
     "model.moe_router_score_function": ("softmax", "sigmoid"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "memory.recompute": ("none", "full"),
     "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "grpo.kl_estimator": ("k1", "k2", "k3"),
     "reward.format_mode": ("strict", "soft"),
@@ -513,6 +547,13 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError("model.num_experts must be divisible by parallel.expert_model_parallel_size")
     if m.num_experts is not None and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         raise ConfigError("MoE with tensor parallelism needs parallel.sequence_parallel=true")
+    mem = cfg.memory
+    if not 0.0 <= mem.optimizer_offload_fraction <= 1.0:
+        raise ConfigError(f"memory.optimizer_offload_fraction={mem.optimizer_offload_fraction} must lie in [0, 1]")
+    if mem.optimizer_offload_fraction > 0 and not p.use_distributed_optimizer:
+        raise ConfigError("memory.optimizer_offload_fraction > 0 needs parallel.use_distributed_optimizer=true (Megatron offloads the sharded state)")
+    if mem.recompute_num_layers < 1:
+        raise ConfigError(f"memory.recompute_num_layers must be >= 1, got {mem.recompute_num_layers}")
     if m.arch == "deepseek_v3":
         from megatron_r1.models.hf.deepseek_v3 import check_config  # what Hugging Face can express
 

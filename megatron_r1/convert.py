@@ -3,6 +3,7 @@
     megatron-r1 convert to-hf --checkpoint runs/r1_zero_tiny/checkpoints [--step N] --out /tmp/hf
     megatron-r1 convert from-hf --hf runs/tiny_base/hf --stage conf/stages/r1_zero_tiny.yaml \
         [parallel.tensor_model_parallel_size=2 ...] --out /tmp/ckpt
+    megatron-r1 convert fp8-to-bf16 checkpoints/DeepSeek-V3-Base checkpoints/DeepSeek-V3-Base-bf16
 
 `to-hf` loads the weights of a checkpoint of any TP/PP/EP layout into a model of this job's layout
 (one process by default; run it under torchrun for a model that needs several), then streams it
@@ -15,22 +16,41 @@ Both verify what they wrote: `to-hf` checks that every tensor the model's adapte
 files with its shape (routed experts included, one by one), that nothing else is, and that the
 parameter count equals the model's; `from-hf` reads its checkpoint back and compares every tensor.
 A mismatch is one error line naming the keys.
+
+`fp8-to-bf16` dequantizes a Hugging Face FP8 checkpoint (DeepSeek-V3's published format) into a
+bf16 one without `quantization_config`: the directory the rollout engine (and the trainer) start
+from; see the section at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from tqdm import tqdm
 
 from megatron_r1 import distributed
 from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig, StageConfig, from_dict, to_dict
 from megatron_r1.models.build import build_model
-from megatron_r1.models.hf.base import _entries, get_adapter, iter_full_state, load_hf, read_hf_config, save_hf, unwrap
+from megatron_r1.models.hf.base import (
+    _DTYPES,
+    _entries,
+    _SafetensorsReader,
+    _ShardWriter,
+    get_adapter,
+    iter_full_state,
+    load_hf,
+    read_hf_config,
+    save_hf,
+    unwrap,
+)
+from megatron_r1.models.hf.deepseek_v3 import dequantize_fp8, fp8_quantization
 from megatron_r1.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -205,4 +225,161 @@ def from_hf(hf_dir: str | Path, stage: StageConfig, out: str | Path) -> dict:
     result = {"parameters": global_parameter_count(model), "layout": to_dict(stage.parallel)}
     if distributed.is_main():
         log.info("wrote %s (step 0): %s parameters in layout %s", out, f"{result['parameters']:,}", result["layout"])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 Hugging Face checkpoint -> bf16 (the rollout engine's weights).
+#
+# DeepSeek-V3's published checkpoints store linear weights as float8_e4m3fn with a float32
+# `<name>_scale_inv` per 128x128 block and say so in config.json's `quantization_config`. The
+# trainer dequantizes them on load; vLLM would build FP8 layers instead, which the bf16 weight sync
+# cannot feed (`models.hf.deepseek_v3.check_rollout_weights`). So rollouts, as in NeMo-RL, run a
+# converted copy: every float8 weight times its scale, cast to bf16, the scales dropped, every other
+# tensor (norms, embeddings, router, its float32 correction bias) copied bit for bit, and the
+# config without `quantization_config`. Multi-token-prediction layers (`model.layers.<n >=
+# num_hidden_layers>`) are converted like the rest and kept, as the source carries them.
+
+_SCALE_SUFFIX = "_scale_inv"
+_FLOAT8_HEADERS = {"F8_E4M3", "F8_E5M2"}  # safetensors' names for float8 dtypes
+_INDEX = "model.safetensors.index.json"
+_HEADER_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _fp8_source_config(src: Path) -> tuple[dict, int]:
+    """config.json of an FP8 checkpoint and its block size; one-line errors for anything else."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such directory (the FP8 Hugging Face checkpoint to convert)")
+    config = src / "config.json"
+    if not config.is_file():
+        raise ConversionError(f"no config.json in {src}: not a Hugging Face model directory")
+    hf_config = json.loads(config.read_text())
+    quant = fp8_quantization(hf_config)
+    if quant is None:
+        found = (hf_config.get("quantization_config") or {}).get("quant_method")
+        raise ConversionError(
+            f"{config} has no fp8 quantization_config" + (f" (quant_method {found!r})" if found else "")
+            + ": its weights are not FP8, nothing to convert; use the directory as it is"
+        )
+    block = quant.get("weight_block_size") or [128, 128]
+    if len(block) != 2 or block[0] != block[1]:
+        raise ConversionError(f"{config}: weight_block_size {block} is not square; only DeepSeek-V3's square blocks are supported")
+    return hf_config, int(block[0])
+
+
+def _fp8_plan(src: Path, weight_map: dict[str, str], block: int) -> dict[str, tuple[str | None, tuple[int, ...], int]]:
+    """Output tensor -> (its scale's name for float8 weights, else None; shape; source bytes per
+    value), from the shards' headers alone, so that a broken checkpoint fails before anything is written."""
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in sorted(set(weight_map.values())):
+        path = src / file
+        if not path.is_file():
+            raise ConversionError(f"{path} is missing (named by {_INDEX})")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                headers[key] = (piece.get_dtype(), tuple(piece.get_shape()))
+    plan: dict[str, tuple[str | None, tuple[int, ...], int]] = {}
+    for name, (dtype, shape) in headers.items():
+        if name.endswith(_SCALE_SUFFIX) and name[: -len(_SCALE_SUFFIX)] in headers:
+            continue  # consumed with its weight
+        if dtype not in _FLOAT8_HEADERS:
+            plan[name] = (None, shape, _HEADER_BYTES.get(dtype, 8))
+            continue
+        scale = name + _SCALE_SUFFIX
+        if scale not in headers:
+            raise ConversionError(f"{src}: float8 tensor {name} has no {scale}; the checkpoint is incomplete or not DeepSeek-V3's FP8 format")
+        tiles = tuple(-(-d // block) for d in shape)
+        if len(shape) != 2 or headers[scale][1] != tiles:
+            raise ConversionError(f"{src}: {scale} has shape {headers[scale][1]}, expected {tiles} ({block}x{block} blocks of {name} {shape})")
+        plan[name] = (scale, shape, 1)
+    return plan
+
+
+def _check_space(where: Path, needed: int) -> None:
+    """Fail now rather than hours in: the output (about twice the FP8 source in bf16) must fit."""
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise ConversionError(f"the converted checkpoint needs {needed / 2**30:,.1f} GiB, {where} has {free / 2**30:,.1f} GiB free; free space or choose another DST")
+
+
+def _check_destination(dst: Path) -> Path:
+    """`dst` must not hold anything yet; returns the staging directory beside it."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConversionError(f"{dst} already exists and is not empty; choose a new output directory or remove it")
+    staging = dst.with_name(dst.name + ".tmp")
+    if staging.exists():
+        log.info("removing %s, left by an interrupted conversion", staging)
+        shutil.rmtree(staging)
+    return staging
+
+
+def _copy_non_weights(src: Path, staging: Path, hf_config: dict, dtype: str) -> None:
+    """config.json without `quantization_config`, and every other non-weight file (tokenizer,
+    generation config, modeling code, ...) as it is. Hidden entries (`.cache/`, `.git*`) stay behind."""
+    config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    config.update(torch_dtype=dtype, dtype=dtype)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith(".") or entry.name in ("config.json", _INDEX) or entry.name.endswith(".safetensors"):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, staging / entry.name)
+        else:
+            shutil.copy2(entry, staging / entry.name)  # follows symlinks: HF cache snapshots link to blobs
+
+
+def fp8_to_bf16(src: str | Path, dst: str | Path, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30) -> dict:
+    """Write the FP8 checkpoint `src` as a `dtype` checkpoint in `dst` (see the section comment).
+
+    Streams one tensor at a time (a shard's worth of output at most is held in memory), into
+    `DST.tmp`, renamed to `dst` only once every file is written and the tensor names and shapes
+    are checked; an interrupted run leaves `DST.tmp`, which the next run starts over.
+    """
+    src, dst = Path(src), Path(dst)
+    if dtype not in _DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    target = _DTYPES[dtype]
+    hf_config, block = _fp8_source_config(src)
+    staging = _check_destination(dst)
+    with _SafetensorsReader(src) as reader:
+        plan = _fp8_plan(src, reader.weight_map, block)
+        _check_space(staging.parent, sum(_numel(shape) * (target.itemsize if scale else size) for scale, shape, size in plan.values()))
+        staging.mkdir(parents=True)
+        try:
+            writer = _ShardWriter(staging, max_shard_bytes)
+            bar = tqdm(plan.items(), total=len(plan), unit="tensor", desc=f"fp8 -> {dtype}")
+            for name, (scale, _, _) in bar:
+                tensor = reader.get(name)
+                if scale is not None:
+                    # float32 product, rounded once to `dtype`: what the trainer's load (dequantize,
+                    # then copy into its bf16 parameters) computes, so both start from equal weights.
+                    tensor = dequantize_fp8(tensor, reader.get(scale), block).to(target)
+                writer.add(name, tensor.contiguous())
+            writer.finish()
+            _copy_non_weights(src, staging, hf_config, dtype)
+            values = verify_hf_dir(staging, {name: shape for name, (_, shape, _) in plan.items()})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    if dst.exists():
+        dst.rmdir()  # empty (checked above)
+    staging.rename(dst)
+    layers = hf_config.get("num_hidden_layers")
+    mtp = sum(1 for name in plan if (m := _HF_LAYER.match(name)) and layers is not None and int(m[1]) >= layers)
+    result = {
+        "tensors": len(plan),
+        "dequantized": sum(1 for scale, _, _ in plan.values() if scale),
+        "values": values,
+        "mtp_tensors": mtp,
+        "files": len(list(dst.glob("*.safetensors"))),
+    }
+    log.info(
+        "wrote %s: %d tensors (%d dequantized to %s; %d in multi-token-prediction layers, kept), "
+        "%s values in %d file(s); point checkpoint.load_hf at it", dst, result["tensors"], result["dequantized"], dtype,
+        mtp, f"{values:,}", result["files"],
+    )
     return result

@@ -21,6 +21,9 @@ pipeline only adds the order, the paths, skipping and the closing table:
   `stats.json` + `data.jsonl` for rejection-sample, `eval.json` for evaluate, `pretrain_done.json`
   for pretrain) is skipped, so rerunning a finished pipeline does no work.
 * An interrupted command is simply run again: it resumes from its own checkpoints.
+* SIGUSR1/SIGTERM reaching the pipeline go on to the running command, which saves and exits with
+  `REQUEUE_EXIT_CODE`; the pipeline then stops with that status too (a signal between commands
+  stops it before the next one), so a requeued job reruns the pipeline and picks up there.
 * At the end, one row per stage from its outputs (held-out accuracy, format rate, language
   consistency, response length, samples kept, SFT loss, reward-model pair accuracy) is printed and
   written to `<run_dir>/pipeline.json`.
@@ -44,6 +47,7 @@ from pathlib import Path
 import yaml
 
 from megatron_r1.config import ConfigError
+from megatron_r1.train.preemption import REQUEUE_EXIT_CODE, ForwardingWatch, Preempted
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +159,16 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return Pipeline(name, run_dir, launcher, stages)
 
 
-def _launch(pipeline: Pipeline, job: Job) -> None:
+def _launch(pipeline: Pipeline, job: Job, watch: ForwardingWatch) -> None:
     argv = [*pipeline.launcher, "-m", "megatron_r1.cli", *job.argv()]
     log.info("running: %s", shlex.join(argv))
-    code = subprocess.call(argv)
+    watch.child = subprocess.Popen(argv)
+    try:
+        code = watch.child.wait()
+    finally:
+        watch.child = None
+    if code == REQUEUE_EXIT_CODE:
+        raise Preempted(f"'{shlex.join(job.argv())}' saved its checkpoint and stopped; rerun the pipeline to resume")
     if code != 0:
         raise RuntimeError(f"'{shlex.join(job.argv())}' failed (exit {code}); fix it and rerun the pipeline: finished stages are skipped")
 
@@ -205,15 +215,19 @@ def run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[d
     pipeline = load_pipeline(path, overrides)
     pipeline.run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    watch = ForwardingWatch()
     for stage in pipeline.stages:
         for job in stage.jobs:
             if job.done():
                 log.info("[%s] %s: done already (%s), skipped", stage.name, job.command, job.run_dir)
                 continue
+            if watch.received is not None:  # signalled between two commands: stop before the next
+                raise Preempted(f"stopped before [{stage.name}] {job.command}; rerun the pipeline to resume")
             log.info("[%s] %s -> %s", stage.name, job.command, job.run_dir)
-            _launch(pipeline, job)
+            _launch(pipeline, job, watch)
             if not job.done():
                 raise RuntimeError(f"[{stage.name}] {job.command} exited without writing {', '.join(DONE_MARKERS[job.command])} in {job.run_dir}")
+    watch.close()
     rows = [stage_row(s) for s in pipeline.stages]
     (pipeline.run_dir / "pipeline.json").write_text(json.dumps({"name": pipeline.name, "stages": rows,
                                                                 "seconds": round(time.perf_counter() - start, 1)}, indent=2))

@@ -13,16 +13,23 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1 import platform
-from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_r1.config import ConfigError, MemoryConfig, ModelConfig, ParallelConfig
 from megatron_r1.models.spec import decoder_block_spec, mtp_block_spec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """Translate our config into Megatron's TransformerConfig (MLATransformerConfig for MLA)."""
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, memory: MemoryConfig | None = None, *, check_fp8: bool = True
+) -> TransformerConfig:
+    """Translate our config into Megatron's TransformerConfig (MLATransformerConfig for MLA).
+
+    `check_fp8=False` lets the layout planner describe an FP8 model on a machine without Transformer
+    Engine (it builds the model on the meta device to count parameters, never runs it)."""
     use_te = platform.has_transformer_engine()
-    if model.fp8_recipe and not use_te:
+    memory = memory or MemoryConfig()
+    parallel.layers_per_stage(model.num_layers)  # one clear line before Megatron's assert
+    if model.fp8_recipe and not use_te and check_fp8:
         raise ConfigError(f"model.fp8_recipe={model.fp8_recipe!r} needs Transformer Engine on a GPU; unset it here")
     dtype = _DTYPES[model.params_dtype]
     common = dict(
@@ -47,6 +54,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         fp16=dtype is torch.float16,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
@@ -62,7 +71,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         mtp_num_layers=model.mtp_num_layers or None,
         mtp_loss_scaling_factor=model.mtp_loss_scaling_factor,
     )
-    if model.fp8_recipe:
+    if memory.recompute == "full":
+        # Keep only each chunk's input; the chunk's forward runs again inside backward.
+        common.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=memory.recompute_num_layers)
+    if model.fp8_recipe and use_te:
         common.update(fp8="hybrid", fp8_recipe=model.fp8_recipe)
     if model.num_experts:
         common.update(
@@ -106,29 +118,30 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig) -> GPTModel:
+def build_model(model: ModelConfig, parallel: ParallelConfig, memory: MemoryConfig | None = None) -> GPTModel:
     """Build this rank's shard of the model (pipeline stage, TP/EP partition)."""
-    config = transformer_config(model, parallel)
-    use_te = platform.has_transformer_engine()
-    block = decoder_block_spec(config, use_te)
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    gpt = GPTModel(
+    gpt = gpt_model(transformer_config(model, parallel, memory), model)
+    if platform.has_cuda():
+        gpt = gpt.cuda()
+    return gpt
+
+
+def gpt_model(config: TransformerConfig, model: ModelConfig) -> GPTModel:
+    """The GPTModel for `config` on the current device (the planner builds it on the meta device)."""
+    block = decoder_block_spec(config, platform.has_transformer_engine())
+    return GPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=first,
-        post_process=last,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         parallel_output=True,  # logits stay vocab-parallel; losses use vocab-parallel cross entropy
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",  # MLA layers apply their own (decoupled) rotary embedding
         rotary_base=int(model.rotary_base),
-        mtp_block_spec=mtp_block_spec(config, block, use_te),
+        mtp_block_spec=mtp_block_spec(config, block, platform.has_transformer_engine()),
     )
-    if platform.has_cuda():
-        gpt = gpt.cuda()
-    return gpt
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from megatron_r1 import distributed
 from megatron_r1.config import ConfigError, RolloutConfig
+from megatron_r1.models.hf.deepseek_v3 import check_rollout_weights
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class VLLMEngine:
 
         self.cfg = cfg
         self.model_dir = str(model_dir)
+        check_rollout_weights(self.model_dir)  # FP8 checkpoints: convert to bf16 first (before any start-up cost)
         self.on_gpu = torch.cuda.is_available()
         distributed.ensure_process_group()  # vLLM joins the trainer's world (or a 1-rank one)
         self.layout = EngineLayout.from_config(cfg, dist.get_world_size(), dist.get_rank())

@@ -25,7 +25,8 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig as Megatr
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.utils import unwrap_model
 
-from megatron_r1.config import ConfigError, OptimizerConfig, ParallelConfig
+from megatron_r1 import platform
+from megatron_r1.config import ConfigError, MemoryConfig, OptimizerConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def build_optimizer(
     opt_cfg: OptimizerConfig,
     parallel: ParallelConfig,
     total_steps: int,
+    memory: MemoryConfig | None = None,
 ) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """Wrap `model` (this rank's GPTModel shard) for training; returns (ddp_model, optimizer, scheduler).
 
@@ -52,6 +54,13 @@ def build_optimizer(
         )
     if opt_cfg.min_lr > opt_cfg.lr:
         raise ConfigError(f"optimizer.min_lr={opt_cfg.min_lr} is above optimizer.lr={opt_cfg.lr}")
+    memory = memory or MemoryConfig()
+    # Both live in Megatron's GPU optimizer paths (Transformer Engine's FusedAdam, the hybrid
+    # host/device optimizer); there is nothing to save on a CPU.
+    if memory.precision_aware_optimizer and not platform.has_transformer_engine():
+        raise ConfigError("memory.precision_aware_optimizer needs Transformer Engine on a GPU; set it to false here")
+    if memory.optimizer_offload_fraction > 0 and not platform.has_cuda():
+        raise ConfigError("memory.optimizer_offload_fraction > 0 moves optimizer state from a GPU to the host; set it to 0 on CPU")
 
     config = model.config  # Megatron's TransformerConfig, shared by every module of the model
     ddp_config = DistributedDataParallelConfig(
@@ -76,6 +85,11 @@ def build_optimizer(
         fp16=config.fp16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        use_precision_aware_optimizer=memory.precision_aware_optimizer,
+        exp_avg_dtype=torch.bfloat16 if memory.precision_aware_optimizer else torch.float32,
+        exp_avg_sq_dtype=torch.bfloat16 if memory.precision_aware_optimizer else torch.float32,
+        optimizer_cpu_offload=memory.optimizer_offload_fraction > 0,
+        optimizer_offload_fraction=memory.optimizer_offload_fraction,
     )
     optimizer = get_megatron_optimizer(megatron_cfg, [ddp_model])
 

@@ -111,8 +111,8 @@ def run(cfg: StageConfig) -> Path:
     if len(tokenizer) > cfg.model.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.vocab_size={cfg.model.vocab_size}")
 
-    model = build_model(cfg.model, cfg.parallel)
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps)
+    model = build_model(cfg.model, cfg.parallel, cfg.memory)
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps, cfg.memory)
     if main:
         log.info("pretraining the tiny base model: %d parameters, up to %d steps", num_parameters(model), cfg.steps)
 

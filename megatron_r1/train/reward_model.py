@@ -161,7 +161,7 @@ def run(cfg: StageConfig) -> dict:
     model_cfg = reward_model_config(dataclasses.replace(read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe))
     model = build_reward_model(model_cfg, cfg.parallel)
     load_hf(model, model_cfg, hf_dir, head="none")
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan))
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan), cfg.memory)
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
     start_step, prior_wall, initial = 0, 0.0, None
     if cfg.checkpoint.resume and (latest := ckpt.latest_step(ckpt_dir)) is not None:

@@ -40,6 +40,7 @@ from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.evaluate import evaluate, stop_conditions
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
 from megatron_r1.train.optim import build_optimizer
+from megatron_r1.train.preemption import Preempted, PreemptionWatch
 from megatron_r1.train.pretrain import prepare_base_model
 from megatron_r1.train.step import Batch, compute_logprobs, data_parallel_share, train_step
 
@@ -54,12 +55,12 @@ def _build_policy(cfg: StageConfig, hf_dir: Path):
     model_cfg = dataclasses.replace(
         read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe
     )
-    model = build_model(model_cfg, cfg.parallel)
+    model = build_model(model_cfg, cfg.parallel, cfg.memory)
     load_hf(model, model_cfg, hf_dir)
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps)
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps, cfg.memory)
     reference = None
     if cfg.grpo.kl_beta > 0:  # beta = 0 skips the reference model: no memory, no forward
-        reference = build_model(model_cfg, cfg.parallel)
+        reference = build_model(model_cfg, cfg.parallel, cfg.memory)
         load_hf(reference, model_cfg, hf_dir)
         reference.eval().requires_grad_(False)
     return model_cfg, model, ddp, optimizer, scheduler, reference
@@ -367,6 +368,7 @@ def run(cfg: StageConfig) -> dict:
     """Run R1-Zero GRPO as configured (every rank of the job calls it); returns the summary
     (also written to summary.json) on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
+    preemption = PreemptionWatch()  # from here on SIGUSR1/SIGTERM mean: finish the step, save, exit
     main = distributed.is_main()
     run_dir = Path(cfg.logging.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -443,7 +445,8 @@ def run(cfg: StageConfig) -> dict:
             with timer("eval"):
                 last_eval = run_eval(done)
             row.update(last_eval.metrics(cfg.logging.eval_samples))
-        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == cfg.steps:
+        stop = preemption.stop_requested(done)  # a signal reached some rank: save this step, then exit
+        if stop or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == cfg.steps:
             with timer("checkpoint"):
                 wall = prior_wall + time.perf_counter() - wall_start
                 ckpt.save_checkpoint(ckpt_dir, done, policy.ddp, policy.optimizer, policy.scheduler,
@@ -454,7 +457,10 @@ def run(cfg: StageConfig) -> dict:
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
         metrics.log(done, row)
         bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=f"{row.get('reward/accuracy', 0):.2f}", len=f"{row['response/length_mean']:.0f}")
+        if stop:
+            raise Preempted(f"step {done} of {cfg.steps} is saved in {ckpt_dir}; rerun the same command to resume")
     bar.close()
+    preemption.close()
 
     if last_eval is None:  # resumed at the end: evaluate what we have
         last_eval = run_eval(cfg.steps)

@@ -32,6 +32,7 @@ from megatron_r1.models.hf.base import load_hf, read_hf_config, save_hf
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.metrics import MetricsLogger, read_metrics
 from megatron_r1.train.optim import build_optimizer
+from megatron_r1.train.preemption import Preempted, PreemptionWatch
 from megatron_r1.train.pretrain import prepare_base_model
 from megatron_r1.train.step import Batch, data_parallel_share, forward_backward, lm_loss_fn, train_step
 
@@ -104,6 +105,7 @@ def _log_data(name: str, data: SFTDataset) -> None:
 def run(cfg: StageConfig) -> dict:
     """Fine-tune `checkpoint.load_hf` on `sft.train_path` (every rank calls it); returns the summary on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
+    preemption = PreemptionWatch()  # from here on SIGUSR1/SIGTERM mean: finish the step, save, exit
     from megatron.core import parallel_state
 
     main = distributed.is_main()
@@ -127,9 +129,9 @@ def run(cfg: StageConfig) -> dict:
             _log_data("eval", held_out)
 
     model_cfg = dataclasses.replace(read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe)
-    model = build_model(model_cfg, cfg.parallel)
+    model = build_model(model_cfg, cfg.parallel, cfg.memory)
     load_hf(model, model_cfg, hf_dir)
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan))
+    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan), cfg.memory)
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
     start_step, prior_wall = 0, 0.0
     if cfg.checkpoint.resume and (latest := ckpt.latest_step(ckpt_dir)) is not None:
@@ -163,14 +165,18 @@ def run(cfg: StageConfig) -> dict:
         if held_out is not None and (cfg.sft.eval_every and done % cfg.sft.eval_every == 0 or done == len(plan)):
             final_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
             row["eval/loss"] = final_eval
-        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
+        stop = preemption.stop_requested(done)  # a signal reached some rank: save this step, then exit
+        if stop or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
             ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
                                  {"wall_seconds": prior_wall + time.perf_counter() - wall_start, "model_info": model_info(model_cfg, hf_dir)},
                                  keep_last=cfg.checkpoint.keep_last)
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
         metrics.log(done, row)
         bar.set_postfix(loss=f"{out['loss']:.3f}", **({"eval": f"{final_eval:.3f}"} if final_eval is not None else {}))
+        if stop:
+            raise Preempted(f"step {done} of {len(plan)} is saved in {ckpt_dir}; rerun the same command to resume")
     bar.close()
+    preemption.close()
     if held_out is not None and final_eval is None:  # resumed at the end
         final_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
 

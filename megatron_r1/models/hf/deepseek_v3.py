@@ -33,15 +33,19 @@ skip), so `to_hf` returns [] for `mtp.*`, `from_hf` returns None (keep the fresh
 configs say `num_nextn_predict_layers: 0`, and `model_config` leaves `mtp_num_layers` at 0.
 
 Published FP8 checkpoints (`weight` in float8 + `weight_scale_inv` per 128x128 block) are
-dequantized on load.
+dequantized on load. The rollout engine refuses them (`check_rollout_weights`): vLLM would build FP8
+layers from their `quantization_config`, while the weight sync sends bf16 tensors without scales.
+`megatron-r1 convert fp8-to-bf16` writes the bf16 copy that both trainer and engine start from.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -132,6 +136,23 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = _
         )
     scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return weight.float() * scale
+
+
+def fp8_quantization(hf_config: dict) -> dict | None:
+    """The `quantization_config` of a checkpoint stored as FP8 weights with block scales, else None."""
+    quant = hf_config.get("quantization_config") or {}
+    return quant if quant.get("quant_method") == "fp8" else None
+
+
+def check_rollout_weights(model_dir: str | Path) -> None:
+    """Raise ConfigError if `model_dir` is an FP8 checkpoint: vLLM would build FP8 layers for it, and
+    the bf16 tensors the trainer syncs after each update (no `weight_scale_inv`) would not fit them."""
+    config = Path(model_dir) / "config.json"
+    if config.is_file() and fp8_quantization(json.loads(config.read_text())) is not None:
+        raise ConfigError(
+            f"{model_dir} holds FP8 weights (quantization_config in config.json), but the rollout engine runs "
+            f"bf16: run `megatron-r1 convert fp8-to-bf16 {model_dir} DST` once and set checkpoint.load_hf=DST"
+        )
 
 
 def check_config(cfg: ModelConfig) -> None:

@@ -1,0 +1,280 @@
+"""Per-GPU memory of a stage config on a cluster: the table, the verdict, the smallest node count.
+
+A colocated step has two peaks, and both must fit on every GPU:
+
+* training: the trainer's resident state (weights, fp32 gradient buffers, the optimizer's GPU share,
+  the reference model when ``kl_beta > 0``) plus activations (1F1B: stage i holds
+  ``min(PP - i, micro-batches)`` micro-batches in flight; the last stage adds the loss's softmax)
+  while the engine sleeps (its weights and KV cache released);
+* rollout: the same resident state plus the engine's ``gpu_memory_utilization`` share of the GPU,
+  which holds its weight shard and the KV cache (vLLM refuses to start unless at least one
+  ``max_model_len`` sequence fits).
+
+Bytes per parameter follow what `train/optim.py` builds: weights in ``params_dtype``; Megatron DDP
+gradient buffers in fp32 (``grad_reduce_in_fp32``); Adam state of fp32 master weights + two fp32
+moments (12 B, or 8 B with the precision-aware optimizer's bf16 moments; 8 B for fp32 models, which
+need no master copy), split over data-parallel ranks with the distributed optimizer (experts over
+expert-data-parallel ranks) and moved to the host by ``memory.optimizer_offload_fraction``.
+FP8 keeps the bf16 weights and adds a 1-byte FP8 copy of every weight (Transformer Engine caches it
+across micro-batches). Every GPU also loses a fixed reserve to the CUDA context, NCCL buffers and
+allocator fragmentation (``Gpu.reserve_gib``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from megatron_r1.config import ConfigError, StageConfig
+from megatron_r1.planner.activations import Shape, layer_bytes, loss_bytes, recompute_kept_bytes
+from megatron_r1.planner.params import ParamCounts, rank_parameters
+
+GiB = 1024**3
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU and the node around it."""
+
+    name: str
+    memory_gib: float  # what `torch.cuda.mem_get_info` reports as total
+    per_node: int = 8
+    host_memory_gib: float = 2048.0  # CPU memory of one node (DGX: 2 TiB)
+    reserve_gib: float = 5.0  # CUDA context + NCCL buffers + allocator fragmentation
+
+
+GPUS = {
+    "h100": Gpu("H100 80GB", 79.6),
+    "h200": Gpu("H200 141GB", 139.8),
+    "b200": Gpu("B200 180GB", 178.4),
+}
+
+
+@dataclass
+class Plan:
+    """The planner's answer for one layout on one cluster."""
+
+    nodes: int
+    gpus: int
+    gpu: str
+    layout: dict
+    total_params: int
+    mtp_params: int
+    active_params: int
+    per_gpu_bytes: dict[str, int]  # worst rank, by component (training and rollout parts)
+    train_peak_bytes: int
+    rollout_peak_bytes: int
+    capacity_bytes: int
+    host_bytes_per_node: int
+    engine: dict
+    stages: list[dict]
+    fits: bool
+    breaks: str | None  # the component that breaks it (None when it fits)
+    problems: list[str] = field(default_factory=list)
+    smallest_fitting_nodes: int | None = None
+
+
+def _divides(a: int, b: int) -> bool:
+    return b % a == 0
+
+
+def layout_problems(cfg: StageConfig, world: int) -> list[str]:
+    """Why Megatron, vLLM or this trainer would refuse the layout on `world` GPUs (empty: none)."""
+    p, m, r = cfg.parallel, cfg.model, cfg.rollout
+    tp, pp, cp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size, p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    out = []
+    if not _divides(tp * pp * cp, world):
+        out.append(f"TP x PP x CP = {tp * pp * cp} does not divide {world} GPUs")
+    if m.num_experts and not _divides(ep * etp * pp, world):
+        out.append(f"EP x expert-TP x PP = {ep * etp * pp} does not divide {world} GPUs")
+    if cp != 1:
+        out.append("context parallelism is not supported by the training step (parallel.context_parallel_size must be 1)")
+    if not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, world):
+        out.append(f"an engine of {r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size} GPUs does not divide {world} GPUs")
+    try:
+        p.layers_per_stage(m.num_layers)
+    except ConfigError as err:
+        out.append(f"{err} (the memory below assumes {_nearest_split(p, m.num_layers).layers_per_stage(m.num_layers)})")
+    dp = world // (tp * pp * cp) if _divides(tp * pp * cp, world) else 0
+    sequences = cfg.grpo.prompts_per_step * r.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
+    if dp and sequences % (dp * cfg.grpo.micro_batch_size):
+        out.append(f"{sequences} sequences per update do not split into micro-batches of {cfg.grpo.micro_batch_size} over {dp} data-parallel ranks")
+    return out
+
+
+def _nearest_split(parallel, num_layers: int):
+    """A split Megatron accepts, for estimating a layout whose own split it refuses: full stages of
+    ceil(L / PP) layers and the remainder on the last stage."""
+    pp = parallel.pipeline_model_parallel_size
+    last = num_layers - (pp - 1) * math.ceil(num_layers / pp)
+    if pp == 1 or last < 1:
+        return parallel
+    return dataclasses.replace(parallel, num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=last)
+
+
+def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int, flash: bool) -> dict[str, int]:
+    """Bytes by component on one rank of pipeline stage `stage`."""
+    p, m, mem = cfg.parallel, cfg.model, cfg.memory
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    dp = world // (tp * pp * cp)
+    expert_dp = world // (ep * etp * pp)
+    params = rank_parameters(counts, p, stage, mtp=m.mtp_num_layers > 0)
+    w = _BYTES[m.params_dtype]
+
+    out = {"weights": params.total * w}
+    if m.fp8_recipe:
+        out["fp8_weight_copies"] = params.total
+    out["gradients"] = params.total * 4
+    per_param = (4 if m.params_dtype != "float32" else 0) + (4 if mem.precision_aware_optimizer else 8)
+    shard_dense, shard_expert = (dp, expert_dp) if p.use_distributed_optimizer else (1, 1)
+    optimizer = per_param * (params.dense / shard_dense + params.expert / shard_expert)
+    out["optimizer"] = int(optimizer * (1 - mem.optimizer_offload_fraction))
+    out["optimizer_on_host"] = int(optimizer * mem.optimizer_offload_fraction)
+    out["reference"] = params.total * w if cfg.grpo.kl_beta > 0 else 0
+
+    seq = min(cfg.rollout.max_model_len, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens) // cp
+    shape = Shape(seq, cfg.grpo.micro_batch_size, tp, p.sequence_parallel and tp > 1, flash)
+    sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
+    micro_batches = max(1, sequences // max(dp * cfg.grpo.micro_batch_size, 1))
+    in_flight = min(pp - stage, micro_batches)
+    first_layer = sum(p.layers_per_stage(m.num_layers)[:stage])
+    kinds = counts.moe_layers[first_layer : first_layer + params.layers]
+    per_layer = [layer_bytes(m, shape, moe) for moe in kinds]
+    if mem.recompute == "full":
+        chunks = math.ceil(len(kinds) / mem.recompute_num_layers)
+        kept = in_flight * recompute_kept_bytes(m, shape, chunks)
+        rebuilt = max((sum(per_layer[i : i + mem.recompute_num_layers]) for i in range(0, len(kinds), mem.recompute_num_layers)), default=0)
+        out["activations"] = kept + rebuilt
+    else:
+        out["activations"] = in_flight * sum(per_layer)
+    out["loss"] = loss_bytes(m, shape) if stage == pp - 1 else 0
+    return out
+
+
+def _engine(cfg: StageConfig, counts: ParamCounts, gpu: Gpu) -> dict:
+    """The colocated engine on one GPU: weight shard, KV cache, concurrent sequences."""
+    r, m = cfg.rollout, cfg.model
+    shards = r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size
+    weights = counts.total * _BYTES[r.dtype] // shards  # MTP is not served (no speculative decoding)
+    if m.multi_latent_attention:  # one latent per token and layer, replicated over the engine's TP ranks
+        per_token = m.num_layers * (m.kv_lora_rank + m.qk_pos_emb_head_dim) * _BYTES[r.dtype] // r.engine_pipeline_parallel_size
+    else:
+        heads = max(1, m.num_query_groups // r.engine_tensor_parallel_size)
+        per_token = 2 * m.num_layers * heads * m.kv_channels * _BYTES[r.dtype] // r.engine_pipeline_parallel_size
+    budget = int(r.gpu_memory_utilization * gpu.memory_gib * GiB)
+    kv = max(0, budget - weights)
+    return {
+        "tensor_parallel": r.engine_tensor_parallel_size,
+        "pipeline_parallel": r.engine_pipeline_parallel_size,
+        "budget_bytes": budget,
+        "weights_bytes": weights,
+        "kv_cache_bytes": kv,
+        "kv_bytes_per_token": per_token,
+        "kv_tokens": kv // per_token,
+        "concurrent_sequences": kv // per_token // r.max_model_len,
+    }
+
+
+def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gpu, flash_attention: bool = True) -> Plan:
+    """The memory table and verdict for `cfg` on `nodes` nodes of `gpu`."""
+    world = nodes * gpu.per_node
+    problems = layout_problems(cfg, world)
+    try:
+        cfg.parallel.layers_per_stage(cfg.model.num_layers)
+    except ConfigError:
+        cfg = dataclasses.replace(cfg, parallel=_nearest_split(cfg.parallel, cfg.model.num_layers))
+    p = cfg.parallel
+    capacity = int(gpu.memory_gib * GiB)
+    reserve = int(gpu.reserve_gib * GiB)
+    layout = {
+        "tp": p.tensor_model_parallel_size,
+        "pp": p.pipeline_model_parallel_size,
+        "layers_per_stage": _split_or_none(p, cfg.model.num_layers),
+        "ep": p.expert_model_parallel_size,
+        "etp": p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        "cp": p.context_parallel_size,
+        "dp": world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size),
+        "sequence_parallel": p.sequence_parallel,
+        "distributed_optimizer": p.use_distributed_optimizer,
+        "recompute": cfg.memory.recompute,
+        "optimizer_offload_fraction": cfg.memory.optimizer_offload_fraction,
+        "precision_aware_optimizer": cfg.memory.precision_aware_optimizer,
+        "reference_model": cfg.grpo.kl_beta > 0,
+        "fp8": cfg.model.fp8_recipe,
+    }
+    engine = _engine(cfg, counts, gpu)
+    stages = []
+    if layout["layers_per_stage"] is not None and not any("divide" in x for x in problems):
+        for stage in range(p.pipeline_model_parallel_size):
+            parts = _stage_memory(cfg, counts, world, stage, flash_attention)
+            resident = sum(v for k, v in parts.items() if k not in ("activations", "loss", "optimizer_on_host"))
+            train = resident + parts["activations"] + parts["loss"] + reserve
+            rollout = resident - parts.get("fp8_weight_copies", 0) + engine["budget_bytes"] + reserve
+            stages.append({"stage": stage, "layers": layout["layers_per_stage"][stage], **parts, "train_peak": train, "rollout_peak": rollout})
+    if not stages:
+        return Plan(nodes, world, gpu.name, layout, counts.total, counts.mtp.total, active, {}, 0, 0, capacity, 0, engine, [],
+                    False, "layout", problems)
+
+    worst = max(stages, key=lambda s: max(s["train_peak"], s["rollout_peak"]))
+    per_gpu = {k: v for k, v in worst.items() if k not in ("stage", "layers", "train_peak", "rollout_peak", "optimizer_on_host")}
+    per_gpu.update(runtime_reserve=reserve, engine_weights=engine["weights_bytes"], engine_kv_cache=engine["kv_cache_bytes"])
+    host = max(s["optimizer_on_host"] for s in stages) * gpu.per_node
+    breaks = None
+    if engine["weights_bytes"] >= engine["budget_bytes"]:
+        problems.append(
+            f"engine: its weight shard ({engine['weights_bytes'] / GiB:.1f} GiB at engine TP x PP = "
+            f"{engine['tensor_parallel'] * engine['pipeline_parallel']}) exceeds its {engine['budget_bytes'] / GiB:.1f} GiB budget"
+        )
+        breaks = "engine_weights"
+    elif engine["concurrent_sequences"] < 1:
+        problems.append(f"engine: {engine['kv_tokens']} KV tokens do not hold one {cfg.rollout.max_model_len}-token sequence")
+        breaks = "engine_kv_cache"
+    resident = ("weights", "fp8_weight_copies", "gradients", "optimizer", "reference")
+    phases = {
+        "train": (worst["train_peak"], resident + ("activations", "loss")),
+        "rollout": (worst["rollout_peak"], resident + ("engine_budget",)),
+    }
+    for phase, (peak, names) in phases.items():
+        if peak > capacity:
+            parts = {k: worst.get(k, 0) for k in names}
+            parts["engine_budget"] = engine["budget_bytes"] if phase == "rollout" else 0
+            largest = max(parts, key=parts.get)
+            problems.append(
+                f"{phase}: {peak / GiB:.1f} GiB on pipeline stage {worst['stage']} exceeds {capacity / GiB:.1f} GiB; "
+                f"largest part: {largest} {parts[largest] / GiB:.1f} GiB"
+            )
+            breaks = breaks or largest
+    if host > gpu.host_memory_gib * GiB:
+        problems.append(f"host: {host / GiB:.0f} GiB of offloaded optimizer state per node exceeds {gpu.host_memory_gib:.0f} GiB")
+        breaks = breaks or "optimizer_on_host"
+    if problems and breaks is None:
+        breaks = "layout"
+    return Plan(
+        nodes, world, gpu.name, layout, counts.total, counts.mtp.total, active, per_gpu,
+        worst["train_peak"], worst["rollout_peak"], capacity, host, engine, stages, not problems, breaks, problems,
+    )
+
+
+def _split_or_none(parallel, num_layers: int) -> list[int] | None:
+    try:
+        return parallel.layers_per_stage(num_layers)
+    except ConfigError:
+        return None
+
+
+def search_nodes(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, max_nodes: int = 1024,
+                 flash_attention: bool = True) -> int | None:
+    """The smallest node count on which the layout fits (more nodes: more data parallelism, a
+    thinner optimizer shard), or None up to `max_nodes`."""
+    for nodes in range(1, max_nodes + 1):
+        if plan(cfg, counts, active, nodes, gpu, flash_attention).fits:
+            return nodes
+    return None
+
+
+def as_dict(result: Plan) -> dict:
+    return dataclasses.asdict(result)

@@ -1,0 +1,124 @@
+"""`megatron-r1 plan`: parameter counts from the model-building code, activation estimates against
+what a forward really keeps (measured on CPU), and the verdicts on the 671B recipe and the old layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_r1.config import ConfigError, MemoryConfig, ParallelConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TOLERANCE = 0.05  # the activation estimate vs the bytes a CPU forward keeps for backward (README)
+OLD_LAYOUT = [  # what conf/stages/r1_zero_deepseek_v3.yaml shipped before the planner existed
+    "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=8",
+    "parallel.num_layers_in_first_pipeline_stage=null", "parallel.num_layers_in_last_pipeline_stage=null",
+    "parallel.expert_model_parallel_size=32", "memory.recompute=none", "memory.optimizer_offload_fraction=0",
+    "rollout.engine_tensor_parallel_size=8", "rollout.engine_pipeline_parallel_size=1",
+    "rollout.gpu_memory_utilization=0.5", "model.mtp_num_layers=1",
+]
+
+
+def _model(preset: str):
+    return load_config(None, [f"model.preset={preset}"]).model
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe", "tiny_student"])
+def test_counts_equal_the_built_model(one_rank, preset):
+    from megatron_r1.models.build import build_model, num_parameters
+    from megatron_r1.planner.params import count_parameters, rank_parameters
+
+    cfg = _model(preset)
+    counts = count_parameters(cfg)
+    built = num_parameters(build_model(cfg, ParallelConfig()))
+    assert counts.total == built
+    assert rank_parameters(counts, ParallelConfig(), 0).total == built
+
+
+def test_deepseek_v3_is_671b_with_37b_active(one_rank):
+    from megatron_r1.planner.params import active_parameters, count_parameters
+
+    cfg = _model("deepseek_v3_671b")
+    counts = count_parameters(cfg)
+    assert counts.total == pytest.approx(671e9, rel=0.01)
+    assert 11e9 < counts.mtp.total < 12e9  # one MoE layer + projection; embedding and head shared
+    assert active_parameters(counts, cfg) == pytest.approx(37e9, rel=0.03)
+    assert counts.moe_layers == [False] * 3 + [True] * 58
+
+
+def test_layers_per_stage_follows_megatron():
+    split = ParallelConfig(pipeline_model_parallel_size=16, num_layers_in_first_pipeline_stage=3, num_layers_in_last_pipeline_stage=2)
+    assert split.layers_per_stage(61) == [3] + [4] * 14 + [2]
+    assert ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=3).layers_per_stage(5) == [3, 2]
+    assert ParallelConfig(pipeline_model_parallel_size=4).layers_per_stage(8) == [2, 2, 2, 2]
+    with pytest.raises(ConfigError, match="61 layers cannot be split over 8"):
+        ParallelConfig(pipeline_model_parallel_size=8).layers_per_stage(61)
+
+
+@pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_activation_estimate_matches_what_a_forward_keeps(one_rank, preset, recompute):
+    from megatron_r1.models.build import build_model
+    from megatron_r1.planner.activations import Shape, layer_bytes, loss_bytes, recompute_kept_bytes
+    from megatron_r1.planner.measure import saved_activation_bytes
+    from megatron_r1.train.step import _forward, token_logprobs
+
+    cfg = _model(preset)
+    model = build_model(cfg, ParallelConfig(), MemoryConfig(recompute=recompute)).train()
+    moe = [bool(cfg.num_experts) and i >= cfg.first_k_dense_layers for i in range(cfg.num_layers)]
+    for b, s in ((1, 96), (4, 256)):
+        tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(s))
+        measured, _ = saved_activation_bytes(model, lambda: token_logprobs(_forward(model, tokens)[:, :-1], tokens[:, 1:]).sum())
+        # CPU attention: flash for equal q/v head sizes, the math path (scores kept) for MLA's.
+        shape = Shape(s, b, flash_attention=not cfg.multi_latent_attention)
+        if recompute == "full":
+            estimate = recompute_kept_bytes(cfg, shape, cfg.num_layers) + loss_bytes(cfg, shape)
+        else:
+            estimate = sum(layer_bytes(cfg, shape, m) for m in moe) + loss_bytes(cfg, shape)
+        assert estimate == pytest.approx(measured, rel=TOLERANCE), (b, s)
+
+
+def _plan(*args: str) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", *args, "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_the_671b_recipe_fits_32_nodes_and_the_old_layout_does_not():
+    code, new = _plan("conf/stages/r1_zero_deepseek_v3.yaml", "--nodes", "32")
+    assert code == 0 and new["fits"] is True and new["breaks"] is None
+    assert new["gpus"] == 256 and new["total_params"] == pytest.approx(671e9, rel=0.01)
+    parts = new["per_gpu_bytes"]
+    for name in ("weights", "gradients", "optimizer", "reference", "activations", "engine_weights", "engine_kv_cache"):
+        assert name in parts
+    assert parts["optimizer"] == 0  # held on the host
+    assert max(new["train_peak_bytes"], new["rollout_peak_bytes"]) <= new["capacity_bytes"]
+    assert new["engine"]["concurrent_sequences"] >= 1
+    assert new["layout"]["layers_per_stage"] == [3] + [4] * 14 + [2]
+
+    code, old = _plan("conf/stages/r1_zero_deepseek_v3.yaml", *OLD_LAYOUT, "--nodes", "32")
+    assert code == 1 and old["fits"] is False
+    assert old["breaks"] == "engine_weights"  # 671B in bf16 over 8 GPUs cannot sit in 40 GiB each
+    assert old["mtp_params"] > 11e9
+    problems = "\n".join(old["problems"])
+    assert "61 layers cannot be split over 8" in problems and "train:" in problems and "rollout:" in problems
+
+
+def test_search_finds_the_smallest_node_count():
+    code, out = _plan("conf/stages/r1_zero_qwen2.5_7b.yaml", "--search", "--nodes", "1")
+    assert out["smallest_fitting_nodes"] is not None
+    if out["fits"]:
+        assert out["smallest_fitting_nodes"] == 1
+
+
+def test_table_names_the_verdict():
+    proc = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", "conf/stages/r1_zero_deepseek_v3.yaml", "--nodes", "32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fits" in proc.stdout.splitlines()[-1] and "rollout peak" in proc.stdout
