@@ -2,6 +2,7 @@
 
 from megatron_r1.algorithms.advantages import group_advantages
 from megatron_r1.algorithms.kl import KL_ESTIMATORS, entropy_from_logits, kl_penalty
+from megatron_r1.algorithms.mismatch import importance_weights
 from megatron_r1.algorithms.losses import LOSS_AGG_MODES, aggregate, loss_denominator, policy_loss
 from megatron_r1.algorithms.sampling import GroupAccumulator, groups_with_signal, overlong_penalty
 
@@ -12,6 +13,7 @@ __all__ = [
     "aggregate",
     "entropy_from_logits",
     "group_advantages",
+    "importance_weights",
     "groups_with_signal",
     "kl_penalty",
     "loss_denominator",

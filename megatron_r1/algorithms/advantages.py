@@ -26,8 +26,7 @@ def group_advantages(
         scale_by_std: divide by the group's standard deviation (GRPO). ``False`` is Dr. GRPO,
             which drops the division because it up-weights prompts that are nearly always solved
             or nearly always failed (small std) and so biases the update toward them.
-        eps: keeps the division finite for groups whose rewards are all equal; those groups get
-            advantage 0 either way because their numerator is 0.
+        eps: keeps the division finite for groups whose rewards are nearly equal.
 
     Returns:
         A float tensor with the same shape as ``rewards``.
@@ -46,10 +45,14 @@ def group_advantages(
     elif rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(shape)} cannot be split into groups of {group_size}")
 
-    # Statistics in float32 at least: bf16 rewards would round the mean noticeably.
-    dtype = torch.promote_types(rewards.dtype, torch.float32)
-    grouped = rewards.reshape(-1, group_size).to(dtype)
+    # Statistics in float64: in fp32 the mean of [0.7] * 8 is one ulp off 0.7, and the std of the
+    # residue is one ulp too, so an all-equal group would get |A| ~ 0.06 of one sign. A group whose
+    # rewards are all equal carries no signal and gets exactly 0, whatever the rounding.
+    out_dtype = torch.promote_types(rewards.dtype, torch.float32)
+    grouped = rewards.reshape(-1, group_size).to(torch.float64)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
         centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return centered.reshape(shape)
+    all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    centered = torch.where(all_equal, torch.zeros_like(centered), centered)
+    return centered.to(out_dtype).reshape(shape)

@@ -23,9 +23,15 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 _MAX_LOG_RATIO = 20.0
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref); same shape as ``logprobs``."""
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", mask: Tensor | None = None) -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref); same shape as ``logprobs``.
+
+    ``mask`` (response tokens) zeroes the log-ratio elsewhere *before* the nonlinearity: padding may
+    hold inf/nan, and a later `where` would hide it in the forward only (0 * nan = nan in backward).
+    """
     log_r = ref_logprobs.to(logprobs.dtype) - logprobs
+    if mask is not None:
+        log_r = torch.where(mask.bool(), log_r, torch.zeros((), dtype=log_r.dtype, device=log_r.device))
     if estimator == "k1":
         return -log_r
     if estimator == "k2":

@@ -81,9 +81,12 @@ def aggregate(
 def _denominator(own_count: Tensor | int, global_denominator: float | Tensor | None, like: Tensor) -> Tensor:
     # The batch's own count is clamped so an all-padding micro-batch gives 0, not nan; a given
     # global denominator is used as is (the caller may scale it, e.g. by the data-parallel size).
+    # A global denominator of 0 means the whole batch has nothing to learn from (every numerator is 0
+    # too): the loss is 0, not 0/0.
     if global_denominator is None:
         return torch.as_tensor(own_count, device=like.device, dtype=like.dtype).clamp(min=1)
-    return torch.as_tensor(global_denominator, device=like.device, dtype=like.dtype)
+    den = torch.as_tensor(global_denominator, device=like.device, dtype=like.dtype)
+    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
@@ -102,6 +105,8 @@ def policy_loss(
     loss_agg: str = "token-mean",
     max_response_tokens: int | None = None,
     global_denominator: float | Tensor | None = None,
+    clip_ratio_c: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate with asymmetric bounds (DAPO's clip-higher), as a loss to minimise.
 
@@ -118,6 +123,11 @@ def policy_loss(
         mask: ``[B, T]`` response-token mask.
         clip_eps_low, clip_eps_high: the clip range is ``[1 - clip_eps_low, 1 + clip_eps_high]``.
         loss_agg, max_response_tokens, global_denominator: see `aggregate`.
+        clip_ratio_c: dual-clip (Ye et al., 2020): for a negative advantage the per-token loss is
+            capped at ``-clip_ratio_c * A`` (> 1, e.g. 3), so a token whose ratio has run far above
+            1 cannot push the loss up linearly in the ratio. ``None``: off.
+        is_weights: ``[B, T]`` constant per-token weights (the engine/trainer mismatch correction
+            of `algorithms.mismatch`; 0 drops a token). ``None``: all 1.
 
     Returns:
         ``(loss, metrics)``; metrics are detached scalar tensors, token means over this call's
@@ -137,6 +147,13 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+        dual = torch.minimum(per_token, -clip_ratio_c * advantages)
+        per_token = torch.where(advantages < 0, dual, per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights.to(per_token.dtype)
     loss = aggregate(per_token, mask, loss_agg, max_response_tokens, global_denominator)
 
     with torch.no_grad():
@@ -154,4 +171,6 @@ def policy_loss(
             "ratio_max": torch.where(keep, ratio, zero).amax(),
             "approx_kl": _masked_mean(ratio - 1.0 - log_ratio, keep),
         }
+        if clip_ratio_c is not None:
+            metrics["dual_clip_fraction"] = _masked_mean(((advantages < 0) & (-clip_ratio_c * advantages < -torch.minimum(unclipped, clipped)) & keep) * as_float, keep)
     return loss, {k: v.detach() for k, v in metrics.items()}

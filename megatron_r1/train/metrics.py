@@ -7,6 +7,7 @@ loop never needs `if rank == 0` around logging.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import defaultdict
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 PHASES = ("rollout", "reward", "logprob", "train", "sync", "eval", "checkpoint")
+
+log = logging.getLogger(__name__)
 
 
 class PhaseTimer:
@@ -61,7 +64,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        # Non-finite values are kept, as NaN / Infinity (Python's json reads them back): a NaN loss must
+        # show up in the log and the plots, not vanish.
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        bad = sorted(k for k, v in clean.items() if not math.isfinite(v))
+        if bad:
+            log.warning("step %d: non-finite %s", step, ", ".join(f"{k}={clean[k]}" for k in bad))
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self._tb is not None:

@@ -486,13 +486,21 @@ def train_step(
     """zero grads -> forward/backward over micro-batches -> clip + Adam step -> advance the lr schedule.
 
     Metrics: everything `forward_backward` returns, plus `grad_norm` (before clipping), `lr` (the
-    rate this step used) and `update_successful` (0 when fp16 loss scaling skipped the step; the
-    schedule then does not advance, as in Megatron-LM).
+    rate this step used), `update_successful` (0 when fp16 loss scaling skipped the step; the
+    schedule then does not advance, as in Megatron-LM) and `nonfinite` (1 when the loss or a
+    gradient on any rank was inf/nan: the update is skipped on every rank, the weights stay as they
+    were, and the caller decides how many such steps in a row to tolerate).
     """
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     lr = current_lr(optimizer)
     metrics = forward_backward(ddp_model, batch, loss_fn, micro_batch_size, with_entropy=with_entropy, head=head)
+    if not _all_finite(ddp_model, metrics["loss"]):
+        # Adam would carry a single nan into every weight; skip the step on every rank alike.
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        metrics.update(grad_norm=float("nan"), lr=lr, update_successful=0.0, nonfinite=1.0)
+        return metrics
     update_successful, grad_norm, _num_zeros = optimizer.step()
     if update_successful:
         scheduler.step(1)
@@ -500,8 +508,22 @@ def train_step(
         grad_norm=float("nan") if grad_norm is None else float(grad_norm),
         lr=lr,
         update_successful=float(bool(update_successful)),
+        nonfinite=0.0,
     )
     return metrics
+
+
+def _all_finite(ddp_model: torch.nn.Module, loss: float) -> bool:
+    """The loss and every gradient this rank holds are finite, on all ranks (one scalar all-reduce)."""
+    flag = torch.tensor([0.0 if torch.isfinite(torch.tensor(loss)) else 1.0], device=platform.device())
+    for param in ddp_model.parameters():  # accumulated on the device: no host sync per parameter
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        if grad is not None:
+            flag += (~torch.isfinite(grad)).any()
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def lm_loss_fn(logprobs: Tensor, entropy: Tensor | None, micro: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:

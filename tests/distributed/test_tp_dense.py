@@ -93,6 +93,10 @@ def _export(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]
     return {name: t.clone() for name, t in export_hf_tensors(model, cfg)}
 
 
+def _held(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _worker(rank: int, port: int, hf_dirs: dict[str, str], out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -105,7 +109,7 @@ def _worker(rank: int, port: int, hf_dirs: dict[str, str], out_dir: str) -> None
         init_distributed(tp)
         for key, cfg in CONFIGS.items():
             model = _loaded(cfg, tp, hf_dirs[key])
-            results[f"tp2/{key}"] = {"logits": megatron_logits(model, tokens(cfg)), "export": _export(model, cfg)}
+            results[f"tp2/{key}"] = {"logits": megatron_logits(model, tokens(cfg)), "export": _export(model, cfg), "held": _held(model)}
 
         pp = ParallelConfig(pipeline_model_parallel_size=WORLD)
         init_model_parallel(pp)
@@ -116,13 +120,14 @@ def _worker(rank: int, port: int, hf_dirs: dict[str, str], out_dir: str) -> None
                 "export": _export(model, cfg),
                 "local_layers": [layer.layer_number for layer in model.decoder.layers],
                 "output_layer": None if output_layer is None else output_layer.weight.detach().clone(),
+                "held": _held(model),
             }
 
         moe = moe_config()
         ep = ParallelConfig(expert_model_parallel_size=WORLD)
         init_model_parallel(ep)
         model = _loaded(moe, ep, hf_dirs["moe"])
-        results["ep2/moe"] = {"export": _export(model, moe)}
+        results["ep2/moe"] = {"export": _export(model, moe), "held": _held(model)}
 
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -196,3 +201,24 @@ def test_ep2_export_gathers_experts_and_router_bias(run):
         assert sorted(got) == sorted(checkpoint)
         for name, tensor in checkpoint.items():
             assert torch.equal(got[name], tensor), name
+
+
+def test_each_rank_holds_what_the_planner_counts(run, one_rank):
+    """`megatron-r1 plan` derives every rank's parameters from one 1-rank probe; the real shards agree."""
+    from megatron_r1.planner.params import count_parameters, rank_parameters
+
+    _, ranks = run
+    layouts = {
+        "tp2": ParallelConfig(tensor_model_parallel_size=WORLD),
+        "pp2": ParallelConfig(pipeline_model_parallel_size=WORLD),
+        "ep2": ParallelConfig(expert_model_parallel_size=WORLD),
+    }
+    checked = 0
+    for rank, result in enumerate(ranks):
+        for key, held in ((k, v["held"]) for k, v in result.items()):
+            layout, name = key.split("/")
+            cfg = moe_config() if name == "moe" else CONFIGS[name]
+            stage = rank if layout == "pp2" else 0
+            assert rank_parameters(count_parameters(cfg), layouts[layout], stage).total == held, (key, rank)
+            checked += 1
+    assert checked == WORLD * (2 * len(CONFIGS) + 1)

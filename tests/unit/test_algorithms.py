@@ -256,3 +256,98 @@ def test_overlong_penalty():
         torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]),
     )
     torch.testing.assert_close(overlong_penalty(lengths, 10, 0, 1.0), torch.zeros(6))
+
+
+# --------------------------------------------------------------------------------------------
+# numerics under edge cases
+
+
+@pytest.mark.parametrize("value", [0.7, 0.1, 0.3, 1.1, 0.9, 2.7])
+@pytest.mark.parametrize("group_size", [2, 3, 4, 5, 6, 7, 8, 16])
+def test_all_equal_group_has_exactly_zero_advantage(value, group_size):
+    rewards = torch.full((2 * group_size,), value)
+    rewards[group_size:] = torch.arange(group_size) % 2  # a group with signal beside it
+    adv = group_advantages(rewards, group_size)
+    assert torch.equal(adv[:group_size], torch.zeros(group_size))
+    assert adv[group_size:].abs().sum() > 0
+    assert group_advantages(rewards[:group_size], group_size, scale_by_std=False).abs().max() == 0
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_all_masked_batch_gives_zero_loss_and_finite_gradient(mode):
+    logprobs = torch.randn(2, 3, requires_grad=True)
+    mask = torch.zeros(2, 3)
+    den = loss_denominator(mask, mode)
+    loss, _ = policy_loss(logprobs, torch.full((2, 3), float("nan")), torch.ones(2), mask, 0.2, 0.2, mode,
+                          max_response_tokens=3, global_denominator=den if mode == "token-mean" else None)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logprobs.grad).all()
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_gradient_is_finite_under_garbage_padding(estimator):
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, float("nan"), float("-inf")]])
+    mask = torch.tensor([[1.0, 0.0, 0.0]])
+    per_token = kl_penalty(logprobs, ref, estimator, mask=mask)
+    aggregate(per_token, mask, "token-mean").backward()
+    assert torch.isfinite(logprobs.grad).all()
+    log_r = -0.5
+    expected = {"k1": 0.5, "k2": 0.5 * log_r**2, "k3": math.exp(log_r) - log_r - 1}[estimator]
+    assert per_token[0, 0].item() == pytest.approx(expected)
+    assert logprobs.grad[0, 1:].abs().sum() == 0
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantages():
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[5.0, 0.5, 5.0]])).requires_grad_(True)
+    adv = torch.tensor([[-1.0, -1.0, 1.0]])
+    mask = torch.ones(1, 3)
+    plain, _ = policy_loss(logprobs, old, adv, mask, 0.2, 0.2, "token-mean")
+    dual, metrics = policy_loss(logprobs, old, adv, mask, 0.2, 0.2, "token-mean", clip_ratio_c=3.0)
+    # token 0: ratio 5, A = -1 -> PPO loss 5, dual-clip caps it at 3 (no gradient);
+    # token 1: ratio 0.5 -> clipped at 0.8 -> 0.8, under the cap; token 2: A > 0 -> -min(5, 1.2) = -1.2.
+    assert plain.item() == pytest.approx((5 + 0.8 - 1.2) / 3)
+    assert dual.item() == pytest.approx((3 + 0.8 - 1.2) / 3)
+    assert metrics["dual_clip_fraction"].item() == pytest.approx(1 / 3)
+    dual.backward()
+    assert logprobs.grad[0, 0] == 0
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        policy_loss(logprobs, old, adv, mask, 0.2, 0.2, clip_ratio_c=1.0)
+
+
+def test_importance_weights_truncate_mask_and_sequence_level():
+    from megatron_r1.algorithms.mismatch import importance_weights
+
+    old = torch.log(torch.tensor([[0.5, 0.4, 0.9], [0.2, 0.2, 0.2]]))
+    engine = torch.log(torch.tensor([[0.5, 0.1, 0.3], [0.4, 0.1, 0.2]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # token ratios old/engine: [1, 4, 3], [0.5, 2, (pad)]
+    w, keep, m = importance_weights(old, engine, mask, "truncate", "token", w_max=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, 2.0], [0.5, 2.0, 0.0]]))
+    assert keep.tolist() == [[True, True, True], [True, True, False]]
+    assert m["is_ratio_max"].item() == pytest.approx(4.0) and m["is_masked_share"].item() == 0
+    assert m["is_ratio_p50"].item() == pytest.approx(2.0)
+    expected_kl = sum(r - math.log(r) - 1 for r in (1, 4, 3, 0.5, 2)) / 5
+    assert m["mismatch_kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+
+    w, keep, m = importance_weights(old, engine, mask, "mask", "token", w_max=2.5, w_min=0.6)
+    assert keep.tolist() == [[True, False, False], [False, True, False]]
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert m["is_masked_share"].item() == pytest.approx(3 / 5)
+
+    # sequence level: geometric mean of the token ratios; (1*4*3)^(1/3) = 2.289, (0.5*2)^(1/2) = 1
+    w, keep, _ = importance_weights(old, engine, mask, "mask", "sequence", w_max=2.0)
+    assert keep.tolist() == [[False, False, False], [True, True, False]]
+    w, _, _ = importance_weights(old, engine, mask, "truncate", "sequence", w_max=5.0)
+    torch.testing.assert_close(w[0], torch.full((3,), 12 ** (1 / 3)))
+
+
+def test_policy_loss_applies_importance_weights():
+    logprobs = torch.zeros(1, 2, requires_grad=True)
+    adv = torch.ones(1)
+    mask = torch.ones(1, 2)
+    loss, _ = policy_loss(logprobs, torch.zeros(1, 2), adv, mask, 0.2, 0.2, is_weights=torch.tensor([[2.0, 0.0]]))
+    assert loss.item() == pytest.approx(-1.0)  # (-1 * 2 + -1 * 0) / 2 tokens
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.0, 0.0]]))

@@ -269,3 +269,29 @@ def test_padding_to_a_multiple_changes_neither_logprobs_nor_loss_nor_grads(monke
     assert padded_loss == pytest.approx(loss, abs=1e-6)
     for a, b in zip(grads(ddp), plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_a_nan_loss_skips_the_update_on_every_parameter():
+    ddp, opt, sched = fresh(OptimizerConfig(lr=1e-2))
+    before = [p.detach().clone() for p in ddp.parameters()]
+
+    def nan_loss(logprobs, entropy, micro):
+        return (logprobs * micro.mask).sum() / micro.num_tokens * float("nan"), {}
+
+    out = train_step(ddp, opt, sched, make_batch(), nan_loss, 2)
+    assert out["nonfinite"] == 1.0 and out["update_successful"] == 0.0 and math.isnan(out["loss"])
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ddp.parameters()))
+    assert sched.num_steps == 0  # the schedule did not advance either
+    good = train_step(ddp, opt, sched, make_batch(), lm_loss_fn, 2)
+    assert good["nonfinite"] == 0.0 and math.isfinite(good["grad_norm"])
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, ddp.parameters()))
+
+
+def test_non_finite_metrics_are_logged_as_such(tmp_path):
+    from megatron_r1.train.metrics import MetricsLogger, read_metrics
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"loss": float("nan"), "grad_norm": float("inf"), "reward": 0.5})
+    logger.close()
+    row = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert math.isnan(row["loss"]) and row["grad_norm"] == float("inf") and row["reward"] == 0.5
