@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast r1-zero r1-pipeline bench lint clean
+.PHONY: setup test test-fast r1-zero r1-pipeline bench lint clean slurm-smoke
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# The real slurm/r1_zero.sh on this machine, 1 node x 2 ranks, under stand-ins for sbatch, srun,
+# scontrol and scancel (tools/slurm_local/): SIGUSR1 mid-step -> checkpoint -> requeue -> resume,
+# the steps after the resume checked against a straight run (about 2 minutes).
+slurm-smoke: setup
+	$(PY) tools/slurm_local/smoke.py
 
 # Measured comparisons on this machine (minutes on 2 cores); each prints its table.
 bench: setup

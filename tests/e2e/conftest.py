@@ -32,3 +32,17 @@ def base_model(tmp_path_factory) -> Path:
     probe = json.loads((run_dir / "pretrain_done.json").read_text())["base_probe"]
     assert probe["samples"] == 32 and 0.0 <= probe["worked_share"] <= 1.0 and 0.0 <= probe["greedy_accuracy"] <= 1.0
     return run_dir / "hf"
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(base_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One uninterrupted R1-Zero run on 2 ranks (engine DP 2 x trainer DP 2, 2 steps, rollouts saved),
+    shared by the tests that need it: the SPMD test checks its sampling and update, the Slurm smoke
+    test compares a preempted and requeued run with it. Returns its run directory and the overrides
+    that reproduce it."""
+    from tests.e2e.test_r1_zero import STAGE, TINY_RUN
+
+    overrides = [f"checkpoint.load_hf={base_model}", "checkpoint.base_stage=", *TINY_RUN, "logging.save_rollouts=true", "steps=2"]
+    run_dir = tmp_path_factory.mktemp("two_rank") / "run"
+    cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", *overrides, ranks=2)
+    return run_dir, overrides

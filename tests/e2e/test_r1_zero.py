@@ -150,10 +150,11 @@ print(json.dumps({"loss": out["loss"], "grad_norm": out["grad_norm"]}))
 
 
 @pytest.mark.parametrize("layout", list(TWO_RANK))
-def test_two_ranks_sample_each_prompt_once_and_train_like_one(base_model, tmp_path, layout):
-    run_dir = tmp_path / "run"
-    common = [f"checkpoint.load_hf={base_model}", "checkpoint.base_stage=", *TINY_RUN, "logging.save_rollouts=true", "steps=2"]
-    _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", *common, *TWO_RANK[layout], ranks=2)
+def test_two_ranks_sample_each_prompt_once_and_train_like_one(request, tmp_path, layout):
+    run_dir, common = request.getfixturevalue("two_rank_run")  # the default layout: DP 2 (shared)
+    if TWO_RANK[layout]:
+        run_dir = tmp_path / "run"
+        _cli("r1-zero", str(STAGE), f"logging.run_dir={run_dir}", *common, *TWO_RANK[layout], ranks=2)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     dp = layout.startswith("engine_dp2")

@@ -1,14 +1,20 @@
 """`megatron-r1 sft` end to end on CPU, as users run it: jsonl conversations (some malformed) -> packed
 SFT of the tiny base model -> held-out loss falls, the exported model fits the responses better under
-plain transformers, a resumed run repeats the uninterrupted one, and 2 ranks (DP or TP) train like 1."""
+plain transformers, a resumed run repeats the uninterrupted one, SIGTERM stops it at a step boundary
+with a checkpoint and the requeue status, and 2 ranks (DP or TP) train like 1."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from megatron_r1.data.tiny_corpus import CorpusStream, completion
+from megatron_r1.train.preemption import REQUEUE_EXIT_CODE
 from tests.e2e.conftest import ROOT, cli
 
 STAGE = ROOT / "conf/stages/sft_tiny.yaml"
@@ -30,11 +36,15 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"train": d / "train.jsonl", "eval": d / "eval.jsonl"}
 
 
+def _sft_args(run_dir: Path, base: Path, data: dict) -> list[str]:
+    return ["sft", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "checkpoint.base_stage=",
+            f"sft.train_path={data['train']}", f"sft.eval_path={data['eval']}", "sft.batch_size=4", "sft.micro_batch_size=2",
+            "sft.epochs=2", "sft.max_steps=6", "sft.eval_every=3", "optimizer.lr=3e-4", "optimizer.lr_warmup_steps=0",
+            "checkpoint.save_every=2", "checkpoint.keep_last=0", "logging.progress_bar=false"]
+
+
 def _sft(run_dir: Path, base: Path, data: dict, *extra: str, ranks: int = 1):
-    return cli("sft", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "checkpoint.base_stage=",
-               f"sft.train_path={data['train']}", f"sft.eval_path={data['eval']}", "sft.batch_size=4", "sft.micro_batch_size=2",
-               "sft.epochs=2", "sft.max_steps=6", "sft.eval_every=3", "optimizer.lr=3e-4", "optimizer.lr_warmup_steps=0",
-               "checkpoint.save_every=2", "checkpoint.keep_last=0", "logging.progress_bar=false", *extra, ranks=ranks)
+    return cli(*_sft_args(run_dir, base, data), *extra, ranks=ranks)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -95,6 +105,26 @@ def test_resumed_sft_repeats_the_uninterrupted_run(one_rank_run, base_model, dat
     assert sorted(again) == [3, 4, 5, 6]
     for step in again:
         assert again[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+def test_sigterm_saves_the_step_in_progress_and_exits_for_requeue(one_rank_run, base_model, data, tmp_path):
+    """What a preempted Slurm job gets: the step finishes, is saved, the exit status asks for a requeue
+    (resuming from a checkpoint is the test above)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_r1.cli", *_sft_args(run_dir, base_model, data)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    saved = int((run_dir / "checkpoints/latest").read_text())
+    logged = _losses(run_dir)
+    assert 2 <= saved < 6 and sorted(logged) == list(range(1, saved + 1))  # stopped at a boundary, mid-run
+    assert f"saving step {saved} and exiting for requeue" in err
+    full = _losses(one_rank_run)
+    assert all(logged[step] == pytest.approx(full[step], rel=1e-5) for step in logged)
 
 
 @pytest.mark.parametrize("layout", [[], ["parallel.tensor_model_parallel_size=2"]], ids=["dp2", "tp2"])
