@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast r1-zero r1-pipeline bench lint clean slurm-smoke
+.PHONY: setup test test-slow r1-zero r1-pipeline bench lint clean slurm-smoke
 
 setup: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not slow"
+
+# The checks that take minutes each on 2 cores (marked `slow`), e.g. 1,000 sandboxed programs.
+test-slow: setup
+	$(PY) -m pytest tests -q -m slow
 
 # The real slurm/r1_zero.sh on this machine, 1 node x 2 ranks, under stand-ins for sbatch, srun,
 # scontrol and scancel (tools/slurm_local/): SIGUSR1 mid-step -> checkpoint -> requeue -> resume,

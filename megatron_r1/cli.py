@@ -16,7 +16,8 @@ Commands:
 Under torchrun or srun every rank runs the same command; rank 0 writes files and prints.
 
 Exit status: 0 done, 1 failed, 2 bad config or arguments, 75 (`preemption.REQUEUE_EXIT_CODE`)
-stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume.
+stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume,
+76 (`heartbeat.PEER_LOST_EXIT_CODE`) another rank died or froze (the last line names it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import yaml
 
 from megatron_r1.config import ConfigError, load_config, to_dict
+from megatron_r1.train.guards import TrainingHalted
 from megatron_r1.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
 COMMANDS = {
@@ -119,7 +121,7 @@ def _plan(argv: list[str]) -> int:
     from megatron_r1.planner import GPUS, plan_stage
     from megatron_r1.planner.report import to_json, to_table
 
-    args = _plan_parser().parse_args(argv)
+    args = _plan_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     gpu = GPUS[args.gpu]
     nodes = args.nodes or int(os.environ.get("SLURM_NNODES", 0))
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"megatron-r1: config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one line per job
+            print(f"megatron-r1: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "show-config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -192,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megatron-r1: {e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
     except (ConfigError, FileNotFoundError) as e:
-        print(f"megatron-r1: {e}", file=sys.stderr)
+        from megatron_r1.distributed import report_once  # torch: only once a stage has run
+
+        if report_once(str(e)):  # every rank usually hits the same mistake: one line per job
+            print(f"megatron-r1: {e}", file=sys.stderr)
         return 2
+    except TrainingHalted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-r1: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

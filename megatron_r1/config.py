@@ -93,6 +93,8 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard activations along sequence in TP regions (needed for TP+MoE)
     use_distributed_optimizer: bool = False  # ZeRO-1 style optimizer state sharding
     backend: str = "auto"  # auto | nccl | gloo
+    timeout_minutes: float = 30.0  # a collective waiting longer fails the job (longest expected imbalance between ranks, e.g. a slow rollout)
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long (dead, frozen) ends the job with a message naming it (0: off; distributed.py)
 
     def layers_per_stage(self, num_layers: int) -> list[int]:
         """Decoder layers on each pipeline stage (Megatron's uneven split: first/last given, the rest even)."""
@@ -169,6 +171,11 @@ class GRPOConfig:
     max_sampling_rounds: int = 3  # cap on resampling rounds with dynamic sampling
     overlong_buffer_tokens: int = 0  # soft overlong penalty zone before max_response_tokens (0: off)
     overlong_penalty: float = 1.0  # penalty at the very end of that zone
+    clip_ratio_c: float | None = None  # dual-clip: cap a negative-advantage token's loss at -c * A (e.g. 3.0); None: off
+    mismatch_correction: str = "none"  # none | truncate | mask: importance weights pi_trainer / pi_engine per token (algorithms/mismatch.py)
+    mismatch_level: str = "token"  # token | sequence (geometric mean of the sequence's token weights)
+    mismatch_max: float = 2.0  # truncation cap (truncate) / upper bound (mask) of the weight
+    mismatch_min: float = 0.5  # lower bound of the weight (mask)
 
 
 @dataclass
@@ -182,6 +189,12 @@ class RewardConfig:
     languages: list[str] = field(default_factory=lambda: ["en", "zh", "fr", "de", "es", "ru"])  # ISO 639-1 codes the language reward tells apart (lingua)
     custom: dict[str, float] = field(default_factory=dict)  # "pkg.module:function" -> weight
     timeout_s: float = 5.0  # a reward call slower than this scores 0
+    max_failure_rate: float = 0.5  # share of a step's sequences whose reward raised, above which the step counts as failing
+    failure_patience: int = 3  # failing steps in a row before the run stops
+    # Code problems (data.task=humaneval): each program runs against its tests in a sandbox (rewards/sandbox.py).
+    code_timeout_s: float = 5.0  # wall clock of one program's run, interpreter start included
+    code_workers: int = 0  # programs running at once; 0: the CPU count
+    code_memory_mb: int = 1024  # memory of one program's whole process tree
     # General prompts (data.general_*; stage final_rl): scored by a reward model instead of the rules.
     general_scorer: str = "reward_model"  # reward_model: the scalar model at model_path | judge: a rubric prompt to the judge engine
     model_path: str = ""  # Hugging Face directory of the scalar reward model (`megatron-r1 reward-model` writes <run_dir>/hf)
@@ -228,6 +241,7 @@ class OptimizerConfig:
     clip_grad: float = 1.0  # global gradient-norm clip
     lr_warmup_steps: int = 0  # linear warm-up
     lr_decay_style: str = "constant"  # constant | linear | cosine
+    max_nonfinite_steps: int = 3  # steps in a row whose update was skipped for an inf/nan loss or gradient before the run stops (0: never)
 
 
 @dataclass
@@ -241,7 +255,8 @@ class CheckpointConfig:
     base_stage: str = ""  # stage YAML that prepares `load_hf` when it is missing (the tiny base: conf/stages/pretrain_tiny.yaml)
     base_overrides: list[str] = field(default_factory=list)  # overrides for that stage, e.g. [seed=777, pretrain.corpus_seed=300000]
     export_hf: bool = True  # write the final policy as Hugging Face weights to <run_dir>/hf
-    keep_last: int = 2  # checkpoints kept on disk
+    keep_last: int = 2  # checkpoints kept on disk (0: all; at least 2, so a damaged newest one has a fallback)
+    verify: str = "checksum"  # checksum: sizes + CRC-32 of every file, re-read on resume (split over ranks) | size: sizes only (multi-TB checkpoints)
 
 
 @dataclass
@@ -518,8 +533,11 @@ _CHOICES = {
     "model.moe_router_score_function": ("softmax", "sigmoid"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "memory.recompute": ("none", "full"),
+    "checkpoint.verify": ("size", "checksum"),
     "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "grpo.kl_estimator": ("k1", "k2", "k3"),
+    "grpo.mismatch_correction": ("none", "truncate", "mask"),
+    "grpo.mismatch_level": ("token", "sequence"),
     "reward.format_mode": ("strict", "soft"),
     "data.source": ("reasoning_gym", "jsonl"),
     "sft.template": ("auto", "chat", "r1_zero", "plain"),
@@ -562,6 +580,10 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level} must be 1 or 2")
     if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:
         raise ConfigError("grpo.clip_eps_low and grpo.clip_eps_high must be >= 0")
+    if cfg.checkpoint.keep_last == 1 or cfg.checkpoint.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 2 (a damaged newest checkpoint falls back to the one before), or 0 to keep all")
+    if p.timeout_minutes <= 0 or p.heartbeat_timeout_s < 0:
+        raise ConfigError("parallel.timeout_minutes must be > 0 and parallel.heartbeat_timeout_s >= 0 (0 turns the heartbeat off)")
     sft = cfg.sft
     for name in ("epochs", "batch_size", "micro_batch_size"):
         if getattr(sft, name) < 1:

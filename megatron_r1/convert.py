@@ -177,7 +177,7 @@ def to_hf(checkpoint_root: str | Path, out: str | Path, step: int | None = None,
     distributed.init_distributed(parallel)
     root = Path(checkpoint_root)
     if step is None:
-        step = ckpt.latest_step(root)
+        step = ckpt.resume_step(root)  # the newest that passes its manifest check
         if step is None:
             raise ConversionError(f"no complete checkpoint under {root} (no 'latest' file); pass --step or check the path")
     state = ckpt._check_layout(ckpt.step_dir(root, step))

@@ -8,23 +8,27 @@ Launchers and the variables they set:
 | srun (no torchrun)  | SLURM_PROCID    | SLURM_NTASKS      | SLURM_LOCALID      | first host of SLURM_JOB_NODELIST:PORT |
 | plain `python`      | 0               | 1                 | 0                  | 127.0.0.1 on a free port              |
 
-NCCL on GPUs, gloo on CPUs (`platform.distributed_backend`).
+NCCL on GPUs, gloo on CPUs (`platform.distributed_backend`). A dead or stuck rank ends the job
+within `parallel.timeout_minutes` (collectives) or `parallel.heartbeat_timeout_s` (a dead or frozen
+process, named in the last line: heartbeat.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from megatron_r1 import platform
-from megatron_r1.config import ParallelConfig
+from megatron_r1 import heartbeat, platform
+from megatron_r1.config import ConfigError, ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +85,13 @@ def read_env(environ: dict | None = None) -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port())
 
 
-def ensure_process_group(backend: str = "auto", env: DistEnv | None = None) -> DistEnv:
+def ensure_process_group(backend: str = "auto", env: DistEnv | None = None, timeout_minutes: float = 30.0) -> DistEnv:
     """Initialise torch.distributed from the launcher's environment unless it already is; idempotent.
 
     Also exports RANK and LOCAL_RANK, which vLLM's external launcher reads (a Slurm task or a
     plain `python` process has no torchrun to set them). Nothing else is exported, so a child
-    process started from here does not mistake itself for a member of this job.
+    process started from here does not mistake itself for a member of this job. A collective that
+    waits longer than `timeout_minutes` fails (for an existing group, its own timeout holds).
     """
     env = env or read_env()
     if not dist.is_initialized():
@@ -97,7 +102,7 @@ def ensure_process_group(backend: str = "auto", env: DistEnv | None = None) -> D
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(minutes=30),
+            timeout=timedelta(minutes=timeout_minutes),
         )
     launched = env.world_size == dist.get_world_size() and env.rank == dist.get_rank()
     os.environ["RANK"] = str(dist.get_rank())
@@ -109,7 +114,8 @@ def ensure_process_group(backend: str = "auto", env: DistEnv | None = None) -> D
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: DistEnv | None = None) -> DistEnv:
     """Initialise torch.distributed and Megatron's model-parallel groups; idempotent per process."""
     platform.setup()
-    env = ensure_process_group(parallel.backend, env)
+    env = ensure_process_group(parallel.backend, env, parallel.timeout_minutes)
+    heartbeat.start(parallel.heartbeat_timeout_s)
     init_model_parallel(parallel, seed)
     return env
 
@@ -123,9 +129,10 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
         parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size * parallel.context_parallel_size
     )
     if world % model_parallel:
-        raise ValueError(
-            f"world size {world} is not divisible by TP x PP x CP = {model_parallel}; "
-            "change parallel.* or the number of processes"
+        raise ConfigError(
+            f"world size {world} is not divisible by TP x PP x CP = {model_parallel} "
+            f"(TP={parallel.tensor_model_parallel_size}, PP={parallel.pipeline_model_parallel_size}, "
+            f"CP={parallel.context_parallel_size}); launch a multiple of {model_parallel} processes or change parallel.*"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -157,7 +164,27 @@ def destroy() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
+        heartbeat.stop()
+        dist.barrier()  # every rank has stopped watching before any leaves: leaving is no failure
         dist.destroy_process_group()
+
+
+def report_once(message: str, grace_s: float = 5.0) -> bool:
+    """Whether this rank should print `message`, a user error every rank may hit at once (a config
+    mistake under torchrun): only the first rank to report it does. Rank 0 then waits (at most
+    `grace_s`) for the others to have reported it, since its process may serve the job's store."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    key = "megatron_r1/reported/" + hashlib.sha1(message.encode()).hexdigest()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first = store.add(key, 1) == 1
+        deadline = time.monotonic() + grace_s
+        while dist.get_rank() == 0 and store.add(key, 0) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return first
+    except Exception:  # the store has gone with rank 0: better twice than never
+        return True
 
 
 def is_main() -> bool:

@@ -75,7 +75,7 @@ def importance_weights(
         token_log_w = torch.where(response, old_logprobs.float() - rollout_logprobs.float(), zero).clamp(-_MAX_LOG_W, _MAX_LOG_W)
         n = response.sum().clamp(min=1)
         # k3 of KL(engine || trainer): the samples come from the engine, log(pi_t / pi_e) = log_w.
-        k3 = torch.exp(token_log_w) - token_log_w - 1.0
+        k3 = torch.expm1(token_log_w) - token_log_w  # expm1: no rounding below 0 for tiny gaps
         ratios = w[response] if response.any() else torch.ones(1, device=w.device)
         q = torch.quantile(ratios.float(), torch.tensor([0.05, 0.5, 0.95], device=w.device))
         metrics = {

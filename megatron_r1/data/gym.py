@@ -17,6 +17,8 @@ import difflib
 import inspect
 from typing import Any
 
+from megatron_r1.config import ConfigError
+
 SEED_BLOCK = 2**32  # item seeds owned by one stream seed
 
 
@@ -30,7 +32,7 @@ def gym_seed(seed: int) -> int:
 def make_gym_dataset(task: str, task_options: dict[str, Any], seed: int, size: int) -> Any:
     """`reasoning_gym.create_dataset(task, seed=gym_seed(seed), size=size, **task_options)`.
 
-    A wrong task name or option ends in one ValueError naming the valid choices instead of the
+    A wrong task name or option ends in one ConfigError naming the valid choices instead of the
     library's traceback (errors a user can cause get one clear line).
     """
     import reasoning_gym
@@ -39,16 +41,16 @@ def make_gym_dataset(task: str, task_options: dict[str, Any], seed: int, size: i
     if task not in DATASETS:
         close = difflib.get_close_matches(task, list(DATASETS), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"{len(DATASETS)} tasks exist, e.g. chain_sum"
-        raise ValueError(f"data.task={task!r} is not a reasoning-gym dataset; {hint}")
+        raise ConfigError(f"data.task={task!r} is not a reasoning-gym dataset; {hint}")
     _, config_cls = DATASETS[task]
     valid = [p for p in inspect.signature(config_cls).parameters if p not in ("seed", "size")]
     unknown = sorted(set(task_options) - set(valid))
     if unknown:
-        raise ValueError(f"data.task_options: {', '.join(unknown)} not options of {task!r}; valid: {', '.join(valid)}")
+        raise ConfigError(f"data.task_options: {', '.join(unknown)} not options of {task!r}; valid: {', '.join(valid)}")
     try:
         return reasoning_gym.create_dataset(task, seed=gym_seed(seed), size=size, **task_options)
     except (AssertionError, ValueError, TypeError) as e:
-        raise ValueError(f"data.task_options for {task!r} rejected by reasoning-gym: {e or type(e).__name__}") from None
+        raise ConfigError(f"data.task_options for {task!r} rejected by reasoning-gym: {e or type(e).__name__}") from None
 
 
 def gym_entry(dataset: Any, index: int) -> dict[str, Any]:

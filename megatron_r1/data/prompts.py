@@ -16,8 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from megatron_r1.config import DataConfig
+from megatron_r1.config import ConfigError, DataConfig
 from megatron_r1.data.gym import gym_entry, make_gym_dataset
+from megatron_r1.data.humaneval import TASK as HUMANEVAL_TASK
+from megatron_r1.data.humaneval import humaneval_rows
 from megatron_r1.data.phrasebook import LOCALIZABLE_TASKS, check_languages, localize_question, pick_language
 from megatron_r1.data.templates import render_prompt
 
@@ -76,7 +78,7 @@ def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> Pro
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if data_cfg.source == "reasoning_gym":
-        rows, reasons = _gym_rows(data_cfg, split), Counter()
+        rows, reasons = _task_rows(data_cfg, split), Counter()
     elif data_cfg.source == "jsonl":
         rows, reasons = _jsonl_rows(_jsonl_path(data_cfg, split))
     else:
@@ -101,7 +103,7 @@ def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> Pro
         detail = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
         logger.warning("%s prompts: kept %d, skipped %d (%s)", split, len(items), prompts.skipped, detail)
     if not items:
-        raise ValueError(f"no usable {split} prompts (skipped: {dict(reasons) or 'none'}); check the data section")
+        raise _no_prompts(split, reasons, data_cfg)
     return prompts
 
 
@@ -134,12 +136,41 @@ def load_general_prompts(data_cfg: DataConfig, tokenizer: Any = None) -> PromptS
         detail = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
         logger.warning("general prompts: kept %d, skipped %d (%s)", len(items), prompts.skipped, detail)
     if not items:
-        raise ValueError(f"no usable general prompts (skipped: {dict(reasons) or 'none'}); check data.general_path / data.general_task")
+        raise _no_prompts("general", reasons, data_cfg)
     return prompts
+
+
+# Why rows were skipped -> the setting that decides it.
+_SKIP_FIXES = {
+    "too_long": "raise data.max_prompt_tokens (now {max_prompt_tokens}) or shorten the prompts",
+    "in_train": "every held-out question is also a training question: use another data.eval_seed or data.eval_path",
+}
+
+
+def _no_prompts(split: str, reasons: Counter, data_cfg: DataConfig) -> ConfigError:
+    """One line: no prompt of `split` survived, the counts by reason, and what to change."""
+    if not reasons:
+        size = {"train": "train_size", "eval": "eval_size", "general": "general_size"}[split]
+        return ConfigError(f"no usable {split} prompts: the source gave none; check data.source / the file / data.{size}")
+    counts = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+    fixes = [_SKIP_FIXES[r].format(max_prompt_tokens=data_cfg.max_prompt_tokens) for r, _ in reasons.most_common() if r in _SKIP_FIXES]
+    if set(reasons) - set(_SKIP_FIXES):
+        fixes.append("fix the rows of the jsonl file (each needs a \"question\" or \"prompt\" string and an \"answer\")")
+    return ConfigError(f"no usable {split} prompts (skipped {counts}); {'; '.join(fixes)}")
 
 
 # A row is (index, question, answer, entry, language) once validated.
 _Row = tuple[int, str, str, dict[str, Any] | None, str | None]
+
+
+def _task_rows(data_cfg: DataConfig, split: str) -> list[_Row]:
+    """Rows of `data.task`: a reasoning-gym dataset, or a task built in here (humaneval: code
+    problems with a fixed split, data/humaneval.py)."""
+    if data_cfg.task == HUMANEVAL_TASK:
+        if data_cfg.languages:
+            raise ValueError("data.languages: humaneval exists in English only; set data.languages=[]")
+        return humaneval_rows(split)
+    return _gym_rows(data_cfg, split)
 
 
 def _gym_rows(data_cfg: DataConfig, split: str) -> list[_Row]:
@@ -220,7 +251,7 @@ def _validate_row(obj: Any, line_no: int) -> tuple[_Row | None, str]:
 def _train_questions(data_cfg: DataConfig) -> set[str]:
     """Questions of the training split, to keep the evaluation split disjoint from it."""
     if data_cfg.source == "reasoning_gym":
-        return {row[1] for row in _gym_rows(data_cfg, "train")}
+        return {row[1] for row in _task_rows(data_cfg, "train")}
     if data_cfg.train_path and Path(data_cfg.train_path).expanduser().is_file():
         return {row[1] for row in _jsonl_rows(Path(data_cfg.train_path).expanduser())[0]}
     return set()  # evaluating on a file alone: nothing to compare against
@@ -229,6 +260,8 @@ def _train_questions(data_cfg: DataConfig) -> set[str]:
 def _fit_to_length(items: list[PromptItem], tokenizer: Any, max_tokens: int, reasons: Counter) -> list[PromptItem]:
     # One batched call: a fast tokenizer encodes 20k prompts in well under a second this way.
     # Special tokens as the tokenizer defines them: the BOS that Llama / DeepSeek base models expect.
+    if not items:  # a fast tokenizer fails on an empty batch; the caller reports "no usable prompts"
+        return []
     ids = tokenizer([it.prompt for it in items])["input_ids"]
     kept = []
     for item, item_ids in zip(items, ids):

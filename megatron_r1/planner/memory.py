@@ -97,7 +97,8 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
     try:
         p.layers_per_stage(m.num_layers)
     except ConfigError as err:
-        out.append(f"{err} (the memory below assumes {_nearest_split(p, m.num_layers).layers_per_stage(m.num_layers)})")
+        nearest = _nearest_split(p, m.num_layers)
+        out.append(f"{err}" + (f" (the memory below assumes {nearest.layers_per_stage(m.num_layers)})" if nearest else ""))
     dp = world // (tp * pp * cp) if _divides(tp * pp * cp, world) else 0
     sequences = cfg.grpo.prompts_per_step * r.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
     if dp and sequences % (dp * cfg.grpo.micro_batch_size):
@@ -107,12 +108,16 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
 
 def _nearest_split(parallel, num_layers: int):
     """A split Megatron accepts, for estimating a layout whose own split it refuses: full stages of
-    ceil(L / PP) layers and the remainder on the last stage."""
+    ceil(L / PP) layers and the remainder on the last stage, else floor(L / PP) per stage and the
+    remainder on the first. None when there are fewer layers than stages."""
     pp = parallel.pipeline_model_parallel_size
+    if pp == 1 or num_layers < pp:
+        return None
     last = num_layers - (pp - 1) * math.ceil(num_layers / pp)
-    if pp == 1 or last < 1:
-        return parallel
-    return dataclasses.replace(parallel, num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=last)
+    if last >= 1:
+        return dataclasses.replace(parallel, num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=last)
+    first = num_layers - (pp - 1) * (num_layers // pp)
+    return dataclasses.replace(parallel, num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=None)
 
 
 def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int, flash: bool) -> dict[str, int]:
@@ -186,7 +191,9 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     try:
         cfg.parallel.layers_per_stage(cfg.model.num_layers)
     except ConfigError:
-        cfg = dataclasses.replace(cfg, parallel=_nearest_split(cfg.parallel, cfg.model.num_layers))
+        nearest = _nearest_split(cfg.parallel, cfg.model.num_layers)
+        if nearest is not None:
+            cfg = dataclasses.replace(cfg, parallel=nearest)
     p = cfg.parallel
     capacity = int(gpu.memory_gib * GiB)
     reserve = int(gpu.reserve_gib * GiB)
@@ -208,7 +215,11 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     }
     engine = _engine(cfg, counts, gpu)
     stages = []
-    if layout["layers_per_stage"] is not None and not any("divide" in x for x in problems):
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    ranks_split = _divides(tp * pp * cp, world) and (
+        not cfg.model.num_experts or _divides(p.expert_model_parallel_size * layout["etp"] * pp, world)
+    )
+    if layout["layers_per_stage"] is not None and ranks_split:  # else no rank of this layout exists
         for stage in range(p.pipeline_model_parallel_size):
             parts = _stage_memory(cfg, counts, world, stage, flash_attention)
             resident = sum(v for k, v in parts.items() if k not in ("activations", "loss", "optimizer_on_host"))

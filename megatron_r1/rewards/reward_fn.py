@@ -13,8 +13,9 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from megatron_r1.config import ConfigError, RewardConfig
 from megatron_r1.rewards.accuracy import gym_accuracy, math_accuracy
+from megatron_r1.rewards.code import score_code_items
 from megatron_r1.rewards.format import FORMAT_MODES, extract_think, format_reward
 from megatron_r1.rewards.language import language_identifier
 
@@ -146,6 +148,7 @@ class RewardBatch:
     total: Tensor  # [N] float32: the weighted sum that feeds the advantages
     components: dict[str, Tensor]  # name -> [N] unweighted scores: accuracy, format, language, custom paths
     failures: int  # reward calls that raised or timed out (each scored 0)
+    code_outcomes: dict[str, int] = field(default_factory=dict)  # code items: sandbox outcome (passed, timeout, ...) -> runs
 
 
 class RewardFn:
@@ -155,6 +158,8 @@ class RewardFn:
 
     * ``accuracy``: ``item["entry"]`` (a reasoning-gym entry) is scored by its task's scorer;
       otherwise a string ``item["answer"]`` is checked with math_verify; no reference: 0.
+      Code items (`code.is_code_item`, e.g. HumanEval) run the response's program against their
+      tests in the sandbox, all of a call's code items at once (``cfg.code_*``; `code.py`).
     * ``format``: `format_reward` in ``cfg.format_mode``.
     * ``language``: share of chain-of-thought words in the question's language
       (``item["language"]`` if given, else detected from ``item["question"]``, else from the prompt).
@@ -170,6 +175,8 @@ class RewardFn:
         clash = set(cfg.custom) & set(BUILTIN_COMPONENTS)
         if clash:
             raise ConfigError(f"reward.custom: {sorted(clash)} clash with built-in reward names")
+        if cfg.code_timeout_s <= 0 or cfg.code_workers < 0 or cfg.code_memory_mb < 64:
+            raise ConfigError("reward.code_timeout_s must be > 0, reward.code_workers >= 0 (0: CPU count), reward.code_memory_mb >= 64")
         self.cfg = cfg
         self.weights = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight, "language": cfg.language_weight}
         self.custom = {path: load_reward_function(path) for path in cfg.custom}
@@ -208,10 +215,13 @@ class RewardFn:
         if not len(prompts) == len(responses) == len(items):
             raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(items)} items")
         scores: dict[str, list[float]] = {name: [] for name in self.weights}
-        failures = 0
-        for prompt, response, item in zip(prompts, responses, items):
+        # Code items are scored first, as one parallel batch of sandboxed runs (never raises); runs
+        # the sandbox itself failed are reward failures, not the program's.
+        code, code_outcomes = score_code_items(responses, items, self.cfg.code_timeout_s, self.cfg.code_workers or None, self.cfg.code_memory_mb)
+        failures = code_outcomes["error"] + code_outcomes["sandbox_error"]
+        for i, (prompt, response, item) in enumerate(zip(prompts, responses, items)):
             calls: dict[str, tuple[Callable[..., float], tuple]] = {
-                "accuracy": (self.accuracy, (response, item)),
+                "accuracy": (code.__getitem__, (i,)) if i in code else (self.accuracy, (response, item)),
                 "format": (self.format, (response,)),
                 "language": (self.language, (prompt, response, item)),
             }
@@ -226,7 +236,7 @@ class RewardFn:
         total = torch.zeros(len(responses), dtype=torch.float32)
         for name, weight in self.weights.items():
             total += weight * components[name]
-        return RewardBatch(total=total, components=components, failures=failures)
+        return RewardBatch(total=total, components=components, failures=failures, code_outcomes=dict(code_outcomes))
 
     def _guarded(self, name: str, fn: Callable[..., float], args: tuple) -> float | None:
         """The score as a finite float, or None (logged) if the call failed or was too slow."""
@@ -259,13 +269,14 @@ def score_split(reward_fn: RewardFn, prompts: list[str], responses: list[str], i
     if split is None:
         return reward_fn(prompts, responses, items)
 
-    def score(indices: list[int]) -> list[tuple[float, dict[str, float], int]]:
+    def score(indices: list[int]) -> list[tuple[float, dict[str, float], int, dict[str, int]]]:
         if not indices:
             return []
         part = reward_fn([prompts[i] for i in indices], [responses[i] for i in indices], [items[i] for i in indices])
-        # The failure count of a part is attached to its first sample; the totals add up the same.
+        # The failure and outcome counts of a part are attached to its first sample; the totals add up the same.
         return [
-            (float(part.total[j]), {k: float(v[j]) for k, v in part.components.items()}, part.failures if j == 0 else 0)
+            (float(part.total[j]), {k: float(v[j]) for k, v in part.components.items()}, part.failures if j == 0 else 0,
+             part.code_outcomes if j == 0 else {})
             for j in range(len(indices))
         ]
 
@@ -275,4 +286,5 @@ def score_split(reward_fn: RewardFn, prompts: list[str], responses: list[str], i
         total=torch.tensor([r[0] for r in rows], dtype=torch.float32),
         components={k: torch.tensor([r[1][k] for r in rows], dtype=torch.float32) for k in names},
         failures=sum(r[2] for r in rows),
+        code_outcomes=dict(sum((Counter(r[3]) for r in rows), Counter())),
     )

@@ -7,10 +7,14 @@ Layout under a checkpoint root (e.g. ``<run_dir>/checkpoints``)::
         metadata.json, ...  dist_checkpointing: model weights + optimizer state (sharded tensors)
         trainer_state.json  step, lr-scheduler state, whether Adam state was saved, `extra_state` (rank 0)
         rng/rank_<R>.pt     RNG states of rank R (python, numpy, torch, CUDA, Megatron's tracker)
+        manifest.json       every other file with its size (and CRC-32): written once all ranks are done
     step_<N>.partial/       a save in progress (renamed to step_<N> once complete; ignored otherwise)
 
-A crash mid-save leaves at most a ``.partial`` directory: ``latest`` still names the previous
-complete checkpoint, and the next save cleans the leftover up. Keys in the sharded state dict are
+A save is committed in this order: shards on every rank -> manifest -> check the manifest ->
+rename ``.partial`` -> ``latest``. A crash anywhere before the last step leaves ``latest`` naming
+the previous checkpoint, and the next save cleans the leftover up. A checkpoint damaged later (a
+truncated or changed file) fails its manifest check on load: `resume_step` then falls back to the
+newest older one that passes, which is why rotation keeps at least two. Keys in the sharded state dict are
 those of the bare GPTModel (never the DDP wrapper), so weights load into a wrapped or bare model.
 """
 
@@ -36,6 +40,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_r1 import platform
 from megatron_r1.config import ConfigError
+from megatron_r1.train import manifest
 from megatron_r1.train.optim import unwrap
 
 log = logging.getLogger(__name__)
@@ -135,9 +140,76 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _check_verify_level(verify: str) -> None:
+    if verify not in manifest.LEVELS:
+        raise ConfigError(f"checkpoint.verify={verify!r} is not one of: {', '.join(manifest.LEVELS)}")
+
+
+def _write_manifest(directory: Path, verify: str) -> None:
+    """Collective: rank 0 lists the files, each rank fsyncs and describes its share, rank 0 writes."""
+    names = _broadcast(manifest.list_files(directory) if _rank() == 0 else None)
+    shares = _all_gather(manifest.describe(directory, names[_rank() :: _world()], verify))
+    if _rank() == 0:
+        manifest.write(directory, {k: v for share in shares for k, v in share.items()}, verify)
+    _barrier()
+
+
+def verify_checkpoint(directory: str | Path, verify: str = "checksum") -> str | None:
+    """Collective: check `directory` against its manifest at level `verify` ("size" or "checksum"),
+    each rank reading a share of the files. Returns the first problem (the same on every rank), or
+    None when it passes. A checkpoint without a manifest (saved before manifests) passes unchecked."""
+    _check_verify_level(verify)
+    directory = Path(directory)
+    if _rank() == 0:
+        if not directory.is_dir():
+            found: Any = "the directory is missing"
+        else:
+            try:
+                found = manifest.read(directory)
+            except ValueError as e:
+                found = str(e)
+            if found is None:
+                log.warning("%s has no %s (saved by an older version): loading it unverified", directory, manifest.MANIFEST)
+    else:
+        found = None
+    found = _broadcast(found)
+    if found is None or isinstance(found, str):
+        return found
+    names = sorted(found["files"])
+    level = verify if found["level"] == "checksum" else "size"  # a size-only manifest has no CRCs to check
+    share = {n: found["files"][n] for n in names[_rank() :: _world()]}
+    problems = sorted(p for rank_problems in _all_gather(manifest.check(directory, share, level)) for p in rank_problems)
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,12 +224,22 @@ def save_checkpoint(
     scheduler: OptimizerParamScheduler | None,
     extra_state: dict[str, Any] | None = None,
     keep_last: int = 2,
+    verify: str = "checksum",
 ) -> Path:
     """Save everything needed to resume at `step`; collective: every rank calls it.
 
     `extra_state` (data position, metrics, ...) must be JSON-serialisable; `load_checkpoint`
-    returns it. Keeps the newest `keep_last` checkpoints (0 keeps all). Returns the directory.
+    returns it. Keeps the newest `keep_last` checkpoints (0 keeps all; 1 is refused: a damaged
+    newest checkpoint would leave nothing to fall back on). `verify` is what the manifest records:
+    "checksum" (sizes and CRC-32s: every byte is read back once, split over the ranks) or "size".
+    Returns the directory.
     """
+    _check_verify_level(verify)
+    if keep_last == 1 or keep_last < 0:
+        raise ConfigError(
+            f"checkpoint.keep_last={keep_last}: keep at least 2 (a damaged newest checkpoint falls back "
+            "to the one before), or 0 to keep all"
+        )
     root = Path(root)
     final, partial = step_dir(root, step), root / f"step_{step}.partial"
     main = _rank() == 0
@@ -188,6 +270,13 @@ def save_checkpoint(
         (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     _barrier()  # every rank's shard and RNG file is on disk
 
+    _write_manifest(partial, verify)
+    # Read back what the rename will vouch for: all ranks' RNG files, the trainer state, the
+    # manifest itself, and every file at the size it was written with.
+    problem = verify_checkpoint(partial, "size") or _missing_parts(partial)
+    if problem:
+        raise CheckpointError(f"the save of step {step} in {partial} is incomplete ({problem}); {LATEST} still names the previous checkpoint")
+
     if main:
         if final.exists():  # re-saving a step: the old copy goes only now that the new one is complete
             shutil.rmtree(final)
@@ -199,6 +288,17 @@ def save_checkpoint(
     return final
 
 
+def _missing_parts(directory: Path) -> str | None:
+    """What a complete save has that `directory` lacks (checked on rank 0, agreed by all)."""
+    if _rank() == 0:
+        expected = [TRAINER_STATE, "metadata.json", manifest.MANIFEST] + [f"rng/rank_{r:05d}.pt" for r in range(_world())]
+        missing = [name for name in expected if not (directory / name).is_file()]
+        problem = f"{missing[0]} is missing" if missing else None
+    else:
+        problem = None
+    return _broadcast(problem)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -206,6 +306,16 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make renames inside `directory` durable (the rename of a checkpoint, then `latest`)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep_last: int, newest: int) -> None:
@@ -235,6 +345,42 @@ def _save_rng(path: Path) -> None:
 # Loading.
 
 
+def resume_step(root: str | Path, verify: str = "checksum") -> int | None:
+    """Collective: the step to resume from under `root`, the same on every rank; None when there is
+    no checkpoint yet. That is the step `latest` names if it passes `verify_checkpoint`; otherwise
+    (one warning line each) the newest older one that passes. Raises `CheckpointError` (one line)
+    when checkpoints exist and none passes."""
+    root = Path(root)
+    if _rank() == 0:
+        try:
+            latest = latest_step(root)
+            plan: Any = None if latest is None else [latest] + [s for s in reversed(saved_steps(root)) if s < latest]
+        except CheckpointError as e:  # a garbled `latest`: the step directories still say what exists
+            steps = saved_steps(root)
+            log.warning("%s; trying the saved steps %s", e, steps)
+            plan = list(reversed(steps)) or str(e)
+    else:
+        plan = None
+    plan = _broadcast(plan)
+    if isinstance(plan, str):
+        raise CheckpointError(plan)
+    if plan is None:
+        return None
+    failures = []
+    for i, step in enumerate(plan):
+        problem = verify_checkpoint(step_dir(root, step), verify)
+        if problem is None:
+            return step
+        failures.append(f"step_{step}: {problem}")
+        if _rank() == 0:
+            fallback = f"trying step_{plan[i + 1]}" if i + 1 < len(plan) else "no older checkpoint left"
+            log.warning("checkpoint %s failed verification (%s); %s", step_dir(root, step), problem, fallback)
+    raise CheckpointError(
+        f"no checkpoint under {root} passes verification ({'; '.join(failures)}); "
+        "restore the damaged files, or start afresh (checkpoint.resume=false or a new run directory)"
+    )
+
+
 def load_checkpoint(
     root: str | Path,
     step: int,
@@ -242,16 +388,21 @@ def load_checkpoint(
     optimizer: MegatronOptimizer | None = None,
     scheduler: OptimizerParamScheduler | None = None,
     load_rng: bool = True,
+    verify: str = "size",
 ) -> dict[str, Any]:
     """Restore the checkpoint of `step` into `model` (DDP-wrapped or bare) and, when given, the
     optimizer, scheduler and RNG states; collective. Returns the `extra_state` saved with it.
 
     Pass `optimizer=None` to load weights only (evaluation, export); the TP/PP layout may then
     differ from the one that saved. Raises `CheckpointError` (one line) for a missing or unusable
-    directory.
+    directory, or one that fails its manifest check at level `verify` (default "size": cheap; a
+    step chosen by `resume_step` has been checked at the configured level already).
     """
     path = step_dir(root, step)
     trainer_state = _check_layout(path)
+    problem = verify_checkpoint(path, verify)
+    if problem:
+        raise CheckpointError(f"{path} is damaged ({problem}); load an earlier step, or let resume_step pick one that verifies")
 
     with_optimizer = optimizer is not None and trainer_state.get("optimizer_state", False)
     state = _sharded_state_dict(model, optimizer if with_optimizer else None, is_loading=True)

@@ -164,7 +164,7 @@ def run(cfg: StageConfig) -> dict:
     ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan), cfg.memory)
     metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
     start_step, prior_wall, initial = 0, 0.0, None
-    if cfg.checkpoint.resume and (latest := ckpt.latest_step(ckpt_dir)) is not None:
+    if cfg.checkpoint.resume and (latest := ckpt.resume_step(ckpt_dir, cfg.checkpoint.verify)) is not None:
         state = ckpt.load_checkpoint(ckpt_dir, latest, ddp, optimizer, scheduler)
         start_step, prior_wall, initial = latest, state.get("wall_seconds", 0.0), state.get("initial_eval")
         if main:
@@ -199,7 +199,7 @@ def run(cfg: StageConfig) -> dict:
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
             ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
                                  {"wall_seconds": prior_wall + time.perf_counter() - wall_start, "initial_eval": initial,
-                                  "model_info": model_info(model_cfg, hf_dir)}, keep_last=cfg.checkpoint.keep_last)
+                                  "model_info": model_info(model_cfg, hf_dir)}, keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify)
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
         metrics.log(done, row)
         bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['accuracy']:.2f}")

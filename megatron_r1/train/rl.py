@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_r1 import distributed, platform
-from megatron_r1.algorithms import aggregate, group_advantages, kl_penalty, overlong_penalty, policy_loss
+from megatron_r1.algorithms import aggregate, group_advantages, importance_weights, kl_penalty, overlong_penalty, policy_loss
 from megatron_r1.algorithms.sampling import GroupAccumulator
 from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.convert import model_info
@@ -38,6 +39,7 @@ from megatron_r1.rollout.vllm_engine import VLLMEngine
 from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.evaluate import evaluate, stop_conditions
+from megatron_r1.train.guards import RunGuard, TrainingHalted
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.preemption import Preempted, PreemptionWatch
@@ -88,6 +90,7 @@ class Sample:
     finish_reason: str  # "stop" | "length"
     prompt: int  # position of its prompt in the step's batch of prompts
     engine: int  # the engine (vLLM data-parallel rank) that sampled it
+    logprobs: list[float] | None = None  # the engine's log-probs of the response tokens (mismatch correction)
 
 
 def sampling_seed(seed: int, step: int, round_: int, engine: int) -> int:
@@ -109,6 +112,7 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general=None
     dynamic = cfg.grpo.dynamic_sampling
     acc = GroupAccumulator(cfg.grpo.prompts_per_step, cfg.grpo.max_sampling_rounds if dynamic else 1)
     failures, malformed, timings, sampled_here = 0, 0, {"rollout": 0.0, "reward": 0.0}, 0
+    code_outcomes: Counter = Counter()  # sandbox outcomes of code items (passed, timeout, memory, ...)
     while not acc.done:
         prompts = sampler.next_batch()  # the same on every rank
         start, _ = layout.shard_bounds(len(prompts))
@@ -153,7 +157,7 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general=None
         rewards += penalty
         local = [
             {
-                "samples": [Sample(r.prompt_ids, r.response_ids, r.finish_reason, start + i, layout.engine_index) for r in out[i * g : (i + 1) * g]],
+                "samples": [Sample(r.prompt_ids, r.response_ids, r.finish_reason, start + i, layout.engine_index, r.logprobs) for r in out[i * g : (i + 1) * g]],
                 "rewards": rewards[i * g : (i + 1) * g],
                 "lengths": lengths[i * g : (i + 1) * g],
                 "components": {k: v[i * g : (i + 1) * g] for k, v in components.items()},
@@ -166,6 +170,8 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general=None
         ]
         round_groups = groups.gather(local)  # whole groups, in prompt order, on every rank
         failures += sum(groups.all_gather(scored.failures if layout.is_engine_leader else 0))
+        for outcomes in groups.all_gather(scored.code_outcomes if layout.is_engine_leader else {}):
+            code_outcomes.update(outcomes)
         if general is not None:
             malformed += sum(groups.all_gather(bad_verdicts if layout.is_engine_leader else 0))
             if general.collective:  # the reward model: every rank scores the gathered general groups together
@@ -182,6 +188,7 @@ def rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general=None
     }
     stats = {
         "reward/failures": float(failures),
+        **{f"reward/code_{k}": float(v) for k, v in sorted(code_outcomes.items())},
         **({"reward/judge_malformed": float(malformed)} if general is not None and general.kind == "judge" else {}),
         "rollout/sequences_sampled_per_engine": float(sampled_here),
         **{f"sampling/{k}": float(v) for k, v in acc.stats().items()},
@@ -201,15 +208,22 @@ def _score_general_groups(round_groups: list[dict], general) -> None:
 
 
 def make_batch(samples: list[Sample], advantages, pad_id) -> Batch:
-    """Right-padded prompt+response tokens; the loss covers response tokens only."""
+    """Right-padded prompt+response tokens; the loss covers response tokens only. The engine's
+    log-probs of the response tokens, when every sample has them, ride along target-aligned as
+    `extras["rollout_logprobs"]` (the target of position t is token t + 1)."""
     width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.float32)
+    with_engine = all(s.logprobs is not None and len(s.logprobs) == len(s.response_ids) for s in samples)
+    engine_logprobs = torch.zeros((len(samples), width - 1), dtype=torch.float32)
     for i, s in enumerate(samples):
         prompt, seq = s.prompt_ids, s.prompt_ids + s.response_ids
         tokens[i, : len(seq)] = torch.tensor(seq)
         mask[i, len(prompt) : len(seq)] = 1.0
-    return Batch(tokens=tokens, loss_mask=mask, advantages=advantages.float())
+        if with_engine and s.response_ids:
+            engine_logprobs[i, len(prompt) - 1 : len(seq) - 1] = torch.tensor(s.logprobs, dtype=torch.float32)
+    extras = {"rollout_logprobs": engine_logprobs} if with_engine else {}
+    return Batch(tokens=tokens, loss_mask=mask, advantages=advantages.float(), extras=extras)
 
 
 def grpo_loss_fn(cfg: StageConfig):
@@ -224,13 +238,22 @@ def grpo_loss_fn(cfg: StageConfig):
         # On-policy (one update per rollout): the sampling policy IS the current one, so the ratio
         # is exactly 1 and only its gradient matters: no separate old-logprob forward is needed.
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        # The engine sampled, the trainer learns: measure their gap every step, correct it if asked.
+        is_weights, mismatch = None, {}
+        if "rollout_logprobs" in micro.extras:
+            weights, _, mismatch = importance_weights(
+                old, micro.extras["rollout_logprobs"], mask, g.mismatch_correction, g.mismatch_level, g.mismatch_max, g.mismatch_min
+            )
+            is_weights = weights if g.mismatch_correction != "none" else None
         loss, metrics = policy_loss(
             logprobs, old, micro.advantages, mask,
             clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high,
             loss_agg=g.loss_agg, max_response_tokens=max_tokens, global_denominator=denominator,
+            clip_ratio_c=g.clip_ratio_c, is_weights=is_weights,
         )
+        metrics.update(mismatch)
         if g.kl_beta > 0:
-            kl = kl_penalty(logprobs, micro.ref_logprobs, g.kl_estimator)
+            kl = kl_penalty(logprobs, micro.ref_logprobs, g.kl_estimator, mask=mask)
             loss = loss + g.kl_beta * aggregate(kl, mask, g.loss_agg, max_tokens, denominator)
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         if entropy is not None:
@@ -298,7 +321,7 @@ class Policy:
 
 def _resume(cfg: StageConfig, ckpt_dir: Path, policy: Policy, sampler: MixedSampler, metrics: MetricsLogger) -> tuple[int, float, float | None]:
     """(first step, RL seconds so far, base accuracy) from the latest checkpoint, or a fresh start."""
-    if not cfg.checkpoint.resume or (latest := ckpt.latest_step(ckpt_dir)) is None:
+    if not cfg.checkpoint.resume or (latest := ckpt.resume_step(ckpt_dir, cfg.checkpoint.verify)) is None:
         return 0, 0.0, None
     extra = ckpt.load_checkpoint(ckpt_dir, latest, policy.ddp, policy.optimizer, policy.scheduler)
     sampler.load_state_dict(extra["sampler"])
@@ -313,7 +336,7 @@ def _load_megatron_weights(cfg: StageConfig, policy: Policy) -> bool:
     root = cfg.checkpoint.load_megatron
     if not root:
         return False
-    step = ckpt.latest_step(root)
+    step = ckpt.resume_step(root, cfg.checkpoint.verify)
     if step is None:
         raise ConfigError(f"checkpoint.load_megatron={root} holds no complete checkpoint (no 'latest' file)")
     ckpt.load_checkpoint(root, step, policy.ddp, None, None, load_rng=False)  # weights only: any layout
@@ -413,6 +436,7 @@ def run(cfg: StageConfig) -> dict:
                      100 * base.accuracy, 100 * base.format_rate, base.length_mean, base.samples[0]["response"][:120])
 
     timer = PhaseTimer()
+    guard = RunGuard(cfg.optimizer.max_nonfinite_steps, cfg.reward.max_failure_rate, cfg.reward.failure_patience)
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="GRPO", disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
     last_eval = None
     for step in bar:
@@ -446,19 +470,23 @@ def run(cfg: StageConfig) -> dict:
                 last_eval = run_eval(done)
             row.update(last_eval.metrics(cfg.logging.eval_samples))
         stop = preemption.stop_requested(done)  # a signal reached some rank: save this step, then exit
-        if stop or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == cfg.steps:
+        # Updates skipped for inf/nan, or rewards that keep failing: save the last good state and stop.
+        halt = guard.update(train_metrics.get("nonfinite", 0.0), sampling_stats["reward/failures"], len(samples))
+        if stop or halt or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == cfg.steps:
             with timer("checkpoint"):
                 wall = prior_wall + time.perf_counter() - wall_start
                 ckpt.save_checkpoint(ckpt_dir, done, policy.ddp, policy.optimizer, policy.scheduler,
                                      {"sampler": sampler.state_dict(), "wall_seconds": wall, "base_accuracy": base_accuracy,
                                       "model_info": model_info(policy.model_cfg, hf_dir)},
-                                     keep_last=cfg.checkpoint.keep_last)
+                                     keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify)
         row.update(timer.finish())
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
         metrics.log(done, row)
         bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=f"{row.get('reward/accuracy', 0):.2f}", len=f"{row['response/length_mean']:.0f}")
         if stop:
             raise Preempted(f"step {done} of {cfg.steps} is saved in {ckpt_dir}; rerun the same command to resume")
+        if halt:
+            raise TrainingHalted(f"stopped at step {done}: {halt}; the last good state is saved in {ckpt_dir}")
     bar.close()
     preemption.close()
 

@@ -116,7 +116,7 @@ def _tensor_parallel(tmp: Path) -> dict:
 
 def _data_parallel(tmp: Path) -> dict:
     from megatron_r1.config import ParallelConfig
-    from megatron_r1.train.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_r1.train.checkpoint import load_checkpoint, resume_step, save_checkpoint
 
     rank = torch.distributed.get_rank()
     full = _batch(8, seed=1)
@@ -132,6 +132,17 @@ def _data_parallel(tmp: Path) -> dict:
     ddp2, opt2, sched2 = _build(dp)
     load_checkpoint(tmp / "ckpt_dp", 4, ddp2, opt2, sched2)
     out["after_load"] = _train(ddp2, opt2, sched2, half, steps=1)[0]
+
+    # Damage a file of step 5 that only one rank's share of the manifest check reads: both ranks
+    # must still agree to fall back to step 4.
+    save_checkpoint(tmp / "ckpt_dp", 5, ddp2, opt2, sched2)
+    shard = sorted((tmp / "ckpt_dp" / "step_5").glob("*.distcp"))[-1]
+    if rank == 1:
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    torch.distributed.barrier()
+    out["resume_step"] = resume_step(tmp / "ckpt_dp")
     ddp, opt, sched = _build(dp)
     out["whole"] = _train(ddp, opt, sched, full, steps=4, micro_batch_size=3)
     return out
@@ -228,6 +239,10 @@ def test_distributed_optimizer_checkpoint_resumes_exactly(ranks):
         dp = r["dp"]
         assert dp["after_load"]["loss"] == pytest.approx(dp["after_save"]["loss"], abs=1e-6)
         assert dp["after_load"]["grad_norm"] == pytest.approx(dp["after_save"]["grad_norm"], abs=1e-6)
+
+
+def test_a_damaged_shard_makes_every_rank_fall_back_to_the_same_step(ranks):
+    assert [r["dp"]["resume_step"] for r in ranks] == [4, 4]
 
 
 def test_pipeline_parallel_train_step(ranks):

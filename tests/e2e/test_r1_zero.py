@@ -202,3 +202,21 @@ def test_start_from_a_converted_megatron_checkpoint(base_model, tmp_path):
     for key in ("train/loss", "train/grad_norm", "reward/mean"):
         assert b[1][key] == pytest.approx(a[1][key], abs=1e-6), key
     assert b[1]["sync/logprob_abs_diff_max"] < 1e-3
+
+
+def test_non_finite_updates_are_logged_skipped_and_stop_the_run(base_model, tmp_path):
+    """A learning rate of 1e30 wrecks the weights after one update; every later loss is NaN. Each such
+    update is skipped and counted, the NaN stays in metrics.jsonl, and after two in a row the run
+    saves and stops with one line (exit 1)."""
+    run_dir = tmp_path / "nan"
+    args = ["r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base_model}", "checkpoint.base_stage=",
+            *TINY_RUN, "steps=6", "logging.eval_every=0", "checkpoint.save_every=0", "rollout.probe_every=0",
+            "optimizer.lr=1e30", "optimizer.clip_grad=0", "optimizer.max_nonfinite_steps=2"]
+    out = subprocess.run([sys.executable, "-m", "megatron_r1.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-r1: stopped at step 3: 2 steps in a row had a non-finite loss"), last
+    rows = _rows(run_dir)
+    assert rows[1]["train/nonfinite"] == 0.0
+    assert [rows[s]["train/nonfinite"] for s in (2, 3)] == [1.0, 1.0] and all(rows[s]["train/loss"] != rows[s]["train/loss"] for s in (2, 3))
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "3"

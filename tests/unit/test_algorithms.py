@@ -351,3 +351,18 @@ def test_policy_loss_applies_importance_weights():
     assert loss.item() == pytest.approx(-1.0)  # (-1 * 2 + -1 * 0) / 2 tokens
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.0, 0.0]]))
+
+
+def test_run_guard_stops_after_n_bad_steps_in_a_row():
+    from megatron_r1.train.guards import RunGuard
+
+    guard = RunGuard(max_nonfinite_steps=3, max_failure_rate=0.5, failure_patience=2)
+    assert guard.update(1.0, 0, 8) is None and guard.update(1.0, 0, 8) is None
+    assert guard.update(0.0, 0, 8) is None  # a good step resets the count
+    assert guard.update(0.5, 0, 8) is None and guard.update(1.0, 0, 8) is None
+    assert "3 steps in a row had a non-finite" in guard.update(1.0, 0, 8)
+    assert guard.nonfinite_total == 5
+    rewards = RunGuard(max_nonfinite_steps=0, max_failure_rate=0.5, failure_patience=2)
+    assert rewards.update(0, 5, 8) is None and rewards.update(0, 4, 8) is None  # 4/8 is not above 0.5
+    assert rewards.update(0, 6, 8) is None
+    assert "reward failed on 88% of the sequences for 2 steps" in rewards.update(0, 7, 8)

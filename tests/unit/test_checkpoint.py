@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_r1.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_r1.config import ConfigError, ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_r1.distributed import init_distributed
 from megatron_r1.models.build import build_model
 from megatron_r1.train.checkpoint import (
     CheckpointError,
     latest_step,
     load_checkpoint,
+    resume_step,
     save_checkpoint,
     saved_steps,
     step_dir,
@@ -169,3 +170,134 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(tmp_path, 1, *other)
     assert "cannot load" in _one_line_error(e)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests: a save that dies half-way, or a checkpoint damaged on disk, never gets loaded.
+
+
+def _two_checkpoints(root):
+    """Steps 1 and 2 with different weights; returns the model and the weights of each step."""
+    ddp, opt, sched = fresh()
+    train_step(ddp, opt, sched, batch_for(0), lm_loss_fn, micro_batch_size=4)
+    save_checkpoint(root, 1, ddp, opt, sched, extra_state={"step": 1})
+    at_1 = params(ddp)
+    train_step(ddp, opt, sched, batch_for(1), lm_loss_fn, micro_batch_size=4)
+    save_checkpoint(root, 2, ddp, opt, sched, extra_state={"step": 2})
+    return (ddp, opt, sched), at_1
+
+
+def _shard(root, step: int):
+    return next(step_dir(root, step).glob("*.distcp"))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_newest_checkpoint_is_detected_and_the_previous_one_is_resumed(tmp_path, damage, caplog):
+    model, at_1 = _two_checkpoints(tmp_path)
+    assert resume_step(tmp_path) == 2 and (step_dir(tmp_path, 2) / "manifest.json").is_file()
+    shard = _shard(tmp_path, 2)
+    if damage == "flip":  # same size, different bytes: only the checksum level sees it
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        assert resume_step(tmp_path, verify="size") == 2
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        shard.unlink()
+
+    with caplog.at_level("WARNING", logger="megatron_r1.train.checkpoint"):
+        assert resume_step(tmp_path) == 1
+    [line] = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
+    assert "step_2" in line and shard.name in line and "trying step_1" in line and "\n" not in line
+
+    # Loading the damaged step by hand is refused in one line; the fallback loads step 1 exactly.
+    if damage != "flip":
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path, 2, *model)
+        assert "is damaged" in _one_line_error(e)
+    assert load_checkpoint(tmp_path, 1, *model) == {"step": 1}
+    assert all(torch.equal(a, b) for a, b in zip(params(model[0]), at_1))
+
+
+def test_when_no_checkpoint_verifies_the_error_is_one_line(tmp_path):
+    _two_checkpoints(tmp_path)
+    for step in (1, 2):
+        _shard(tmp_path, step).write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        resume_step(tmp_path)
+    message = _one_line_error(e)
+    assert "no checkpoint under" in message and "step_2:" in message and "step_1:" in message and "resume=false" in message
+    assert resume_step(tmp_path / "nothing_here") is None
+
+
+def test_a_save_that_fails_before_the_rename_leaves_the_previous_checkpoint_current(tmp_path, monkeypatch):
+    model, at_1 = _two_checkpoints(tmp_path)
+    import megatron_r1.train.checkpoint as ckpt
+
+    def fail(*args):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(ckpt.os, "replace", fail)  # shards and manifest written; the commit fails
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 3, *model)
+    monkeypatch.undo()
+    assert (tmp_path / "step_3.partial" / "manifest.json").is_file()
+    assert latest_step(tmp_path) == 2 and resume_step(tmp_path) == 2 and saved_steps(tmp_path) == [1, 2]
+
+
+def test_keep_last_one_is_refused_since_it_leaves_no_fallback(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        save_checkpoint(tmp_path, 1, *fresh(), keep_last=1)
+    assert "keep at least 2" in _one_line_error(e) and not (tmp_path / "step_1").exists()
+
+
+_KILLED_MID_SAVE = """
+import os, sys, time
+from megatron_r1.config import ModelConfig, ParallelConfig
+from megatron_r1.distributed import init_distributed
+from megatron_r1.models.build import build_model
+from megatron_r1.train import checkpoint, manifest
+
+init_distributed(ParallelConfig(), seed=7)
+model = build_model(ModelConfig(), ParallelConfig())
+root = sys.argv[1]
+checkpoint.save_checkpoint(root, 1, model, None, None, extra_state={"step": 1})
+with __import__("torch").no_grad():
+    for p in model.parameters():
+        p.add_(1.0)
+
+def stall(*args, **kwargs):  # every shard of step 2 is on disk, its manifest not yet
+    print("SHARDS WRITTEN", flush=True)
+    time.sleep(120)
+
+manifest.write = stall
+checkpoint.save_checkpoint(root, 2, model, None, None, extra_state={"step": 2})
+"""
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable_and_selected(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a 1-process job of its own, not a member of this test's group
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_MID_SAVE, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert child.stdout.readline().strip() == "SHARDS WRITTEN"
+        assert list((tmp_path / "step_2.partial").glob("*.distcp"))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+    assert latest_step(tmp_path) == 1 and saved_steps(tmp_path) == [1] and resume_step(tmp_path) == 1
+    init_distributed(PARALLEL, seed=3)
+    bare = build_model(ModelConfig(), PARALLEL)
+    assert load_checkpoint(tmp_path, 1, bare, load_rng=False) == {"step": 1}
+    # The next save of step 2 replaces the leftover and commits normally.
+    save_checkpoint(tmp_path, 2, bare, None, None)
+    assert not (tmp_path / "step_2.partial").exists() and resume_step(tmp_path) == 2

@@ -165,7 +165,7 @@ def test_bfloat16_save_and_tokenizer_files(one_rank, tmp_path):
     from megatron_r1.data.tokenizer import EOS_TOKEN
 
     tokenizer = small_tokenizer(tmp_path / "tok")
-    cfg = tiny("llama", tied=True)
+    cfg = dataclasses.replace(tiny("llama", tied=True), vocab_size=320)  # room for the tokenizer's 270 tokens
     model = build_model(cfg, ParallelConfig()).eval()
     out = save_hf(model, cfg, tmp_path / "bf16", tokenizer_dir=tmp_path / "tok", dtype=torch.bfloat16)
     config = json.loads((out / "config.json").read_text())

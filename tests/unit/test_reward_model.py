@@ -3,6 +3,7 @@ the generative judge's verdict parser."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,7 +111,7 @@ def reward_model_dir(one_rank, tmp_path_factory):
     from megatron_r1.models.reward_model import build_reward_model, reward_model_config
 
     root = tmp_path_factory.mktemp("rm")
-    cfg = tiny("llama+bias", tied=True)
+    cfg = dataclasses.replace(tiny("llama+bias", tied=True), vocab_size=320)  # room for the tokenizer's 270 tokens
     lm_dir = make_hf_checkpoint(cfg, root / "lm")
     small_tokenizer(root / "tok")
     rm_cfg = reward_model_config(cfg)

@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from megatron_r1.config import ModelConfig
+from megatron_r1.config import ConfigError, ModelConfig
 
 # --------------------------------------------------------------------------------------------
 # Adapters.
@@ -304,7 +304,7 @@ def _load_entry(entry: _Entry, name: str, get_full: Callable[[str], Tensor | Non
     if full is None:
         return
     if tuple(full.shape) != entry.full_shape:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: the checkpoint gives shape {tuple(full.shape)}, the model expects {entry.full_shape}; "
             "does the model config match the checkpoint?"
         )
@@ -346,7 +346,7 @@ class _SafetensorsReader:
     def get(self, name: str) -> Tensor:
         file = self.weight_map.get(name)
         if file is None:
-            raise KeyError(f"{str(self.dir)!r} has no tensor {name!r}; is the model config right for this checkpoint?")
+            raise ConfigError(f"{str(self.dir)!r} has no tensor {name!r}; is the model config right for this checkpoint?")
         if file not in self._files:
             self._files[file] = self._stack.enter_context(safe_open(str(self.dir / file), framework="pt"))
         return self._files[file].get_tensor(name)
@@ -391,10 +391,29 @@ def read_hf_config(hf_dir: str | Path) -> ModelConfig:
     hf_config = json.loads(path.read_text())
     model_type = hf_config.get("model_type", "")
     if model_type not in _ADAPTER_MODULES:
-        raise ValueError(
-            f"{str(path)!r} has model_type {model_type!r}; supported: {', '.join(sorted(_ADAPTER_MODULES))}"
+        raise ConfigError(
+            f"{str(path)!r} has model_type {model_type!r}; supported: {', '.join(sorted(_ADAPTER_MODULES))} "
+            "(convert the model to one of them, or add an adapter in megatron_r1/models/hf/)"
         )
-    return get_adapter(model_type).model_config(hf_config)
+    cfg = get_adapter(model_type).model_config(hf_config)
+    _check_tokenizer_fits(Path(hf_dir), cfg.vocab_size)
+    return cfg
+
+
+def _check_tokenizer_fits(hf_dir: Path, vocab_size: int) -> None:
+    """A tokenizer with more tokens than the embedding has rows would crash the first forward pass
+    deep inside an embedding lookup (or, worse, silently alias ids under vocab-parallel TP)."""
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise ConfigError(
+            f"{str(hf_dir)!r}: its tokenizer has {n} tokens but config.json's vocab_size is {vocab_size}; "
+            "use the tokenizer the model was trained with (or a model whose vocab_size covers it)"
+        )
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

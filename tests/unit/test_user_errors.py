@@ -1,0 +1,91 @@
+"""Mistakes a user can make end in one line naming the fix, exit status 2, no traceback.
+
+Through the CLI as users run it (in this process, one gloo rank), each case stopping before any
+model is built: a misspelt reasoning-gym task, prompts that all get filtered out, a missing
+dataset file, a layout the world size does not divide, an HF directory of an unsupported
+`model_type` or with a tokenizer larger than its vocabulary. (A Megatron checkpoint of another
+shape: tests/unit/test_checkpoint.py; several ranks printing one line: tests/distributed/test_user_errors_2rank.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_r1.cli import main
+from megatron_r1.config import ModelConfig
+from megatron_r1.models.hf.base import get_adapter
+
+SMALL = ["data.train_size=40", "data.eval_size=8"]
+
+
+def make_hf_dir(out: Path, vocab_size: int = 512, model_type: str | None = None) -> Path:
+    """config.json and tokenizer files, which is all the stages read before building the model."""
+    from megatron_r1.data.tokenizer import train_tokenizer
+
+    train_tokenizer(["1 + 2 = 3", "<think>a b</think><answer>4</answer>"] * 20, 300, out)
+    config = get_adapter("llama").hf_config(ModelConfig(vocab_size=vocab_size))
+    if model_type:
+        config["model_type"] = model_type
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return make_hf_dir(tmp_path_factory.mktemp("hf"))
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """Exit status and the one `megatron-r1` line on stderr (asserting there is exactly one)."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("megatron-r1")]
+    assert len(lines) == 1, err
+    return code, lines[0]
+
+
+def evaluate(capsys, hf_dir: Path, tmp_path: Path, *overrides: str) -> tuple[int, str]:
+    return run_cli(capsys, "--log-level", "WARNING", "evaluate", "r1_zero_tiny", f"checkpoint.load_hf={hf_dir}", f"logging.run_dir={tmp_path}", *SMALL, *overrides)
+
+
+def test_a_misspelt_task_lists_close_matches(capsys, hf_dir, tmp_path):
+    code, line = evaluate(capsys, hf_dir, tmp_path, "data.task=chain_sun")
+    assert code == 2 and "data.task='chain_sun' is not a reasoning-gym dataset; did you mean chain_sum" in line
+
+
+def test_no_usable_prompts_counts_the_reasons_and_names_the_setting(capsys, hf_dir, tmp_path):
+    code, line = evaluate(capsys, hf_dir, tmp_path, "data.max_prompt_tokens=4")
+    assert code == 2 and "no usable eval prompts (skipped too_long: 8)" in line and "raise data.max_prompt_tokens (now 4)" in line
+
+
+def test_a_jsonl_without_usable_rows_says_how_to_fix_them(capsys, hf_dir, tmp_path):
+    rows = tmp_path / "eval.jsonl"
+    rows.write_text('{"question": "1+1?"}\n{"prompt": ""}\nnot json\n')
+    code, line = evaluate(capsys, hf_dir, tmp_path, "data.source=jsonl", f"data.eval_path={rows}")
+    assert code == 2 and "missing_answer: 1" in line and "bad_json: 1" in line and "fix the rows of the jsonl file" in line
+
+
+def test_a_missing_dataset_file_is_named(capsys, hf_dir, tmp_path):
+    code, line = evaluate(capsys, hf_dir, tmp_path, "data.source=jsonl", f"data.eval_path={tmp_path}/nope.jsonl")
+    assert code == 2 and "data.eval_path: no such file" in line and "nope.jsonl" in line
+
+
+def test_a_world_size_the_layout_does_not_divide(capsys, hf_dir, tmp_path):
+    code, line = evaluate(capsys, hf_dir, tmp_path, "parallel.pipeline_model_parallel_size=2")
+    assert code == 2 and "world size 1 is not divisible by TP x PP x CP = 2" in line and "launch a multiple of 2" in line
+
+
+def test_an_unsupported_model_type_names_the_supported_ones(capsys, tmp_path):
+    hf = make_hf_dir(tmp_path / "hf", model_type="mistral")
+    code, line = run_cli(capsys, "convert", "from-hf", "--hf", str(hf), "--stage", "r1_zero_tiny", "--out", str(tmp_path / "out"))
+    assert code == 2 and "model_type 'mistral'; supported: deepseek_v3, llama, qwen2" in line
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(capsys, tmp_path):
+    hf = make_hf_dir(tmp_path / "hf", vocab_size=256)
+    code, line = run_cli(capsys, "convert", "from-hf", "--hf", str(hf), "--stage", "r1_zero_tiny", "--out", str(tmp_path / "out"))
+    assert code == 2 and "tokenizer has 270 tokens but config.json's vocab_size is 256" in line  # BPE stops at 270 on this corpus
