@@ -24,6 +24,7 @@ name of the rank that died.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -141,6 +142,10 @@ def start(timeout_s: float) -> Heartbeat | None:
         return None
     _current = Heartbeat(_store_client(timeout_s), dist.get_rank(), world, timeout_s)
     _current.start()
+    # A process that leaves without `distributed.destroy()` (a requeue exit, an error) must not
+    # tear the interpreter down under a thread inside a store call: C++ would abort the process
+    # ("terminate called without an active exception") and turn its exit status into 134.
+    atexit.register(stop)
     dist.barrier()  # every counter exists before any watcher reads it
     _install_excepthook()
     return _current
