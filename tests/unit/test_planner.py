@@ -112,9 +112,13 @@ def test_the_671b_recipe_fits_32_nodes_and_the_old_layout_does_not():
 
 def test_search_finds_the_smallest_node_count():
     code, out = _plan("conf/stages/r1_zero_qwen2.5_7b.yaml", "--search", "--nodes", "1")
-    assert out["smallest_fitting_nodes"] is not None
-    if out["fits"]:
-        assert out["smallest_fitting_nodes"] == 1
+    assert code == 0 and out["smallest_fitting_nodes"] == 1
+    # EP16 x PP16 needs 256 GPUs: nothing smaller exists, and 32 nodes fit.
+    _, out = _plan("conf/stages/r1_zero_deepseek_v3.yaml", "--search", "--nodes", "32")
+    assert out["smallest_fitting_nodes"] == 32
+    # Adam's state on the GPUs: no node count up to 1,024 leaves room for the engine.
+    code, out = _plan("conf/stages/r1_zero_deepseek_v3.yaml", "memory.optimizer_offload_fraction=0", "--search", "--nodes", "32")
+    assert code == 1 and out["smallest_fitting_nodes"] is None and out["breaks"] == "engine_budget"
 
 
 def test_table_names_the_verdict():
