@@ -193,7 +193,7 @@ class RewardConfig:
     failure_patience: int = 3  # failing steps in a row before the run stops
     # Code problems (data.task=humaneval): each program runs against its tests in a sandbox (rewards/sandbox.py).
     code_timeout_s: float = 5.0  # wall clock of one program's run, interpreter start included
-    code_workers: int = 0  # programs running at once; 0: the CPU count
+    code_workers: int = 0  # programs one rank runs at once; 0: its CPUs (srun binding), or the node's CPUs over its ranks (torchrun)
     code_memory_mb: int = 1024  # memory of one program's whole process tree
     # General prompts (data.general_*; stage final_rl): scored by a reward model instead of the rules.
     general_scorer: str = "reward_model"  # reward_model: the scalar model at model_path | judge: a rubric prompt to the judge engine

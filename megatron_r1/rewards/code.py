@@ -29,6 +29,15 @@ CODE_VERIFIER = "python_tests"  # entry["verifier"] of a code item: run `test` a
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
+def default_workers() -> int:
+    """Programs one rank runs at once: the CPUs this process may use (srun's `--cpus-per-task`
+    binding shows here), shared with the other ranks on the node when nothing binds them (torchrun)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    unbound = cpus == (os.cpu_count() or cpus)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if unbound else 1
+    return max(1, cpus // max(ranks_here, 1))
+
+
 def run_programs(
     programs: Sequence[str | None],
     tests: Sequence[str],
@@ -37,7 +46,7 @@ def run_programs(
     max_workers: int | None = None,
 ) -> list[RunResult]:
     """One `RunResult` per program, in order; ``None`` programs are not run (outcome "no_program").
-    At most `max_workers` (default: the CPU count) run at once."""
+    At most `max_workers` (default: `default_workers()`) run at once."""
     if not len(programs) == len(tests) == len(entry_points):
         raise ValueError(f"{len(programs)} programs, {len(tests)} tests, {len(entry_points)} entry points")
 
@@ -46,7 +55,7 @@ def run_programs(
             return RunResult("no_program", None, "", 0.0)
         return run_job(Job(programs[i], tests[i], entry_points[i]), limits)
 
-    workers = max(1, max_workers or os.cpu_count() or 1)
+    workers = max(1, max_workers or default_workers())
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-sandbox") as pool:
         return list(pool.map(one, range(len(programs))))
 

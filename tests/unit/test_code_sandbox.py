@@ -400,3 +400,19 @@ def test_isolation_layers_on_this_machine():
     result = run_job(Job("import os\ndef f():\n    return (os.getuid(), os.getpid(), os.getcwd())\n",
                          "def check(c):\n    assert c() == (65534, 1, '/work'), c()\n", "f"))
     assert result.outcome == "passed", result.output
+
+
+def test_default_workers_share_the_node_between_ranks(monkeypatch):
+    import os
+
+    from megatron_r1.rewards.code import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 12  # torchrun: nothing binds the ranks, so they share the node
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert default_workers() == 12  # srun --cpus-per-task=12: the binding already is this rank's share
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert default_workers() == 96
