@@ -257,6 +257,7 @@ class CheckpointConfig:
     export_hf: bool = True  # write the final policy as Hugging Face weights to <run_dir>/hf
     keep_last: int = 2  # checkpoints kept on disk (0: all; at least 2, so a damaged newest one has a fallback)
     verify: str = "checksum"  # checksum: sizes + CRC-32 of every file, re-read on resume (split over ranks) | size: sizes only (multi-TB checkpoints)
+    async_save: bool = False  # GPU: write checkpoints in the background (Megatron's async writer); completed at a later step
 
 
 @dataclass

@@ -225,8 +225,14 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     keep_last: int = 2,
     verify: str = "checksum",
+    async_save: bool = False,
 ) -> Path:
     """Save everything needed to resume at `step`; collective: every rank calls it.
+
+    `async_save` (GPU): Megatron's asynchronous writer stages the shards to host memory and writes
+    them in a background process while training goes on; the manifest, the rename and `latest`
+    follow when a later `finish_pending_saves` (every step, and before exiting) finds the write
+    done on every rank. Until then `latest` names the previous checkpoint, as after a crash.
 
     `extra_state` (data position, metrics, ...) must be JSON-serialisable; `load_checkpoint`
     returns it. Keeps the newest `keep_last` checkpoints (0 keeps all; 1 is refused: a damaged
@@ -235,12 +241,14 @@ def save_checkpoint(
     Returns the directory.
     """
     _check_verify_level(verify)
+    require_async_support(async_save)
     if keep_last == 1 or keep_last < 0:
         raise ConfigError(
             f"checkpoint.keep_last={keep_last}: keep at least 2 (a damaged newest checkpoint falls back "
             "to the one before), or 0 to keep all"
         )
     root = Path(root)
+    finish_pending_saves(blocking=True)  # one write in flight at a time, and `latest` in step order
     final, partial = step_dir(root, step), root / f"step_{step}.partial"
     main = _rank() == 0
     try:  # on every rank, so that all of them stop together
@@ -257,7 +265,7 @@ def save_checkpoint(
     # such a checkpoint holds only the model; loading it leaves the optimizer fresh, which is exact.
     with_optimizer = optimizer is not None and _has_stepped(optimizer)
     sharded = _sharded_state_dict(model, optimizer if with_optimizer else None, is_loading=False)
-    dist_checkpointing.save(sharded, str(partial))
+    request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=async_save)
     _save_rng(partial / "rng" / f"rank_{_rank():05d}.pt")
     if main:
         state = {
@@ -268,8 +276,22 @@ def save_checkpoint(
             "extra": extra_state or {},
         }
         (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-    _barrier()  # every rank's shard and RNG file is on disk
 
+    def complete() -> None:
+        _complete_save(root, step, partial, final, keep_last, verify)
+
+    if async_save:
+        request.add_finalize_fn(complete)
+        _async_queue().schedule_async_request(request)
+        return final
+    complete()
+    return final
+
+
+def _complete_save(root: Path, step: int, partial: Path, final: Path, keep_last: int, verify: str) -> None:
+    """Manifest, check, rename, `latest`, pruning: once every rank's files are written (collective)."""
+    main = _rank() == 0
+    _barrier()  # every rank's shard and RNG file is on disk
     _write_manifest(partial, verify)
     # Read back what the rename will vouch for: all ranks' RNG files, the trainer state, the
     # manifest itself, and every file at the size it was written with.
@@ -285,7 +307,31 @@ def save_checkpoint(
         _prune(root, keep_last, step)
         log.info("saved checkpoint %s", final)
     _barrier()
-    return final
+
+
+_ASYNC_QUEUE = None  # Megatron's AsyncCallsQueue, created by the first asynchronous save
+
+
+def require_async_support(async_save: bool) -> None:
+    """One line now rather than a CUDA error at the first save hours later."""
+    if async_save and not platform.has_cuda():
+        raise ConfigError("checkpoint.async_save needs CUDA (Megatron's asynchronous checkpoint writer); set it to false here")
+
+
+def _async_queue():
+    global _ASYNC_QUEUE
+    if _ASYNC_QUEUE is None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        _ASYNC_QUEUE = AsyncCallsQueue(persistent=True)  # one writer process, reused by every save
+    return _ASYNC_QUEUE
+
+
+def finish_pending_saves(blocking: bool = False) -> None:
+    """Complete the asynchronous saves whose writes are done on every rank (collective; call it on
+    every rank at the same points: each step, and with `blocking=True` before the run ends)."""
+    if _ASYNC_QUEUE is not None:
+        _ASYNC_QUEUE.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _missing_parts(directory: Path) -> str | None:

@@ -391,6 +391,7 @@ def run(cfg: StageConfig) -> dict:
     """Run R1-Zero GRPO as configured (every rank of the job calls it); returns the summary
     (also written to summary.json) on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
+    ckpt.require_async_support(cfg.checkpoint.async_save)
     preemption = PreemptionWatch()  # from here on SIGUSR1/SIGTERM mean: finish the step, save, exit
     main = distributed.is_main()
     run_dir = Path(cfg.logging.run_dir)
@@ -440,6 +441,7 @@ def run(cfg: StageConfig) -> dict:
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="GRPO", disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
     last_eval = None
     for step in bar:
+        ckpt.finish_pending_saves()  # an asynchronous save written in the background: rename it now
         # 1-2. rollout and reward: each engine its share of the prompts; whole groups on every rank
         sampled, sampling_stats, timings = rollout_phase(cfg, engine, tokenizer, sampler, reward_fn, step, general)
         for phase, seconds in timings.items():
@@ -478,7 +480,9 @@ def run(cfg: StageConfig) -> dict:
                 ckpt.save_checkpoint(ckpt_dir, done, policy.ddp, policy.optimizer, policy.scheduler,
                                      {"sampler": sampler.state_dict(), "wall_seconds": wall, "base_accuracy": base_accuracy,
                                       "model_info": model_info(policy.model_cfg, hf_dir)},
-                                     keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify)
+                                     keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify,
+                                     # the last save before an exit must be complete when the process leaves
+                                     async_save=cfg.checkpoint.async_save and not (stop or halt or done == cfg.steps))
         row.update(timer.finish())
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
         metrics.log(done, row)

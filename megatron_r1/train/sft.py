@@ -105,6 +105,7 @@ def _log_data(name: str, data: SFTDataset) -> None:
 def run(cfg: StageConfig) -> dict:
     """Fine-tune `checkpoint.load_hf` on `sft.train_path` (every rank calls it); returns the summary on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
+    ckpt.require_async_support(cfg.checkpoint.async_save)
     preemption = PreemptionWatch()  # from here on SIGUSR1/SIGTERM mean: finish the step, save, exit
     from megatron.core import parallel_state
 
@@ -156,6 +157,7 @@ def run(cfg: StageConfig) -> dict:
                disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
     final_eval = None
     for step in bar:
+        ckpt.finish_pending_saves()  # an asynchronous save written in the background: rename it now
         rows = plan[step]
         out = train_step(ddp, optimizer, scheduler, collate(_my_rows(rows), pad_id, cfg.sft.packing), lm_loss_fn, cfg.sft.micro_batch_size)
         done = step + 1
@@ -169,7 +171,8 @@ def run(cfg: StageConfig) -> dict:
         if stop or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
             ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
                                  {"wall_seconds": prior_wall + time.perf_counter() - wall_start, "model_info": model_info(model_cfg, hf_dir)},
-                                 keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify)
+                                 keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify,
+                                 async_save=cfg.checkpoint.async_save and not (stop or done == len(plan)))
         row["time/wall"] = prior_wall + time.perf_counter() - wall_start
         metrics.log(done, row)
         bar.set_postfix(loss=f"{out['loss']:.3f}", **({"eval": f"{final_eval:.3f}"} if final_eval is not None else {}))
