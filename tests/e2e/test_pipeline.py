@@ -35,6 +35,7 @@ stages:
 """
 
 
+@pytest.mark.slow  # ~9 minutes on 2 cores: every stage of the R1 pipeline, killed and resumed (`make test-slow`)
 def test_pipeline_chains_stages_resumes_after_a_kill_and_skips_finished_ones(base_model, tmp_path):
     run_dir = tmp_path / "pipe"
     spec = tmp_path / "pipeline.yaml"
