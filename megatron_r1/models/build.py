@@ -19,6 +19,13 @@ from megatron_r1.models.spec import decoder_block_spec, mtp_block_spec
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def moe_layers(model: ModelConfig) -> list[bool]:
+    """True for each MoE decoder layer: the first `first_k_dense_layers` are dense (Megatron's moe_layer_freq)."""
+    if not model.num_experts:
+        return [False] * model.num_layers
+    return [i >= model.first_k_dense_layers for i in range(model.num_layers)]
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, memory: MemoryConfig | None = None, *, check_fp8: bool = True
 ) -> TransformerConfig:
@@ -91,7 +98,7 @@ def transformer_config(
             moe_router_dtype="fp32",
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
-            moe_layer_freq=[0] * model.first_k_dense_layers + [1] * (model.num_layers - model.first_k_dense_layers),
+            moe_layer_freq=[int(moe) for moe in moe_layers(model)],
             # alltoall needs CUDA events; allgather is exact and runs over gloo.
             moe_token_dispatcher_type="alltoall" if platform.has_cuda() else "allgather",
             moe_grouped_gemm=use_te,

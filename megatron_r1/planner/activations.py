@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from megatron_r1.config import ModelConfig
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of a params_dtype
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def rope_elements(model: ModelConfig) -> int:
 
 def layer_bytes(model: ModelConfig, shape: Shape, moe: bool, dtype: str | None = None) -> int:
     """Bytes one decoder layer keeps for backward for one micro-batch on one rank."""
-    size = _BYTES[dtype or model.params_dtype]
+    size = BYTES[dtype or model.params_dtype]
     tokens = shape.seq_len * shape.micro_batch
     elements = 0.0
     for total, sp_part in (attention_elements(model), mlp_elements(model, moe)):
@@ -93,7 +93,7 @@ def layer_bytes(model: ModelConfig, shape: Shape, moe: bool, dtype: str | None =
 
 def loss_bytes(model: ModelConfig, shape: Shape, dtype: str | None = None) -> int:
     """The last stage beyond its layers: final norm + output layer input, and the fp32 softmax."""
-    size = _BYTES[dtype or model.params_dtype]
+    size = BYTES[dtype or model.params_dtype]
     tokens = shape.seq_len * shape.micro_batch
     norm = _norm_linear(model.hidden_size) / (shape.tp if shape.sequence_parallel else 1)
     return int(tokens * (norm * size + 4 * model.vocab_size / shape.tp))
@@ -102,7 +102,7 @@ def loss_bytes(model: ModelConfig, shape: Shape, dtype: str | None = None) -> in
 def recompute_kept_bytes(model: ModelConfig, shape: Shape, chunks: int, dtype: str | None = None) -> int:
     """What full recomputation keeps for one micro-batch: each chunk's input hidden states (sharded
     by SP), and the fp32 rotary table every chunk receives (one shared tensor)."""
-    size = _BYTES[dtype or model.params_dtype]
+    size = BYTES[dtype or model.params_dtype]
     hidden = shape.seq_len * shape.micro_batch * model.hidden_size * size / (shape.tp if shape.sequence_parallel else 1)
     rope = shape.seq_len * (model.qk_pos_emb_head_dim if model.multi_latent_attention else model.kv_channels) * 4
     return int(chunks * hidden + rope)

@@ -27,11 +27,10 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_r1.config import ConfigError, StageConfig
-from megatron_r1.planner.activations import Shape, layer_bytes, loss_bytes, recompute_kept_bytes
+from megatron_r1.planner.activations import BYTES, Shape, layer_bytes, loss_bytes, recompute_kept_bytes
 from megatron_r1.planner.params import ParamCounts, rank_parameters
 
 GiB = 1024**3
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     dp = world // (tp * pp * cp)
     expert_dp = world // (ep * etp * pp)
     params = rank_parameters(counts, p, stage, mtp=m.mtp_num_layers > 0)
-    w = _BYTES[m.params_dtype]
+    w = BYTES[m.params_dtype]
 
     out = {"weights": params.total * w}
     if m.fp8_recipe:
@@ -164,12 +163,12 @@ def _engine(cfg: StageConfig, counts: ParamCounts, gpu: Gpu) -> dict:
     """The colocated engine on one GPU: weight shard, KV cache, concurrent sequences."""
     r, m = cfg.rollout, cfg.model
     shards = r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size
-    weights = counts.total * _BYTES[r.dtype] // shards  # MTP is not served (no speculative decoding)
+    weights = counts.total * BYTES[r.dtype] // shards  # MTP is not served (no speculative decoding)
     if m.multi_latent_attention:  # one latent per token and layer, replicated over the engine's TP ranks
-        per_token = m.num_layers * (m.kv_lora_rank + m.qk_pos_emb_head_dim) * _BYTES[r.dtype] // r.engine_pipeline_parallel_size
+        per_token = m.num_layers * (m.kv_lora_rank + m.qk_pos_emb_head_dim) * BYTES[r.dtype] // r.engine_pipeline_parallel_size
     else:
         heads = max(1, m.num_query_groups // r.engine_tensor_parallel_size)
-        per_token = 2 * m.num_layers * heads * m.kv_channels * _BYTES[r.dtype] // r.engine_pipeline_parallel_size
+        per_token = 2 * m.num_layers * heads * m.kv_channels * BYTES[r.dtype] // r.engine_pipeline_parallel_size
     budget = int(r.gpu_memory_utilization * gpu.memory_gib * GiB)
     kv = max(0, budget - weights)
     return {

@@ -67,22 +67,15 @@ class ParamCounts:
         return self.embedding.total + self.output.total + self.final_norm.total + sum(b.total for b in self.layers)
 
 
-def _layer_kinds(model: ModelConfig) -> list[bool]:
-    """True for the MoE layers (Megatron's moe_layer_freq: the first k dense, then MoE)."""
-    if not model.num_experts:
-        return [False] * model.num_layers
-    return [i >= model.first_k_dense_layers for i in range(model.num_layers)]
-
-
 def count_parameters(model: ModelConfig) -> ParamCounts:
     """Build a meta-device probe of `model` (one layer per kind) and classify its parameters.
 
     Needs Megatron's parallel state for one rank (`distributed.init_distributed(ParallelConfig())`);
     the probe's stage owns the embedding, the output layer and the MTP block.
     """
-    from megatron_r1.models.build import gpt_model, transformer_config
+    from megatron_r1.models.build import gpt_model, moe_layers, transformer_config
 
-    kinds = _layer_kinds(model)
+    kinds = moe_layers(model)
     first_moe = kinds.index(True) if True in kinds else None
     # Probe layers: the first dense layer (if any) and the first MoE layer (if any).
     probe_layers = sorted({i for i in (kinds.index(False) if False in kinds else None, first_moe) if i is not None})

@@ -303,11 +303,8 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_loadable_and_sele
     assert not (tmp_path / "step_2.partial").exists() and resume_step(tmp_path) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the asynchronous writer is available")
 def test_async_save_needs_cuda_and_says_so_in_one_line(tmp_path):
-    from megatron_r1 import platform
-
-    if platform.has_cuda():
-        pytest.skip("CUDA present: the asynchronous writer is available")
     with pytest.raises(ConfigError, match=r"^checkpoint.async_save needs CUDA .*set it to false here$"):
         save_checkpoint(tmp_path / "ckpt", 1, *fresh(), async_save=True)
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written

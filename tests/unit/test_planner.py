@@ -63,14 +63,14 @@ def test_layers_per_stage_follows_megatron():
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_activation_estimate_matches_what_a_forward_keeps(one_rank, preset, recompute):
-    from megatron_r1.models.build import build_model
+    from megatron_r1.models.build import build_model, moe_layers
     from megatron_r1.planner.activations import Shape, layer_bytes, loss_bytes, recompute_kept_bytes
     from megatron_r1.planner.measure import saved_activation_bytes
     from megatron_r1.train.step import _forward, token_logprobs
 
     cfg = _model(preset)
     model = build_model(cfg, ParallelConfig(), MemoryConfig(recompute=recompute)).train()
-    moe = [bool(cfg.num_experts) and i >= cfg.first_k_dense_layers for i in range(cfg.num_layers)]
+    moe = moe_layers(cfg)
     for b, s in ((1, 96), (4, 256)):
         tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(s))
         measured, _ = saved_activation_bytes(model, lambda: token_logprobs(_forward(model, tokens)[:, :-1], tokens[:, 1:]).sum())
