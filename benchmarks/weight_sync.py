@@ -2,19 +2,29 @@
 
     .venv/bin/python benchmarks/weight_sync.py                      # Qwen2-style, ~40M parameters, fp32
     .venv/bin/python benchmarks/weight_sync.py --hidden 768 --layers 12 --bucket-mb 64
+    .venv/bin/python benchmarks/weight_sync.py --profile             # where a sync's time goes, inside vLLM
 
 Both numbers come from the same run on the same tensors:
 * memcpy: `Tensor.copy_` of every tensor into a preallocated twin (the floor any in-memory sync pays);
 * sync:   `WeightSync.sync` of the Hugging Face-named tensors into the engine (vLLM's layer-by-layer
           reload, its kernel repacking on CPU, and the prefix-cache reset).
 The producer hands out the trainer's tensors as they are, so the adapters' gathers are not timed.
+
+`--profile` runs one more sync under cProfile and splits it into the parts of vLLM's in-place
+reload (`reload_weights` -> layer-wise reload: each layer is rebuilt in fresh memory, the checkpoint
+tensors are copied in by the weight loaders, `process_weights_after_loading` re-packs the GEMM
+weights for the CPU kernels, and the result is copied back into the engine's original tensors),
+our CPU kernel refresh, and the prefix-cache reset.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
+import sys
 import tempfile
 import time
 
@@ -22,6 +32,8 @@ import torch
 
 # vLLM's start-up log would bury the result lines (override by setting the variable).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/results.py
 
 from megatron_r1.config import RolloutConfig  # noqa: E402
 from megatron_r1.rollout.vllm_engine import VLLMEngine  # noqa: E402
@@ -49,7 +61,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="weight-sync bucket size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--profile", action="store_true", help="profile one more sync: where inside vLLM the time goes")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    profile = None
 
     with tempfile.TemporaryDirectory() as path:
         model = build_model(args, path)
@@ -68,6 +83,12 @@ def main() -> None:
             sync_s.append(sync.sync(iter(tensors)).seconds)
         copy_gbs = nbytes / statistics.median(copy_s[1:]) / 1e9
         sync_gbs = nbytes / statistics.median(sync_s[1:]) / 1e9
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            total = sync.sync(iter(tensors)).seconds
+            profiler.disable()
+            profile = (total, pstats.Stats(profiler))
         engine.shutdown()
 
     params = sum(v.numel() for _, v in tensors)
@@ -76,6 +97,47 @@ def main() -> None:
     print(f"memcpy (Tensor.copy_)   {copy_gbs:8.2f} GB/s")
     print(f"WeightSync -> vLLM      {sync_gbs:8.2f} GB/s   ({statistics.median(sync_s[1:]) * 1e3:.0f} ms per sync)")
     print(f"ratio sync / memcpy     {sync_gbs / copy_gbs:8.3f}")
+    lines = [
+        "| model | bucket | memcpy GB/s | sync GB/s | sync ms | sync / memcpy |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {params / 1e6:.1f}M fp32, {len(tensors)} tensors | {args.bucket_mb:g} MiB | {copy_gbs:.2f} | {sync_gbs:.2f} | "
+        f"{statistics.median(sync_s[1:]) * 1e3:.0f} | {sync_gbs / copy_gbs:.3f} |",
+    ]
+    if profile is not None:
+        lines += ["", *profile_table(*profile, memcpy_s=nbytes / copy_gbs / 1e9)]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if not args.no_record:
+        from results import append
+
+        print("appended to", append("Weight sync into vLLM vs memcpy", text))
+
+
+# Parts of one sync, by the function whose cumulative time measures it (vLLM 0.32's in-place reload).
+PROFILE_PARTS = [
+    ("layer rebuilt in fresh memory (materialize_layer)", "materialize_layer"),
+    ("weight loaders: copy + fuse q/k/v, gate/up", "weight_loader"),
+    ("process_weights_after_loading: CPU GEMM re-pack (oneDNN)", "process_weights_after_loading"),
+    ("copy back into the engine's tensors", "_copy_and_restore_kernel_tensors"),
+    ("tied LM head / MoE re-pack (our CPU refresh)", "_refresh_cpu_kernels"),
+    ("prefix-cache reset", "reset_prefix_cache"),
+]
+
+
+def profile_table(total: float, stats: pstats.Stats, memcpy_s: float) -> list[str]:
+    """Seconds per part of one profiled sync (cumulative times; parts can nest, e.g. the tied head's
+    re-pack calls process_weights_after_loading too, so shares need not add up to 100 %)."""
+    cumulative: dict[str, float] = {}
+    for (filename, _line, name), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
+        for _label, fn in PROFILE_PARTS:
+            if name == fn or (fn == "weight_loader" and name.endswith("weight_loader") and "vllm" in filename and "online_process" not in name):
+                cumulative[fn] = max(cumulative.get(fn, 0.0), ct)  # outermost frame of recursive/nested calls
+    rows = ["| part of one sync (cProfile; profiling slows it) | s | share |", "|---|---:|---:|"]
+    for label, fn in PROFILE_PARTS:
+        rows.append(f"| {label} | {cumulative.get(fn, 0.0):.3f} | {100 * cumulative.get(fn, 0.0) / total:.0f} % |")
+    rows.append(f"| whole sync (profiled) | {total:.3f} | 100 % |")
+    rows.append(f"| a plain memcpy of the same bytes (unprofiled) | {memcpy_s:.3f} | {100 * memcpy_s / total:.0f} % |")
+    return rows
 
 
 if __name__ == "__main__":

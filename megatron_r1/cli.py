@@ -7,6 +7,7 @@ Commands:
   sft          supervised fine-tuning on jsonl conversations, response-only loss, packed (conf/stages/sft_tiny.yaml)
   reward-model the scalar reward model: a value head, Bradley-Terry on preference pairs (conf/stages/reward_model_tiny.yaml)
   evaluate     held-out accuracy, maj@k, format, language consistency of any HF model (checkpoint.load_hf) -> eval.json
+  eval-checkpoints  every checkpoint of a run (logging.run_dir) on the held-out set, per difficulty level -> checkpoint_eval.jsonl
   grpo         the GRPO loop of r1-zero under its general name (reasoning RL, final RL with reward models)
   show-config  print the resolved config (YAML) and exit
   pipeline     PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)
@@ -38,6 +39,7 @@ COMMANDS = {
     "grpo": "megatron_r1.train.rl:run",
     "reward-model": "megatron_r1.train.reward_model:run",
     "evaluate": "megatron_r1.train.evaluate:run",
+    "eval-checkpoints": "megatron_r1.train.checkpoint_eval:run",
     "pretrain": "megatron_r1.train.pretrain:run",
     "sft": "megatron_r1.train.sft:run",
     "rejection-sample": "megatron_r1.train.rejection_sampling:run",

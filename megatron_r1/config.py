@@ -226,6 +226,7 @@ class DataConfig:
     general_size: int = 2000  # general prompts drawn from general_task
     general_share: float = 0.0  # share of each step's prompts drawn from the general prompts (paper: ~200k of 800k SFT rows)
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
+    level_key: str = ""  # reasoning-gym metadata field naming an item's difficulty (e.g. num_terms): eval-checkpoints reports accuracy per level
 
 
 @dataclass

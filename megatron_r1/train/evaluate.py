@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,11 +25,16 @@ class EvalResult:
     length_mean: float  # greedy response length (tokens)
     samples: list[dict]  # a few greedy examples for the log
     language_consistency: float = 0.0  # share of greedy CoT words in the question's language (rewards/language.py)
+    rows: list[dict] = field(default_factory=list)  # per prompt, in order: accuracy, maj, sampled, pass_k, format, length, question, answer, response
+    sampled_accuracy: float = 0.0  # mean accuracy of the k sampled answers (the paper's pass@1 at temperature > 0)
+    pass_at_k: float = 0.0  # share of prompts with at least one right answer among the k samples
 
     def metrics(self, k: int) -> dict[str, float]:
         return {
             "eval/accuracy": self.accuracy,
             "eval/maj_accuracy": self.maj_accuracy,
+            "eval/sampled_accuracy": self.sampled_accuracy,
+            "eval/pass_at_k": self.pass_at_k,
             "eval/format_rate": self.format_rate,
             "eval/length_mean": self.length_mean,
             "eval/language_consistency": self.language_consistency,
@@ -68,39 +73,39 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
     greedy_scores = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components
     accuracy, language = greedy_scores["accuracy"], greedy_scores["language"]
 
-    maj = accuracy.tolist()
+    maj = sampled_mean = best = accuracy.tolist()
     if k > 1:
         torch.manual_seed(seed * 1_000_003 + layout.engine_index)  # every rank of an engine draws alike
         sampled = engine.generate(prompt_ids, n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
                              stop_token_ids=stop_ids, stop=stop_strings)
-        winners, voted = [], []
-        for i in range(len(mine)):
-            group_texts = [decode(r.response_ids) for r in sampled[i * k : (i + 1) * k]]
-            answers = [extract_answer(t) for t in group_texts]
-            votes = Counter(a for a in answers if a is not None)
-            if votes:  # accuracy depends on the extracted answer only: score one text that gives it
-                winners.append(group_texts[answers.index(votes.most_common(1)[0][0])])
-                voted.append(i)
+        sampled_texts = [decode(r.response_ids) for r in sampled]
+        scores = score_split(reward_fn, [p.prompt for p in mine for _ in range(k)], sampled_texts,
+                             [item for item in items for _ in range(k)], groups.split_work).components["accuracy"].view(len(mine), k)
+        sampled_mean, best = scores.mean(1).tolist(), scores.max(1).values.tolist()
         maj = [0.0] * len(mine)
-        if voted:
-            scored = score_split(reward_fn, [mine[i].prompt for i in voted], winners, [items[i] for i in voted], groups.split_work)
-            for i, value in zip(voted, scored.components["accuracy"].tolist()):
-                maj[i] = value
+        for i in range(len(mine)):
+            answers = [extract_answer(t) for t in sampled_texts[i * k : (i + 1) * k]]
+            votes = Counter(a for a in answers if a is not None)
+            if votes:  # accuracy depends on the extracted answer only: any text giving the winner scores it
+                maj[i] = float(scores[i, answers.index(votes.most_common(1)[0][0])])
 
     rows = [
-        {"accuracy": float(a), "maj": m, "format": format_reward(t, "strict"), "length": len(r.response_ids),
+        {"accuracy": float(a), "maj": m, "sampled": sm, "pass_k": b, "format": format_reward(t, "strict"), "length": len(r.response_ids),
          "language": float(lang), "question": p.question, "answer": p.answer, "response": t}
-        for p, t, r, a, m, lang in zip(mine, texts, greedy, accuracy.tolist(), maj, language.tolist())
+        for p, t, r, a, m, sm, b, lang in zip(mine, texts, greedy, accuracy.tolist(), maj, sampled_mean, best, language.tolist())
     ]
     rows = groups.gather(rows)  # every prompt, in order, on every rank
     n = max(len(rows), 1)
     return EvalResult(
         accuracy=sum(r["accuracy"] for r in rows) / n,
         maj_accuracy=sum(r["maj"] for r in rows) / n,
+        sampled_accuracy=sum(r["sampled"] for r in rows) / n,
+        pass_at_k=sum(r["pass_k"] for r in rows) / n,
         format_rate=sum(r["format"] for r in rows) / n,
         length_mean=sum(r["length"] for r in rows) / n,
         language_consistency=sum(r["language"] for r in rows) / n,
         samples=[{key: r[key] for key in ("question", "answer", "response")} for r in rows[:3]],
+        rows=rows,
     )
 
 
@@ -140,6 +145,8 @@ def run(cfg) -> dict:
         "model": str(hf_dir),
         "accuracy": result.accuracy,
         "maj_accuracy": result.maj_accuracy,
+        "sampled_accuracy": result.sampled_accuracy,
+        "pass_at_k": result.pass_at_k,
         "k": k,
         "format_rate": result.format_rate,
         "language_consistency": result.language_consistency,
@@ -152,6 +159,6 @@ def run(cfg) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RESULT_FILE).write_text(json.dumps(out, indent=2))
     print(f"\nheld-out evaluation of {hf_dir} ({len(prompts)} prompts): accuracy {100 * result.accuracy:.1f} % "
-          f"(maj@{k} {100 * result.maj_accuracy:.1f} %), format {100 * result.format_rate:.1f} %, "
+          f"(maj@{k} {100 * result.maj_accuracy:.1f} %, sampled pass@1 {100 * result.sampled_accuracy:.1f} %, pass@{k} {100 * result.pass_at_k:.1f} %), format {100 * result.format_rate:.1f} %, "
           f"language consistency {100 * result.language_consistency:.1f} %, {result.length_mean:.1f} tokens\n  -> {run_dir / RESULT_FILE}\n", flush=True)
     return out

@@ -265,19 +265,23 @@ def grpo_loss_fn(cfg: StageConfig):
     return loss_fn
 
 
-def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch) -> dict:
-    """Reference logprobs (if beta > 0), then the policy update in `updates_per_rollout` mini-batches."""
+def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch, timer: PhaseTimer | None = None) -> dict:
+    """Reference logprobs (if beta > 0), then the policy update in `updates_per_rollout` mini-batches
+    (timed as the phases `logprob` and `train` when a timer is given)."""
+    timer = timer or PhaseTimer()
     mb = cfg.grpo.micro_batch_size
-    if cfg.grpo.kl_beta > 0:
-        batch.ref_logprobs = compute_logprobs(reference, batch.tokens, mb)
-    if cfg.grpo.updates_per_rollout > 1:  # later mini-batches are off-policy: keep the sampler's logprobs
-        batch.old_logprobs = compute_logprobs(ddp, batch.tokens, mb)
+    with timer("logprob"):
+        if cfg.grpo.kl_beta > 0:
+            batch.ref_logprobs = compute_logprobs(reference, batch.tokens, mb)
+        if cfg.grpo.updates_per_rollout > 1:  # later mini-batches are off-policy: keep the sampler's logprobs
+            batch.old_logprobs = compute_logprobs(ddp, batch.tokens, mb)
     metrics: dict[str, float] = {}
     parts = batch.split(cfg.grpo.updates_per_rollout)
-    for part in parts:
-        out = train_step(ddp, optimizer, scheduler, part, grpo_loss_fn(cfg), mb, with_entropy=True)
-        for k, v in out.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v) / len(parts)
+    with timer("train"):
+        for part in parts:
+            out = train_step(ddp, optimizer, scheduler, part, grpo_loss_fn(cfg), mb, with_entropy=True)
+            for k, v in out.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / len(parts)
     return metrics
 
 
@@ -458,8 +462,7 @@ def run(cfg: StageConfig) -> dict:
             _save_rollouts(run_dir, step + 1, samples, rewards, advantages)
         # 4-5. logprobs and policy update, with the engine's device memory handed to the trainer
         engine.sleep()
-        with timer("train"):
-            train_metrics = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, policy.reference, batch)
+        train_metrics = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, policy.reference, batch, timer)
         # 6. every rank refits its own worker, then the parity probe
         with timer("sync"):
             sync_metrics = sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, step + 1, cfg.rollout.probe_every)
