@@ -501,7 +501,8 @@ def run(cfg: StageConfig) -> dict:
         last_eval = run_eval(cfg.steps)
     engine.shutdown()
     wall = prior_wall + time.perf_counter() - wall_start
-    return _finish(cfg, run_dir, policy.model, policy.model_cfg, hf_dir, metrics, base_accuracy, last_eval, wall, base_seconds, engine.layout)
+    return _finish(cfg, run_dir, policy.model, policy.model_cfg, hf_dir, metrics, base_accuracy, last_eval, wall, base_seconds, engine.layout,
+                   len(eval_set.items))
 
 
 def _check_batch_fits(cfg: StageConfig, layout: EngineLayout, eval_prompts: int) -> None:
@@ -547,7 +548,7 @@ def _trainer_data_parallel_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
-def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall, base_seconds, layout) -> dict:
+def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, final, wall, base_seconds, layout, eval_size: int) -> dict:
     """Export the policy, write summary.json and plot.png, print the table."""
     if cfg.checkpoint.export_hf:
         save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=base_dir)
@@ -577,7 +578,7 @@ def _finish(cfg, run_dir, model, model_cfg, base_dir, metrics, base_accuracy, fi
         "seconds_by_phase": {k: round(v, 1) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "task": task,
         "layout": {**layout.as_dict(), "data_parallel_size": _trainer_data_parallel_size()},
-        "eval_size": cfg.data.eval_size,
+        "eval_size": eval_size,  # the held-out prompts used (jsonl files and dropped rows make it differ from data.eval_size)
         "prompt_template": TEMPLATES[cfg.data.template],
         "base_model": str(base_dir),
         "examples": final.samples,
