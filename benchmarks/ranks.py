@@ -30,6 +30,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import append  # noqa: E402
 STAGE = ROOT / "conf/stages/r1_zero_tiny.yaml"
 LAYOUTS = {
     "1 rank": (1, []),
@@ -97,6 +100,13 @@ def main() -> None:
     one = results["1 rank"]
     for name, r in list(results.items())[1:]:
         print(f"{name}: step time x{r['time/step'] / one['time/step']:.2f}, rollout tokens/s x{r['perf/tokens_per_s'] / one['perf/tokens_per_s']:.2f} of 1 rank")
+    lines = ["| layout | rollout s | tokens/s | update s | sync s | step s | seq/engine | seq/rank |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['time/rollout']:.2f} | {r['perf/tokens_per_s']:.0f} | {r['time/train']:.2f} | {r['time/sync']:.2f} | "
+                     f"{r['time/step']:.2f} | {r['rollout/sequences_sampled_per_engine']:.0f} | {r['rollout/sequences_per_rank']:.0f} |")
+    lines += ["", f"{args.prompts} prompts x {args.samples} samples, up to {args.max_tokens} tokens, median of steps 2..{args.steps - 1}, "
+              f"{os.cpu_count()} CPU cores (the ranks share them)."]
+    print("appended to", append("R1-Zero step: 1 rank vs 2 ranks (SPMD layouts)", "\n".join(lines)))
 
 
 if __name__ == "__main__":

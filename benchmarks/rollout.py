@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -23,7 +24,10 @@ import torch
 # vLLM's start-up log would bury the result lines (override by setting the variable).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/results.py
+
 from megatron_r1.config import RolloutConfig  # noqa: E402
+from results import append  # noqa: E402
 from megatron_r1.rollout.vllm_engine import VLLMEngine  # noqa: E402
 
 
@@ -119,6 +123,14 @@ def main() -> None:
     print(f"HF generate             {rate['hf']:10.0f} tokens/s")
     print(f"ratio wrapper / raw     {rate['wrapper'] / rate['raw']:10.3f}")
     print(f"ratio wrapper / HF      {rate['wrapper'] / rate['hf']:10.2f}")
+    text = "\n".join([
+        "| generator | tokens/s | vs raw `LLM.generate` |", "|---|---:|---:|",
+        *(f"| {label} | {rate[k]:,.0f} | {rate[k] / rate['raw']:.3f} |"
+          for k, label in (("wrapper", "`VLLMEngine.generate` (ours)"), ("raw", "raw `LLM.generate`"), ("hf", "HF `generate`"))),
+        "", f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.prompts} prompts x {args.samples} samples, "
+        f"{args.prompt_len} + {args.max_tokens} tokens; best of {args.repeats}, {torch.get_num_threads()} threads.",
+    ])
+    print("appended to", append("Rollout generation: engine wrapper vs raw vLLM vs HF", text))
 
 
 if __name__ == "__main__":

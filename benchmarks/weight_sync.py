@@ -113,32 +113,39 @@ def main() -> None:
         print("appended to", append("Weight sync into vLLM vs memcpy", text))
 
 
-# Parts of one sync, by the function whose cumulative time measures it (vLLM 0.32's in-place reload).
+# Parts of one sync, by the function whose cumulative time measures it (vLLM 0.32's in-place reload),
+# as (label, function name, file fragment); indented labels are inside the one above them.
 PROFILE_PARTS = [
-    ("layer rebuilt in fresh memory (materialize_layer)", "materialize_layer"),
-    ("weight loaders: copy + fuse q/k/v, gate/up", "weight_loader"),
-    ("process_weights_after_loading: CPU GEMM re-pack (oneDNN)", "process_weights_after_loading"),
-    ("copy back into the engine's tensors", "_copy_and_restore_kernel_tensors"),
-    ("tied LM head / MoE re-pack (our CPU refresh)", "_refresh_cpu_kernels"),
-    ("prefix-cache reset", "reset_prefix_cache"),
+    ("vLLM `reload_weights` (all of the engine's side of the reload)", "reload_weights", "reload/inplace.py"),
+    ("&nbsp;&nbsp;model `load_weights`: names, q/k/v + gate/up fusing, per-layer processing", "load_weights", "models/"),
+    ("&nbsp;&nbsp;&nbsp;&nbsp;layer rebuilt in fresh memory (`materialize_layer`)", "materialize_layer", "reload/"),
+    ("&nbsp;&nbsp;&nbsp;&nbsp;`process_weights_after_loading`: CPU GEMM re-pack (oneDNN)", "process_weights_after_loading", "layers/linear.py"),
+    ("&nbsp;&nbsp;&nbsp;&nbsp;copy back into the engine's original tensors", "_copy_and_restore_kernel_tensors", "reload/layerwise.py"),
+    ("tied LM head / MoE re-pack (our CPU refresh after the reload)", "_refresh_cpu_kernels", "vllm_engine.py"),
+    ("prefix-cache reset", "reset_prefix_cache", "vllm_engine.py"),
 ]
 
 
 def profile_table(total: float, stats: pstats.Stats, memcpy_s: float) -> list[str]:
-    """Seconds per part of one profiled sync (cumulative times; parts can nest, e.g. the tied head's
-    re-pack calls process_weights_after_loading too, so shares need not add up to 100 %)."""
+    """Seconds per part of one profiled sync (cumulative times of the outermost call of each part)."""
     cumulative: dict[str, float] = {}
     for (filename, _line, name), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
-        for _label, fn in PROFILE_PARTS:
-            if name == fn or (fn == "weight_loader" and name.endswith("weight_loader") and "vllm" in filename and "online_process" not in name):
-                cumulative[fn] = max(cumulative.get(fn, 0.0), ct)  # outermost frame of recursive/nested calls
+        for _label, fn, where in PROFILE_PARTS:
+            if name == fn and where in filename:
+                cumulative[fn] = max(cumulative.get(fn, 0.0), ct)
     rows = ["| part of one sync (cProfile; profiling slows it) | s | share |", "|---|---:|---:|"]
-    for label, fn in PROFILE_PARTS:
+    for label, fn, _where in PROFILE_PARTS:
         rows.append(f"| {label} | {cumulative.get(fn, 0.0):.3f} | {100 * cumulative.get(fn, 0.0) / total:.0f} % |")
+    outside = total - sum(cumulative.get(fn, 0.0) for fn in ("reload_weights", "_refresh_cpu_kernels", "reset_prefix_cache"))
+    rows.append(f"| the rest: our bucketing and RPC, outside vLLM | {outside:.3f} | {100 * outside / total:.0f} % |")
     rows.append(f"| whole sync (profiled) | {total:.3f} | 100 % |")
     rows.append(f"| a plain memcpy of the same bytes (unprofiled) | {memcpy_s:.3f} | {100 * memcpy_s / total:.0f} % |")
+    hot = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:6]  # by own (exclusive) time
+    rows += ["", "| hot spots by own time | calls | s |", "|---|---:|---:|"]
+    for (filename, line, name), (_cc, calls, own, _ct, _callers) in hot:
+        where = filename.split("site-packages/")[-1] if "site-packages/" in filename else filename.rsplit("/", 2)[-1]
+        rows.append(f"| `{name}` ({where}:{line}) | {calls} | {own:.3f} |")
     return rows
-
 
 if __name__ == "__main__":
     main()
