@@ -123,8 +123,8 @@ class MemoryConfig:
 
     recompute: str = "none"  # none | full: recompute whole decoder layers in backward (keeps only each layer's input)
     recompute_num_layers: int = 1  # full: layers per recomputed chunk (Megatron's uniform method)
-    precision_aware_optimizer: bool = False  # GPU + Transformer Engine: Adam moments in bf16 (8 instead of 12 bytes/param)
-    optimizer_offload_fraction: float = 0.0  # GPU: share of the optimizer state (and its step) kept on the host
+    precision_aware_optimizer: bool = False  # GPU, distributed optimizer: Megatron's precision-aware Adam (TE FusedAdam: bf16 moments); required by optimizer offload
+    optimizer_offload_fraction: float = 0.0  # GPU: share of the optimizer state (and its step) kept on the host; needs precision_aware_optimizer
 
 
 @dataclass
@@ -133,7 +133,7 @@ class RolloutConfig:
 
     engine_tensor_parallel_size: int = 1  # vLLM TP inside one engine (an engine may span nodes)
     engine_pipeline_parallel_size: int = 1  # vLLM PP inside one engine; engines = world / (TP x PP)
-    dtype: str = "float32"  # engine weight dtype
+    dtype: str = "auto"  # engine weight dtype: auto = float32 on CPU, bfloat16 on GPU (the only dtypes every backend, MLA included, runs there)
     max_model_len: int = 512  # prompt + response tokens
     gpu_memory_utilization: float = 0.35  # GPU: share of memory vLLM may take (trainer shares the device)
     cpu_kvcache_space_gb: float = 1.0  # CPU: KV cache size
@@ -151,6 +151,22 @@ class RolloutConfig:
     probe_mean_threshold: float | None = None  # fail if mean |logprob_vllm - logprob_trainer| exceeds it (None: per dtype)
     probe_max_threshold: float | None = None  # fail if the max exceeds it (None: per dtype, see rollout/weight_sync.py)
     probe_prompts: int = 4  # prompts in the probe batch
+
+    def engine_dtype(self, on_gpu: bool, mla: bool = False) -> str:
+        """The dtype the engine runs in. ``auto``: float32 on CPU (AVX2 CPUs have no native bf16,
+        and the CPU kernels are exact in fp32, so the parity probe can be strict), bfloat16 on GPU
+        (what the RL anchors generate in, and a dtype every CUDA attention backend supports).
+        vLLM's CUDA MLA backends (FlashMLA, Triton MLA, ...) have no float32 kernels: an explicit
+        float32 MLA engine on a GPU is refused here, before anything loads, instead of by vLLM's
+        "No valid attention backend found" after the trainer has built its model."""
+        if self.dtype == "auto":
+            return "bfloat16" if on_gpu else "float32"
+        if on_gpu and mla and self.dtype == "float32":
+            raise ConfigError(
+                "rollout.dtype=float32: vLLM's CUDA attention for MLA models (DeepSeek-V3) runs in "
+                "bfloat16/float16 only; set rollout.dtype=bfloat16 (or auto)"
+            )
+        return self.dtype
 
 
 @dataclass
@@ -534,6 +550,7 @@ _CHOICES = {
     "model.rope_type": ("rope", "yarn"),
     "model.moe_router_score_function": ("softmax", "sigmoid"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "rollout.dtype": ("auto", "float32", "bfloat16", "float16"),
     "memory.recompute": ("none", "full"),
     "checkpoint.verify": ("size", "checksum"),
     "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
@@ -572,6 +589,12 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"memory.optimizer_offload_fraction={mem.optimizer_offload_fraction} must lie in [0, 1]")
     if mem.optimizer_offload_fraction > 0 and not p.use_distributed_optimizer:
         raise ConfigError("memory.optimizer_offload_fraction > 0 needs parallel.use_distributed_optimizer=true (Megatron offloads the sharded state)")
+    if mem.optimizer_offload_fraction > 0 and not mem.precision_aware_optimizer:
+        # Without it Megatron's distributed optimizer keeps an fp32 master copy of its shard on the
+        # GPU and hands only that to the host optimizer (Megatron-LM's own arguments refuse this).
+        raise ConfigError("memory.optimizer_offload_fraction > 0 needs memory.precision_aware_optimizer=true (otherwise the fp32 master weights stay on the GPU)")
+    if mem.precision_aware_optimizer and not p.use_distributed_optimizer:
+        raise ConfigError("memory.precision_aware_optimizer needs parallel.use_distributed_optimizer=true (Megatron supports it with the distributed optimizer only)")
     if mem.recompute_num_layers < 1:
         raise ConfigError(f"memory.recompute_num_layers must be >= 1, got {mem.recompute_num_layers}")
     if m.arch == "deepseek_v3":

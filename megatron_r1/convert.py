@@ -35,7 +35,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
-from megatron_r1 import distributed
+from megatron_r1 import distributed, platform
 from megatron_r1.config import ConfigError, ModelConfig, ParallelConfig, StageConfig, from_dict, to_dict
 from megatron_r1.models.build import build_model
 from megatron_r1.models.hf.base import (
@@ -147,7 +147,8 @@ def global_parameter_count(model: torch.nn.Module) -> int:
         from megatron.core import parallel_state
 
         # Stages hold different layers; ranks within a stage report the same full count.
-        box = torch.tensor([float(count)], dtype=torch.float64)
+        # On the compute device: parallel_state's groups are NCCL-only on GPUs.
+        box = torch.tensor([float(count)], dtype=torch.float64, device=platform.device())
         group = parallel_state.get_pipeline_model_parallel_group()
         if dist.get_world_size(group) > 1:
             dist.all_reduce(box, group=group)

@@ -54,10 +54,30 @@ def has_transformer_engine() -> bool:
     return True
 
 
+# Checking on CPU what NCCL will demand on GPUs: every tensor a collective of this package sends
+# lives on the compute device. With MEGATRON_R1_STRICT_DEVICES=1 on a machine without CUDA,
+# `device()` names CUDA (which the CPU adaptation maps to the CPU), tensors created with no device
+# (on the host, on a GPU machine too) are marked, and a collective called from megatron_r1 with a marked tensor
+# raises `HostTensorInCollective`. The multi-rank gloo tests run this way.
+STRICT_DEVICES_ENV = "MEGATRON_R1_STRICT_DEVICES"
+_VIRTUAL_CUDA = torch.device("cuda", 0)  # made at import, before the CPU adaptation maps CUDA away
+
+
+class HostTensorInCollective(RuntimeError):
+    """A collective got a host tensor; over NCCL (parallel_state's groups on GPUs) it would fail."""
+
+
+def strict_devices() -> bool:
+    """True when this CPU process checks collective tensors' devices (see STRICT_DEVICES_ENV)."""
+    return not has_cuda() and os.environ.get(STRICT_DEVICES_ENV) == "1"
+
+
 def device() -> torch.device:
     """The device this process computes on."""
     if has_cuda():
         return torch.device("cuda", torch.cuda.current_device())
+    if strict_devices():
+        return _VIRTUAL_CUDA
     return torch.device("cpu")
 
 
@@ -105,11 +125,42 @@ _CUDA_TYPE_NAMES = {
 }
 
 
+_FACTORIES = frozenset(
+    {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
+     torch.rand, torch.randn, torch.randint}
+)
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Run code written for CUDA on the CPU by rewriting device arguments (see module docstring)."""
 
+    def __init__(self, strict: bool = False):
+        super().__init__()
+        self.strict = strict  # mark host-created tensors (see STRICT_DEVICES_ENV)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if self.strict:
+            return self._strict(func, args, kwargs)
+        return self._run(func, args, kwargs)
+
+    def _strict(self, func, args, kwargs):
+        if func in _FACTORIES:
+            # No device named: the host on a GPU machine too. (An explicit CPU device cannot be told
+            # from a device taken from a parameter, which is CUDA there: left unmarked.)
+            on_host = kwargs.get("device") is None
+            out = self._run(func, args, kwargs)
+            if on_host:
+                out._r1_host = True
+            return out
+        moves_to_device = (func is torch.Tensor.cuda) or (
+            func is torch.Tensor.to and (_is_cuda_device(kwargs.get("device")) or (len(args) > 1 and _is_cuda_device(args[1])))
+        )
+        if moves_to_device and getattr(args[0], "_r1_host", False):
+            return args[0].clone()  # a host -> device copy, as on a GPU: the copy is a device tensor
+        return self._run(func, args, kwargs)
+
+    def _run(self, func, args, kwargs):
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         if kwargs.get("pin_memory"):
@@ -256,9 +307,11 @@ def setup() -> None:
     if hasattr(TopKRouter._apply_expert_bias, "__wrapped__"):
         TopKRouter._apply_expert_bias = TopKRouter._apply_expert_bias.__wrapped__
     # Entered for the life of the process: every Megatron call from here on sees a CPU "cuda".
-    mode = CudaToCpuMode()
+    mode = CudaToCpuMode(strict=strict_devices())
     mode.__enter__()
     _keep_mode_during_backward(mode)
+    if mode.strict:
+        _check_collective_devices()
     log.debug("installed the Megatron-Core CPU adaptation")
 
 
@@ -278,6 +331,38 @@ def _keep_mode_during_backward(mode: CudaToCpuMode) -> None:
             return run_backward(*args, **kwargs)
 
     torch.autograd._engine_run_backward = run_backward_in_mode
+
+
+# Point-to-point ops stay unwrapped: `P2POp` checks their identity, and the package sends none itself.
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                "reduce_scatter_tensor", "all_to_all_single", "reduce")
+
+
+def _check_collective_devices() -> None:
+    """Wrap torch.distributed's tensor collectives: one called from this package with a tensor made
+    on the host raises (Megatron's own calls, some on gloo groups by design, are left alone)."""
+    import sys
+
+    import torch.distributed as dist
+
+    def checked(name, collective):
+        @functools.wraps(collective)
+        def call(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("megatron_r1."):
+                for value in (*args, *kwargs.values()):
+                    for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                        if getattr(tensor, "_r1_host", False):
+                            raise HostTensorInCollective(
+                                f"{caller} passes a host tensor to dist.{name}; NCCL groups take tensors on "
+                                "platform.device() only (create it there)"
+                            )
+            return collective(*args, **kwargs)
+
+        return call
+
+    for name in _COLLECTIVES:
+        setattr(dist, name, checked(name, getattr(dist, name)))
 
 
 def _megatron_without_te() -> None:

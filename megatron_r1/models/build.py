@@ -27,13 +27,18 @@ def moe_layers(model: ModelConfig) -> list[bool]:
 
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, memory: MemoryConfig | None = None, *, check_fp8: bool = True
+    model: ModelConfig, parallel: ParallelConfig, memory: MemoryConfig | None = None, *, check_fp8: bool = True,
+    gpu: bool | None = None,
 ) -> TransformerConfig:
     """Translate our config into Megatron's TransformerConfig (MLATransformerConfig for MLA).
 
     `check_fp8=False` lets the layout planner describe an FP8 model on a machine without Transformer
-    Engine (it builds the model on the meta device to count parameters, never runs it)."""
-    use_te = platform.has_transformer_engine()
+    Engine (it builds the model on the meta device to count parameters, never runs it).
+    `gpu=True` describes the config a GPU node with Transformer Engine gets (FP8 flags, fused
+    kernels, alltoall dispatcher) on any machine, so Megatron's own validation of it runs in CPU
+    tests; None: this machine's."""
+    use_te = platform.has_transformer_engine() if gpu is None else gpu
+    on_cuda = platform.has_cuda() if gpu is None else gpu
     memory = memory or MemoryConfig()
     parallel.layers_per_stage(model.num_layers)  # one clear line before Megatron's assert
     if model.fp8_recipe and not use_te and check_fp8:
@@ -67,7 +72,7 @@ def transformer_config(
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
-        use_cpu_initialization=not platform.has_cuda(),
+        use_cpu_initialization=not on_cuda,
         # Fused kernels exist only on GPU builds; the unfused paths are numerically the reference.
         bias_activation_fusion=use_te,
         bias_dropout_fusion=use_te,
@@ -100,7 +105,7 @@ def transformer_config(
             moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
             moe_layer_freq=[int(moe) for moe in moe_layers(model)],
             # alltoall needs CUDA events; allgather is exact and runs over gloo.
-            moe_token_dispatcher_type="alltoall" if platform.has_cuda() else "allgather",
+            moe_token_dispatcher_type="alltoall" if on_cuda else "allgather",
             moe_grouped_gemm=use_te,
             moe_permute_fusion=False,
         )

@@ -1,10 +1,15 @@
 """Megatron-Core layer specs: Transformer Engine on GPUs, Megatron's local modules + SDPA elsewhere.
 
 Megatron builds every layer from a `ModuleSpec`, so swapping an implementation needs no fork.
-The only swap made here: without Transformer Engine, the core attention becomes `SDPAttention`
-(`torch.nn.functional.scaled_dot_product_attention`), because Megatron's local
-`DotProductAttention` allocates its scores from a CUDA memory buffer. It serves both GQA
-(grouped key/value heads) and MLA (key and value head dims differ).
+Two swaps are made here, both without Transformer Engine only:
+
+* the core attention becomes `SDPAttention` (`torch.nn.functional.scaled_dot_product_attention`),
+  because Megatron's local `DotProductAttention` allocates its scores from a CUDA memory buffer.
+  It serves both GQA (grouped key/value heads) and MLA (key and value head dims differ);
+* the final norm of the decoder block and the MTP norms become `WrappedTorchNorm`. Megatron's
+  local spec takes them from Apex's `FusedLayerNorm` whenever Apex imports (an NGC container
+  whose TE is missing or broken), and that module supports LayerNorm only: our RMSNorm models
+  would stop at its assertion. The torch norm does both.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -82,6 +88,7 @@ def decoder_block_spec(config: TransformerConfig, use_te: bool) -> TransformerBl
         return block
     block = copy.copy(block)
     block.layer_specs = [_with_sdpa(spec) for spec in block.layer_specs]
+    block.layer_norm = WrappedTorchNorm
     return block
 
 
@@ -93,6 +100,7 @@ def mtp_block_spec(config: TransformerConfig, block: TransformerBlockSubmodules,
     if spec is not None and not use_te:
         for layer in spec.layer_specs:
             layer.submodules.transformer_layer = _with_sdpa(layer.submodules.transformer_layer)
+            layer.submodules.enorm = layer.submodules.hnorm = layer.submodules.layer_norm = WrappedTorchNorm
     return spec
 
 

@@ -10,14 +10,15 @@ A colocated step has two peaks, and both must fit on every GPU:
   which holds its weight shard and the KV cache (vLLM refuses to start unless at least one
   ``max_model_len`` sequence fits).
 
-Bytes per parameter follow what `train/optim.py` builds: weights in ``params_dtype``; Megatron DDP
-gradient buffers in fp32 (``grad_reduce_in_fp32``); Adam state of fp32 master weights + two fp32
-moments (12 B, or 8 B with the precision-aware optimizer's bf16 moments; 8 B for fp32 models, which
-need no master copy), split over data-parallel ranks with the distributed optimizer (experts over
-expert-data-parallel ranks) and moved to the host by ``memory.optimizer_offload_fraction``.
-FP8 keeps the bf16 weights and adds a 1-byte FP8 copy of every weight (Transformer Engine caches it
-across micro-batches). Every GPU also loses a fixed reserve to the CUDA context, NCCL buffers and
-allocator fragmentation (``Gpu.reserve_gib``).
+Bytes per parameter follow what `train/optim.py` builds (read in Megatron-Core 0.16's
+``optimizer/__init__.py``, ``distrib_optimizer.py`` and ``cpu_offloading/hybrid_optimizer.py``):
+weights in ``params_dtype``; Megatron DDP gradient buffers in fp32 (``grad_reduce_in_fp32``); the
+optimizer state, split over data-parallel ranks with the distributed optimizer (experts over
+expert-data-parallel ranks), see `optimizer_bytes_per_param`. FP8 keeps the bf16 weights and adds a
+1-byte FP8 copy of every weight of the policy and of the reference model (Transformer Engine caches
+them across micro-batches as module attributes); the loop releases them before the engine wakes
+(`train/memory.py`), so they count in the training peak only. Every GPU also loses a fixed reserve
+to the CUDA context, NCCL buffers and allocator fragmentation (``Gpu.reserve_gib``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
     except ConfigError as err:
         nearest = _nearest_split(p, m.num_layers)
         out.append(f"{err}" + (f" (the memory below assumes {nearest.layers_per_stage(m.num_layers)})" if nearest else ""))
+    try:
+        r.engine_dtype(on_gpu=True, mla=m.multi_latent_attention)
+    except ConfigError as err:
+        out.append(f"engine: {err}")
     dp = world // (tp * pp * cp) if _divides(tp * pp * cp, world) else 0
     sequences = cfg.grpo.prompts_per_step * r.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
     if dp and sequences % (dp * cfg.grpo.micro_batch_size):
@@ -119,6 +124,25 @@ def _nearest_split(parallel, num_layers: int):
     return dataclasses.replace(parallel, num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=None)
 
 
+def optimizer_bytes_per_param(params_dtype: str, precision_aware: bool, offload_fraction: float) -> tuple[float, float]:
+    """(GPU, host) bytes of optimizer state per parameter of the rank's shard, as Megatron builds it.
+
+    * No offload: an fp32 master copy for 16-bit weights (4 B; none for fp32 weights) and Adam's two
+      moments, fp32 (8 B) or, with the precision-aware optimizer, bf16 in TE's FusedAdam (4 B). TE >= 2.1
+      may keep only the master's low 16 bits (``store_param_remainders``): 2 B fewer than counted here.
+    * Offload (fraction f, precision-aware required by validation): the hybrid optimizer keeps an fp32
+      copy of each parameter (4 B) and runs a plain fp32 Adam on it (8 B): on the host for the offloaded
+      share, with a pinned fp32 gradient copy (4 B), and on the GPU for the rest (the precision-aware
+      bf16 moments do not apply on this path). 16-bit GPU weights need the fp32 copy on the GPU side too.
+    """
+    master = 4 if params_dtype != "float32" else 0
+    if offload_fraction <= 0:
+        return master + (4 if precision_aware else 8), 0.0
+    gpu_side = (master + 8) * (1 - offload_fraction)
+    host_side = (4 + 8 + 4) * offload_fraction
+    return gpu_side, host_side
+
+
 def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int, flash: bool) -> dict[str, int]:
     """Bytes by component on one rank of pipeline stage `stage`."""
     p, m, mem = cfg.parallel, cfg.model, cfg.memory
@@ -129,16 +153,17 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     params = rank_parameters(counts, p, stage, mtp=m.mtp_num_layers > 0)
     w = BYTES[m.params_dtype]
 
+    reference = cfg.grpo.kl_beta > 0
     out = {"weights": params.total * w}
-    if m.fp8_recipe:
-        out["fp8_weight_copies"] = params.total
+    if m.fp8_recipe:  # TE's cached FP8 weights: the policy's, and the reference model's own
+        out["fp8_weight_copies"] = params.total * (2 if reference else 1)
     out["gradients"] = params.total * 4
-    per_param = (4 if m.params_dtype != "float32" else 0) + (4 if mem.precision_aware_optimizer else 8)
+    on_gpu, on_host = optimizer_bytes_per_param(m.params_dtype, mem.precision_aware_optimizer, mem.optimizer_offload_fraction)
     shard_dense, shard_expert = (dp, expert_dp) if p.use_distributed_optimizer else (1, 1)
-    optimizer = per_param * (params.dense / shard_dense + params.expert / shard_expert)
-    out["optimizer"] = int(optimizer * (1 - mem.optimizer_offload_fraction))
-    out["optimizer_on_host"] = int(optimizer * mem.optimizer_offload_fraction)
-    out["reference"] = params.total * w if cfg.grpo.kl_beta > 0 else 0
+    shard = params.dense / shard_dense + params.expert / shard_expert
+    out["optimizer"] = int(on_gpu * shard)
+    out["optimizer_on_host"] = int(on_host * shard)
+    out["reference"] = params.total * w if reference else 0
 
     seq = min(cfg.rollout.max_model_len, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens) // cp
     shape = Shape(seq, cfg.grpo.micro_batch_size, tp, p.sequence_parallel and tp > 1, flash)
@@ -159,19 +184,30 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     return out
 
 
+def _engine_dtype(cfg: StageConfig) -> str:
+    """The engine's dtype on a GPU; an explicit float32 that no CUDA backend runs (MLA) is planned
+    as bfloat16 and reported by `layout_problems`."""
+    try:
+        return cfg.rollout.engine_dtype(on_gpu=True, mla=cfg.model.multi_latent_attention)
+    except ConfigError:
+        return "bfloat16"
+
+
 def _engine(cfg: StageConfig, counts: ParamCounts, gpu: Gpu) -> dict:
     """The colocated engine on one GPU: weight shard, KV cache, concurrent sequences."""
     r, m = cfg.rollout, cfg.model
+    dtype = _engine_dtype(cfg)
     shards = r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size
-    weights = counts.total * BYTES[r.dtype] // shards  # MTP is not served (no speculative decoding)
+    weights = counts.total * BYTES[dtype] // shards  # MTP is not served (no speculative decoding)
     if m.multi_latent_attention:  # one latent per token and layer, replicated over the engine's TP ranks
-        per_token = m.num_layers * (m.kv_lora_rank + m.qk_pos_emb_head_dim) * BYTES[r.dtype] // r.engine_pipeline_parallel_size
+        per_token = m.num_layers * (m.kv_lora_rank + m.qk_pos_emb_head_dim) * BYTES[dtype] // r.engine_pipeline_parallel_size
     else:
         heads = max(1, m.num_query_groups // r.engine_tensor_parallel_size)
-        per_token = 2 * m.num_layers * heads * m.kv_channels * BYTES[r.dtype] // r.engine_pipeline_parallel_size
+        per_token = 2 * m.num_layers * heads * m.kv_channels * BYTES[dtype] // r.engine_pipeline_parallel_size
     budget = int(r.gpu_memory_utilization * gpu.memory_gib * GiB)
     kv = max(0, budget - weights)
     return {
+        "dtype": dtype,
         "tensor_parallel": r.engine_tensor_parallel_size,
         "pipeline_parallel": r.engine_pipeline_parallel_size,
         "budget_bytes": budget,
@@ -243,10 +279,10 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     elif engine["concurrent_sequences"] < 1:
         problems.append(f"engine: {engine['kv_tokens']} KV tokens do not hold one {cfg.rollout.max_model_len}-token sequence")
         breaks = "engine_kv_cache"
-    resident = ("weights", "fp8_weight_copies", "gradients", "optimizer", "reference")
+    resident = ("weights", "gradients", "optimizer", "reference")
     phases = {
-        "train": (worst["train_peak"], resident + ("activations", "loss")),
-        "rollout": (worst["rollout_peak"], resident + ("engine_budget",)),
+        "train": (worst["train_peak"], resident + ("fp8_weight_copies", "activations", "loss")),
+        "rollout": (worst["rollout_peak"], resident + ("engine_budget",)),  # FP8 copies released before the engine wakes
     }
     for phase, (peak, names) in phases.items():
         if peak > capacity:

@@ -8,7 +8,7 @@ from megatron_r1.planner.memory import GiB, Plan, as_dict
 
 _ORDER = (
     ("weights", "weights"),
-    ("fp8_weight_copies", "FP8 weight copies"),
+    ("fp8_weight_copies", "FP8 weight copies (training only)"),
     ("gradients", "gradients (fp32)"),
     ("optimizer", "optimizer (GPU share)"),
     ("reference", "reference model"),
@@ -50,7 +50,7 @@ def to_table(result: Plan) -> str:
             f"   weights {eng['weights_bytes'] / GiB:.1f}, KV cache {eng['kv_cache_bytes'] / GiB:.1f}",
             f"  {'rollout peak (trainer state + engine)':<46}{_gib(result.rollout_peak_bytes)}",
             f"  {'GPU memory':<46}{_gib(result.capacity_bytes)}",
-            f"engine: TP{eng['tensor_parallel']} PP{eng['pipeline_parallel']}, {eng['kv_tokens']:,} KV tokens per engine "
+            f"engine: TP{eng['tensor_parallel']} PP{eng['pipeline_parallel']} {eng['dtype']}, {eng['kv_tokens']:,} KV tokens per engine "
             f"({eng['concurrent_sequences']} sequences of max_model_len at once)",
         ]
         if result.host_bytes_per_node:

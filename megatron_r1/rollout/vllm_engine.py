@@ -162,6 +162,7 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         check_rollout_weights(self.model_dir)  # FP8 checkpoints: convert to bf16 first (before any start-up cost)
         self.on_gpu = torch.cuda.is_available()
+        self.dtype = cfg.engine_dtype(self.on_gpu, mla=_uses_mla(self.model_dir))  # one-line error before any start-up cost
         distributed.ensure_process_group()  # vLLM joins the trainer's world (or a 1-rank one)
         self.layout = EngineLayout.from_config(cfg, dist.get_world_size(), dist.get_rank())
         if not self.on_gpu and self.layout.num_engines > 1 and _is_moe(self.model_dir):
@@ -176,7 +177,7 @@ class VLLMEngine:
             model=self.model_dir,
             # Token ids in and out; vLLM needs its tokenizer only to match stop strings in the text.
             skip_tokenizer_init=not cfg.stop,
-            dtype=cfg.dtype,
+            dtype=self.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=self.layout.tensor_parallel_size,
             pipeline_parallel_size=self.layout.pipeline_parallel_size,
@@ -236,7 +237,7 @@ class VLLMEngine:
             from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
             RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native
-        if _uses_mla(self.model_dir) and self.cfg.dtype in ("float32", "float"):
+        if _uses_mla(self.model_dir) and self.dtype == "float32":
             # On CPUs with AMX, vLLM picks its AMX MLA kernels, which take bf16/fp16 weights only;
             # the reference CPU MLA backend runs float32.
             kwargs["attention_config"] = {"backend": "CPU_MLA"}

@@ -144,9 +144,10 @@ PROBE_THRESHOLDS = {
 }
 
 
-def probe_thresholds(cfg) -> tuple[float, float]:
-    """(mean, max) failure thresholds for a `RolloutConfig`: its overrides, else the dtype's default."""
-    dtype = {"float": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}.get(cfg.dtype, cfg.dtype)
+def probe_thresholds(cfg, engine_dtype: str | None = None) -> tuple[float, float]:
+    """(mean, max) failure thresholds for a `RolloutConfig`: its overrides, else the default of the
+    dtype the engine runs in (`VLLMEngine.dtype`; `cfg.dtype` when that is explicit)."""
+    dtype = engine_dtype or cfg.dtype
     mean, worst = PROBE_THRESHOLDS.get(dtype, PROBE_THRESHOLDS["bfloat16"])
     return (
         mean if cfg.probe_mean_threshold is None else cfg.probe_mean_threshold,

@@ -55,12 +55,14 @@ def build_optimizer(
     if opt_cfg.min_lr > opt_cfg.lr:
         raise ConfigError(f"optimizer.min_lr={opt_cfg.min_lr} is above optimizer.lr={opt_cfg.lr}")
     memory = memory or MemoryConfig()
-    # Both live in Megatron's GPU optimizer paths (Transformer Engine's FusedAdam, the hybrid
-    # host/device optimizer); there is nothing to save on a CPU.
-    if memory.precision_aware_optimizer and not platform.has_transformer_engine():
-        raise ConfigError("memory.precision_aware_optimizer needs Transformer Engine on a GPU; set it to false here")
-    if memory.optimizer_offload_fraction > 0 and not platform.has_cuda():
+    # Both live in Megatron's GPU optimizer paths; there is nothing to save on a CPU. With offload,
+    # the precision-aware flag selects Megatron's hybrid host/device optimizer (fp32 copies handed
+    # to a torch Adam, no master copy in the distributed optimizer); without it, TE's FusedAdam.
+    offload = memory.optimizer_offload_fraction > 0
+    if offload and not platform.has_cuda():
         raise ConfigError("memory.optimizer_offload_fraction > 0 moves optimizer state from a GPU to the host; set it to 0 on CPU")
+    if memory.precision_aware_optimizer and not offload and not platform.has_transformer_engine():
+        raise ConfigError("memory.precision_aware_optimizer needs Transformer Engine on a GPU (its FusedAdam); set it to false here")
 
     config = model.config  # Megatron's TransformerConfig, shared by every module of the model
     ddp_config = DistributedDataParallelConfig(
@@ -72,26 +74,7 @@ def build_optimizer(
     )
     ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
-    megatron_cfg = MegatronOptimizerConfig(
-        optimizer="adam",
-        lr=opt_cfg.lr,
-        min_lr=opt_cfg.min_lr,
-        weight_decay=opt_cfg.weight_decay,
-        adam_beta1=opt_cfg.adam_beta1,
-        adam_beta2=opt_cfg.adam_beta2,
-        adam_eps=opt_cfg.adam_eps,
-        clip_grad=opt_cfg.clip_grad,
-        bf16=config.bf16,
-        fp16=config.fp16,
-        params_dtype=config.params_dtype,
-        use_distributed_optimizer=parallel.use_distributed_optimizer,
-        use_precision_aware_optimizer=memory.precision_aware_optimizer,
-        exp_avg_dtype=torch.bfloat16 if memory.precision_aware_optimizer else torch.float32,
-        exp_avg_sq_dtype=torch.bfloat16 if memory.precision_aware_optimizer else torch.float32,
-        optimizer_cpu_offload=memory.optimizer_offload_fraction > 0,
-        optimizer_offload_fraction=memory.optimizer_offload_fraction,
-    )
-    optimizer = get_megatron_optimizer(megatron_cfg, [ddp_model])
+    optimizer = get_megatron_optimizer(megatron_optimizer_config(opt_cfg, parallel, memory, config.params_dtype), [ddp_model])
 
     # What Megatron's schedules look up on the model config (Megatron-LM's training loop sets the same):
     # the gradient all-reduce after the last micro-batch, fp16 loss scaling, and the no-sync context
@@ -127,6 +110,32 @@ def build_optimizer(
         "distributed" if parallel.use_distributed_optimizer else "replicated",
     )
     return ddp_model, optimizer, scheduler
+
+
+def megatron_optimizer_config(
+    opt_cfg: OptimizerConfig, parallel: ParallelConfig, memory: MemoryConfig, params_dtype: torch.dtype
+) -> MegatronOptimizerConfig:
+    """Megatron's optimizer config for ours. Its constructor runs Megatron's own checks, so building it
+    alone (no model, no GPU) validates a GPU recipe's optimizer settings."""
+    return MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=opt_cfg.lr,
+        min_lr=opt_cfg.min_lr,
+        weight_decay=opt_cfg.weight_decay,
+        adam_beta1=opt_cfg.adam_beta1,
+        adam_beta2=opt_cfg.adam_beta2,
+        adam_eps=opt_cfg.adam_eps,
+        clip_grad=opt_cfg.clip_grad,
+        bf16=params_dtype is torch.bfloat16,
+        fp16=params_dtype is torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        use_precision_aware_optimizer=memory.precision_aware_optimizer,
+        exp_avg_dtype=torch.bfloat16 if memory.precision_aware_optimizer else torch.float32,
+        exp_avg_sq_dtype=torch.bfloat16 if memory.precision_aware_optimizer else torch.float32,
+        optimizer_cpu_offload=memory.optimizer_offload_fraction > 0,
+        optimizer_offload_fraction=memory.optimizer_offload_fraction,
+    )
 
 
 def current_lr(optimizer: MegatronOptimizer) -> float:

@@ -10,7 +10,6 @@ policy into its own worker.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import time
@@ -40,6 +39,7 @@ from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thres
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.evaluate import evaluate, stop_conditions
 from megatron_r1.train.guards import RunGuard, TrainingHalted
+from megatron_r1.train.memory import free_for_engine, release_fp8_weight_caches
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer, plot_run
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.preemption import Preempted, PreemptionWatch
@@ -66,15 +66,6 @@ def _build_policy(cfg: StageConfig, hf_dir: Path):
         load_hf(reference, model_cfg, hf_dir)
         reference.eval().requires_grad_(False)
     return model_cfg, model, ddp, optimizer, scheduler, reference
-
-
-def _free_trainer_cache() -> None:
-    """Hand the trainer's cached activation memory back to the device before the engine takes its
-    share again. A no-op on CPU, where there is no caching allocator to empty (and a full garbage
-    collection of a process holding vLLM and Megatron costs ~0.4 s a step)."""
-    if torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,11 +276,12 @@ def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch, timer:
     return metrics
 
 
-def sync_phase(engine, model, model_cfg, syncer, probe, step: int, probe_every: int) -> dict:
-    """Refit every rank's own worker, in the order that keeps device memory lowest: free the
-    trainer's cached memory, wake the engine's weights, stream the new policy in (bucketed), wake
-    its KV cache, then check logprob parity (the probe runs the engine, so it needs its KV cache)."""
-    _free_trainer_cache()
+def sync_phase(engine, model, model_cfg, syncer, probe, step: int, probe_every: int, reference=None) -> dict:
+    """Refit every rank's own worker, in the order that keeps device memory lowest: free what the
+    trainer does not need (cached blocks, the FP8 weight caches of policy and reference), wake the
+    engine's weights, stream the new policy in (bucketed), wake its KV cache, then check logprob
+    parity (the probe runs the engine, so it needs its KV cache)."""
+    free_for_engine(model, reference)
     engine.wake_up(["weights"])
     traffic = {"received": 0}
     s = syncer.sync(export_hf_tensors(model, model_cfg, traffic), traffic)
@@ -426,7 +418,7 @@ def run(cfg: StageConfig) -> dict:
         log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), engine.layout.describe())
     probe = _make_probe(cfg, engine, tokenizer, eval_set, policy.model)
     if start_step > 0 or from_megatron:  # the engines loaded the HF weights; bring them to the policy
-        sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, 0, 1)
+        sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, 0, 1, policy.reference)
 
     def run_eval(step: int):
         return evaluate(engine, tokenizer, eval_set.items, reward_fn, cfg.rollout.max_response_tokens,
@@ -465,7 +457,7 @@ def run(cfg: StageConfig) -> dict:
         train_metrics = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, policy.reference, batch, timer)
         # 6. every rank refits its own worker, then the parity probe
         with timer("sync"):
-            sync_metrics = sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, step + 1, cfg.rollout.probe_every)
+            sync_metrics = sync_phase(engine, policy.model, policy.model_cfg, syncer, probe, step + 1, cfg.rollout.probe_every, policy.reference)
         # 7. metrics, evaluation, checkpoint
         row = _step_row(rewards, sampled["lengths"], sampled["components"], samples, share, sampling_stats,
                         train_metrics, sync_metrics, timings["rollout"])
@@ -536,9 +528,10 @@ def _make_probe(cfg, engine, tokenizer, eval_set, model):
         for i, s in enumerate(sequences):
             tokens[i, : len(s)] = torch.tensor(s)
         lp = compute_logprobs(model, tokens, cfg.grpo.micro_batch_size)
+        release_fp8_weight_caches(model)  # the engine is awake: this forward's FP8 caches must not stay
         return [lp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
-    mean_threshold, max_threshold = probe_thresholds(cfg.rollout)
+    mean_threshold, max_threshold = probe_thresholds(cfg.rollout, engine.dtype)
     return ParityProbe(engine, trainer_logprobs, prompts, mean_threshold, max_threshold)
 
 

@@ -244,10 +244,12 @@ def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_s
 
 def _sequence_multiple(config) -> int:
     """What the sequence length must be a multiple of: under sequence parallelism Megatron cuts it
-    over the TP ranks, and FP8 GEMMs need dimensions that are multiples of 16."""
+    over the TP ranks, and FP8 GEMMs need Megatron's alignment for the recipe (16; 32 for MXFP8)."""
     multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
     if getattr(config, "fp8", None):
-        multiple *= 16
+        from megatron.core.fp8_utils import get_fp8_align_size
+
+        multiple *= get_fp8_align_size(config.fp8_recipe)
     return multiple
 
 

@@ -26,6 +26,7 @@ MODELS = {"moe_ep2": ("tiny_moe", {"expert_model_parallel_size": 2}), "dense_tp2
 
 
 def _job(rank: int, port: int, out: str) -> None:
+    os.environ["MEGATRON_R1_STRICT_DEVICES"] = "1"  # collectives must get device tensors (platform.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from megatron_r1 import distributed
@@ -61,7 +62,8 @@ def _run(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
-    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "MEGATRON_R1_STRICT_DEVICES": "1"} if ranks > 1 else None  # device tensors in collectives
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _ok(out: subprocess.CompletedProcess) -> None:

@@ -34,6 +34,7 @@ LAYOUTS = {
 
 
 def _job(rank: int, world: int, port: int, preset: str, parallel: dict, engine_tp: int, out: str) -> None:
+    os.environ["MEGATRON_R1_STRICT_DEVICES"] = "1"  # collectives must get device tensors (platform.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR")
     from megatron_r1 import distributed, platform

@@ -76,6 +76,7 @@ def _step(parallel: ParallelConfig, hf_dir: str) -> dict:
 
 
 def _worker(rank: int, port: int, hf_dir: str, out_dir: str) -> None:
+    os.environ["MEGATRON_R1_STRICT_DEVICES"] = "1"  # collectives must get device tensors (platform.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from megatron_r1.distributed import destroy, init_distributed, init_model_parallel

@@ -98,6 +98,7 @@ def _held(model: torch.nn.Module) -> int:
 
 
 def _worker(rank: int, port: int, hf_dirs: dict[str, str], out_dir: str) -> None:
+    os.environ["MEGATRON_R1_STRICT_DEVICES"] = "1"  # collectives must get device tensors (platform.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks share two cores

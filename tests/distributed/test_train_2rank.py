@@ -167,6 +167,7 @@ def _pipeline_parallel() -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MEGATRON_R1_STRICT_DEVICES"] = "1"  # collectives must get device tensors (platform.py)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes share two cores
     from megatron_r1 import distributed

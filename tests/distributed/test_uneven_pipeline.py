@@ -4,7 +4,8 @@ Five decoder layers split 3 + 2 over two gloo processes (`parallel.num_layers_in
 Megatron's own uneven split) must train like the same model on one process: same log-probabilities,
 losses and gradient norms over three Adam steps (within 1e-5), and a Hugging Face export with the
 same tensors, which transformers loads and runs. Each stage must also hold exactly the parameters
-`megatron-r1 plan` counts for it.
+`megatron-r1 plan` counts for it. The two ranks run with `MEGATRON_R1_STRICT_DEVICES=1`: every
+collective of the package must send tensors made on the compute device, as NCCL will demand.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _batch():
 
 
 def _train(parallel: ParallelConfig, hf_in: str, hf_out: str) -> dict:
+    from megatron_r1.convert import global_parameter_count
     from megatron_r1.models.build import build_model, num_parameters
     from megatron_r1.models.hf.base import load_hf, save_hf
     from megatron_r1.planner.params import count_parameters, rank_parameters
@@ -47,6 +49,7 @@ def _train(parallel: ParallelConfig, hf_in: str, hf_out: str) -> dict:
     load_hf(model, CFG, hf_in)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     held = num_parameters(model)
+    whole = global_parameter_count(model)  # all-reduced over the pipeline group
     ddp, optimizer, scheduler = build_optimizer(model, OPTIMIZER, parallel, 10)
     batch = _batch()
     logprobs = compute_logprobs(ddp, batch.tokens, 2)
@@ -55,13 +58,14 @@ def _train(parallel: ParallelConfig, hf_in: str, hf_out: str) -> dict:
     init_model_parallel(ParallelConfig())  # the planner counts on a 1-rank probe
     planned = rank_parameters(count_parameters(CFG), parallel, stage).total
     return {
-        "stage": stage, "layers": len(model.decoder.layers), "held": held, "planned": planned,
+        "stage": stage, "layers": len(model.decoder.layers), "held": held, "planned": planned, "whole": whole,
         "logprobs": logprobs, "loss": [s["loss"] for s in steps], "grad_norm": [s["grad_norm"] for s in steps],
     }
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["MEGATRON_R1_STRICT_DEVICES"] = "1"  # host tensors in collectives raise
     torch.set_num_threads(1)
     from megatron_r1.distributed import destroy, init_distributed
 
@@ -109,6 +113,12 @@ def test_stages_hold_three_and_two_layers_as_planned(runs):
         assert r["held"] == r["planned"], r
     # The tied embedding lives on both ends, so the two stages hold more than the one-process model.
     assert sum(r["held"] for r in ranks) == single["held"] + CFG.vocab_size * CFG.hidden_size
+
+
+def test_whole_model_count_over_the_pipeline_group(runs):
+    """`convert`'s count (an all-reduce over the pipeline group, a device tensor in strict mode)."""
+    _, ranks, single = runs
+    assert [r["whole"] for r in ranks] == [single["held"]] * 2 == [single["whole"]] * 2
 
 
 def test_uneven_pp2_trains_like_pp1(runs):

@@ -237,13 +237,14 @@ def test_sequence_multiple_under_sequence_parallel_and_fp8():
 
     from megatron_r1.train.step import _sequence_multiple
 
-    def cfg(tp, sp, fp8=None):
-        return SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sp, fp8=fp8)
+    def cfg(tp, sp, fp8=None, recipe="tensorwise"):
+        return SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sp, fp8=fp8, fp8_recipe=recipe)
 
     assert _sequence_multiple(cfg(4, False)) == 1
     assert _sequence_multiple(cfg(4, True)) == 4  # Megatron cuts the sequence over TP ranks
     assert _sequence_multiple(cfg(4, True, "hybrid")) == 64  # and FP8 GEMMs need multiples of 16
     assert _sequence_multiple(cfg(1, False, "e4m3")) == 16
+    assert _sequence_multiple(cfg(1, False, "hybrid", "mxfp8")) == 32  # MXFP8: 32 (Megatron's get_fp8_align_size)
 
 
 def test_padding_to_a_multiple_changes_neither_logprobs_nor_loss_nor_grads(monkeypatch):
