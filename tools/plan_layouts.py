@@ -23,7 +23,7 @@ LAYOUTS = {
         "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=8", *_EVEN,
         "parallel.expert_model_parallel_size=32", "memory.recompute=none", "memory.optimizer_offload_fraction=0",
         "rollout.engine_tensor_parallel_size=8", "rollout.engine_pipeline_parallel_size=1",
-        "rollout.gpu_memory_utilization=0.5", "model.mtp_num_layers=1",
+        "rollout.gpu_memory_utilization=0.5", "model.mtp_num_layers=1", "memory.precision_aware_optimizer=false",
     ]),
     "NeMo-RL: TP1 PP16 (3/2) EP16, recompute, precision-aware Adam; engine TP32": (32, [
         "parallel.tensor_model_parallel_size=1", "memory.optimizer_offload_fraction=0",

@@ -14,9 +14,10 @@ Bytes per parameter follow what `train/optim.py` builds (read in Megatron-Core 0
 ``optimizer/__init__.py``, ``distrib_optimizer.py`` and ``cpu_offloading/hybrid_optimizer.py``):
 weights in ``params_dtype``; Megatron DDP gradient buffers in fp32 (``grad_reduce_in_fp32``); the
 optimizer state, split over data-parallel ranks with the distributed optimizer (experts over
-expert-data-parallel ranks), see `optimizer_bytes_per_param`. FP8 keeps the bf16 weights and adds a
-1-byte FP8 copy of every weight of the policy and of the reference model (Transformer Engine caches
-them across micro-batches as module attributes); the loop releases them before the engine wakes
+expert-data-parallel ranks), see `optimizer_bytes_per_param`. FP8 keeps the bf16 weights and adds
+FP8 copies that Transformer Engine caches across micro-batches as module attributes: 2 bytes per
+weight of the trained policy (the cast and its transpose, which backward uses), 1 per weight of the
+reference model (forward only); the loop releases them before the engine wakes
 (`train/memory.py`), so they count in the training peak only. Every GPU also loses a fixed reserve
 to the CUDA context, NCCL buffers and allocator fragmentation (``Gpu.reserve_gib``).
 """
@@ -155,8 +156,9 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
 
     reference = cfg.grpo.kl_beta > 0
     out = {"weights": params.total * w}
-    if m.fp8_recipe:  # TE's cached FP8 weights: the policy's, and the reference model's own
-        out["fp8_weight_copies"] = params.total * (2 if reference else 1)
+    if m.fp8_recipe:  # TE's cached FP8 weights: the trained policy's with their transposes (backward
+        # needs the columnwise copy on Hopper), the reference model's forward-only ones without
+        out["fp8_weight_copies"] = params.total * (2 + (1 if reference else 0))
     out["gradients"] = params.total * 4
     on_gpu, on_host = optimizer_bytes_per_param(m.params_dtype, mem.precision_aware_optimizer, mem.optimizer_offload_fraction)
     shard_dense, shard_expert = (dp, expert_dp) if p.use_distributed_optimizer else (1, 1)

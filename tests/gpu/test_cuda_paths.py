@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_r1 import platform
-from megatron_r1.config import ModelConfig, ParallelConfig, RolloutConfig
+from megatron_r1.config import ModelConfig, OptimizerConfig, ParallelConfig, RolloutConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_te = pytest.mark.skipif(not platform.has_transformer_engine(), reason="needs Transformer Engine")
@@ -100,3 +100,96 @@ def test_engine_sleep_wake_and_sync(one_gpu_rank, tmp_path):
     after = engine.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=8)[0].response_ids
     expected = hf.cuda().generate(torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8, do_sample=False)[0, 3:].tolist()
     assert after == expected[: len(after)] and after != before
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory paths the 671B recipe depends on (issue: seven defects that would stop the first GPU run).
+
+MID = dataclasses.replace(TINY, vocab_size=4096, hidden_size=1024, ffn_hidden_size=2816, num_layers=4, num_attention_heads=8,
+                          num_query_groups=2, kv_channels=128, params_dtype="bfloat16")
+
+
+def _train_setup(cfg, memory):
+    from megatron_r1.models.build import build_model
+    from megatron_r1.train.optim import build_optimizer
+    from megatron_r1.train.step import Batch
+
+    parallel = ParallelConfig(use_distributed_optimizer=True)
+    model = build_model(cfg, parallel, memory)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    ddp, optimizer, scheduler = build_optimizer(model, OptimizerConfig(lr=1e-3), parallel, 10, memory)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    batch = Batch(tokens=tokens, loss_mask=torch.ones_like(tokens, dtype=torch.float32))
+    return model, ddp, optimizer, scheduler, batch, before
+
+
+def test_offloaded_optimizer_keeps_no_optimizer_state_on_the_gpu(one_gpu_rank):
+    """The 671B recipe's optimizer: precision-aware + offload 1.0 -> Megatron's hybrid optimizer; the
+    GPU holds weights and fp32 gradient buffers only, and the loss still falls."""
+    from megatron_r1.config import MemoryConfig
+    from megatron_r1.train.step import lm_loss_fn, train_step
+
+    memory = MemoryConfig(precision_aware_optimizer=True, optimizer_offload_fraction=1.0)
+    model, ddp, optimizer, scheduler, batch, before = _train_setup(MID, memory)
+    losses = [train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, 2)["loss"] for _ in range(3)]
+    torch.cuda.synchronize()
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers + ddp.expert_parallel_buffers)
+    on_gpu = torch.cuda.memory_allocated() - before - grads
+    params = sum(p.numel() for p in model.parameters())
+    assert on_gpu < 0.5 * params  # < 0.5 B/param: no fp32 master (4 B) or moments (8 B) on the GPU
+    assert losses[-1] < losses[0]
+
+
+def test_fp8_weight_caches_are_released_for_the_engine(one_gpu_rank):
+    """TE keeps the FP8 casts of the weights after a training step; `free_for_engine` returns them."""
+    if not platform.has_transformer_engine() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs Transformer Engine and an FP8-capable GPU")
+    from megatron_r1.config import MemoryConfig
+    from megatron_r1.train.memory import free_for_engine, release_fp8_weight_caches
+    from megatron_r1.train.step import lm_loss_fn, train_step
+
+    cfg = dataclasses.replace(MID, fp8_recipe="tensorwise")
+    model, ddp, optimizer, scheduler, batch, _ = _train_setup(cfg, MemoryConfig())
+    train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, 2)
+    cached = [m for m in model.modules() if getattr(m, "_fp8_workspaces", None)]
+    assert cached, "TE cached no FP8 weights: the planner's 'FP8 weight copies' would be wrong"
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    free_for_engine(model)
+    assert not any(getattr(m, "_fp8_workspaces", None) for m in model.modules())
+    freed = held - torch.cuda.memory_allocated()
+    weights = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert freed >= 0.9 * weights  # at least the 1-byte casts of the linear weights
+    assert release_fp8_weight_caches(model) == 0
+    train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, 2)  # TE rebuilds what was dropped
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_round_trip_with_the_offloaded_optimizer(one_gpu_rank, tmp_path, async_save):
+    from megatron_r1.config import MemoryConfig
+    from megatron_r1.train import checkpoint as ckpt
+    from megatron_r1.train.step import lm_loss_fn, train_step
+
+    memory = MemoryConfig(precision_aware_optimizer=True, optimizer_offload_fraction=1.0)
+    model, ddp, optimizer, scheduler, batch, _ = _train_setup(MID, memory)
+    train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, 2)
+    ckpt.save_checkpoint(tmp_path, 1, ddp, optimizer, scheduler, {"note": "gpu"}, async_save=async_save)
+    ckpt.finish_pending_saves(blocking=True)
+    expected = train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, 2)["loss"]
+    model2, ddp2, optimizer2, scheduler2, _, _ = _train_setup(MID, memory)
+    assert ckpt.load_checkpoint(tmp_path, ckpt.resume_step(tmp_path), ddp2, optimizer2, scheduler2) == {"note": "gpu"}
+    assert train_step(ddp2, optimizer2, scheduler2, batch, lm_loss_fn, 2)["loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_mla_engine_runs_bfloat16_on_cuda_by_default(one_gpu_rank, tmp_path):
+    """rollout.dtype auto -> bf16 on CUDA, where vLLM's MLA backends have no fp32 kernels."""
+    pytest.importorskip("vllm")
+    from tests.unit.test_vllm_engine import tiny_deepseek_v3
+
+    from megatron_r1.rollout.vllm_engine import VLLMEngine
+
+    tiny_deepseek_v3(tmp_path)
+    engine = VLLMEngine(RolloutConfig(gpu_memory_utilization=0.2, max_model_len=128), str(tmp_path))
+    assert engine.dtype == "bfloat16"
+    assert len(engine.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=4)[0].response_ids) >= 1

@@ -174,7 +174,8 @@ def test_planner_counts_fp8_caches_in_training_only(one_rank):
     cfg = load_config(ROOT / GPU_RECIPES[0], [])
     result = plan_stage(cfg, 32, GPUS["h100"])
     stage = result.stages[1]
-    assert stage["fp8_weight_copies"] == 2 * stage["weights"] // 2  # policy + reference, 1 B each per bf16 weight
+    # the policy's cast + transpose (2 B) and the forward-only reference's cast (1 B), per bf16 weight (2 B)
+    assert stage["fp8_weight_copies"] == 3 * stage["weights"] // 2
     without = plan_stage(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8_recipe=None)), 32, GPUS["h100"])
     assert stage["rollout_peak"] == without.stages[1]["rollout_peak"]
     assert stage["train_peak"] == without.stages[1]["train_peak"] + stage["fp8_weight_copies"]
@@ -216,3 +217,11 @@ def test_local_spec_builds_rmsnorm_models_when_apex_imports(one_rank, monkeypatc
     tokens = torch.randint(0, cfg.vocab_size, (1, 8))
     loss = model(tokens, torch.arange(8).unsqueeze(0), None, labels=tokens)  # MTP needs labels
     assert torch.isfinite(loss).all()
+
+
+def test_gpu_check_skips_cleanly_without_cuda():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "no CUDA device" in out.stdout, out.stderr[-2000:]
