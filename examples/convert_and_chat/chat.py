@@ -46,7 +46,8 @@ def main() -> None:
     # gpu_memory_utilization only matters on a GPU, where a small share leaves room for others.
     llm = LLM(model=args.model, tokenizer=args.model, dtype="float32", enforce_eager=True,
               gpu_memory_utilization=0.2, max_model_len=len(prompt_ids) + args.max_tokens)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, skip_special_tokens=False)
+    # Default decoding keeps the reasoning tags: the export writes them as plain (non-special) tokens.
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0].outputs[0]
 
     print(f"question: {args.question}")

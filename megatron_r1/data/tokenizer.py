@@ -8,7 +8,11 @@ Design choices, and why:
   " = ") becomes a few long tokens, so a 110-word template costs ~30 tokens instead of ~110 and
   the tiny model spends its compute on the question and the reasoning, not on boilerplate;
 - `<|endoftext|>` (end of sequence and padding), `<think>`, `</think>`, `<answer>`, `</answer>` are
-  special tokens with one id each, so rewards and stop conditions can work on ids.
+  added tokens with one id each, so rewards and stop conditions can work on ids. Only the first is
+  *special*: the reasoning tags are plain added tokens, as in DeepSeek-R1's own tokenizer, because
+  every standard decode (vLLM's default `SamplingParams`, `decode(skip_special_tokens=True)` in
+  evaluation harnesses) drops special tokens, and an evaluator looking for `<answer>` would find none.
+  `export_tokenizer` applies the same to any tokenizer written beside an exported model.
 
 Reload with `load_tokenizer` (a `PreTrainedTokenizerFast`). `AutoTokenizer` on a model directory
 whose config.json says qwen2 builds a Qwen2 tokenizer that swaps in Qwen's pre-tokenizer, which
@@ -18,6 +22,7 @@ splits text differently from the one trained here.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -55,12 +60,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
         show_progress=False,
     )
     tok.train_from_iterator(_without_special_tokens(texts), trainer)
+    # The trainer registers its tokens as special; the tags keep their ids and become plain.
+    tok = Tokenizer.from_str(json.dumps(_tags_plain_in_tokenizer_json(json.loads(tok.to_str()))))
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,  # padding is masked out, so sharing the eos id costs nothing
-        extra_special_tokens=list(REASONING_TAGS),
         clean_up_tokenization_spaces=False,  # keep decode(encode(text)) == text
     )
     save_tokenizer(hf, out_dir)
@@ -73,6 +79,58 @@ def _without_special_tokens(texts: Iterable[str]) -> Iterator[str]:
         for special in SPECIAL_TOKENS:
             text = text.replace(special, " ")
         yield text
+
+
+def _tags_plain_in_tokenizer_json(data: dict) -> dict:
+    for entry in data.get("added_tokens", []):
+        if entry.get("content") in REASONING_TAGS:
+            entry["special"] = False
+    return data
+
+
+def _tags_plain_in_tokenizer_config(data: dict) -> dict:
+    """tokenizer_config.json / special_tokens_map.json: the tags neither special nor listed as such."""
+    for entry in (data.get("added_tokens_decoder") or {}).values():
+        if isinstance(entry, dict) and entry.get("content") in REASONING_TAGS:
+            entry["special"] = False
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        listed = data.get(key)
+        if isinstance(listed, list):
+            kept = [t for t in listed if (t.get("content") if isinstance(t, dict) else t) not in REASONING_TAGS]
+            if kept:
+                data[key] = kept
+            else:
+                del data[key]
+    return data
+
+
+_REWRITES = {
+    "tokenizer.json": _tags_plain_in_tokenizer_json,
+    "tokenizer_config.json": _tags_plain_in_tokenizer_config,
+    "special_tokens_map.json": _tags_plain_in_tokenizer_config,
+}
+
+
+def export_tokenizer(src_dir: str | Path, out_dir: str | Path, files: Iterable[str]) -> list[str]:
+    """Copy the tokenizer `files` present in `src_dir` to `out_dir` (a model export), with the reasoning
+    tags made plain added tokens wherever they were special (tokenizers trained before this rule, or a
+    third party's): ids and tokenization unchanged, only `skip_special_tokens` now keeps them.
+    Returns the names copied."""
+    src, out = Path(src_dir), Path(out_dir)
+    copied = []
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            continue
+        rewrite = _REWRITES.get(name)
+        if rewrite is None:
+            if path.resolve() != (out / name).resolve():
+                shutil.copyfile(path, out / name)
+        else:
+            text = json.dumps(rewrite(json.loads(path.read_text())), indent=2, ensure_ascii=False) + "\n"
+            (out / name).write_text(text)
+        copied.append(name)
+    return copied
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:

@@ -45,7 +45,8 @@ def main():
     cfg = load_config(stage, overrides)
     prompts = load_prompts(cfg.data, "eval").items
     llm = LLM(model=hf_dir, dtype="float32", enforce_eager=True, max_model_len=cfg.rollout.max_model_len)
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_response_tokens, skip_special_tokens=False)
+    # Default decoding, as evaluation harnesses use it (skip_special_tokens=True): the tags must survive.
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_response_tokens)
     texts = [o.outputs[0].text for o in llm.generate([p.prompt for p in prompts], params, use_tqdm=False)]
     scores = RewardFn(cfg.reward)([p.prompt for p in prompts], texts, [p.as_reward_item() for p in prompts])
     probe = prompts[0].prompt + " <think> 5 + 3 = 8 </think> <answer> 1 </answer>"
@@ -99,8 +100,11 @@ def test_contract_files(base_model, tmp_path):
     assert model.config.vocab_size >= len(tok)
     text = summary["prompt_template"].format(question="5 + 3 - 7 =") + " <think> 5 + 3 = 8 </think> <answer> 1 </answer>"
     assert tok(text)["input_ids"] == load_tokenizer(run_dir / "hf")(text)["input_ids"]
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).endswith("<think> 5 + 3 = 8 </think> <answer> 1 </answer>")
 
-    # vLLM as users run it (its own tokenizer, text prompts) reproduces the run's final greedy accuracy.
+    # vLLM as users run it (its own tokenizer, text prompts, default SamplingParams) reproduces the
+    # run's final greedy accuracy.
     out = subprocess.run([sys.executable, "-c", VLLM_TEXT_EVAL, str(run_dir / "hf"), str(STAGE), *TINY_RUN],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]

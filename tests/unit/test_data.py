@@ -252,12 +252,51 @@ def test_round_trip_and_digits(tok):
     assert digit_tokens == list("123456789042")
 
 
-def test_decoding_keeps_tags_unless_skipped(tok):
+def test_standard_decoding_keeps_the_reasoning_tags(tok, tok_dir):
+    """Evaluation harnesses decode with skip_special_tokens=True: the tags must survive it (they are
+    plain added tokens, as in DeepSeek-R1's tokenizer); only the end-of-text token is special."""
+    from transformers import AutoTokenizer
+
     text = " <think> 5 + 3 = 8 </think> <answer> 8 </answer>"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids, skip_special_tokens=False) == text
-    # The pitfall rewards must avoid: skipping special tokens removes the tags.
-    assert "<answer>" not in tok.decode(ids, skip_special_tokens=True)
+    for loaded in (tok, AutoTokenizer.from_pretrained(tok_dir)):
+        ids = loaded.encode(text + "<|endoftext|>", add_special_tokens=False)
+        assert loaded.decode(ids, skip_special_tokens=False) == text + "<|endoftext|>"
+        assert loaded.decode(ids, skip_special_tokens=True) == text
+        assert loaded.all_special_tokens == ["<|endoftext|>"]
+
+
+def test_export_makes_special_tags_plain(tok_dir, tmp_path):
+    """A tokenizer that lists the tags as special (trained before this rule, or a third party's) is
+    exported with them plain: same ids, same tokenization, kept by standard decoding."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from megatron_r1.data.tokenizer import REASONING_TAGS, export_tokenizer
+
+    old = tmp_path / "old"
+    shutil.copytree(tok_dir, old)
+    data = json.loads((old / "tokenizer.json").read_text())
+    for entry in data["added_tokens"]:
+        entry["special"] = True
+    (old / "tokenizer.json").write_text(json.dumps(data))
+    cfg = json.loads((old / "tokenizer_config.json").read_text())
+    for entry in cfg.get("added_tokens_decoder", {}).values():
+        entry["special"] = True
+    cfg["extra_special_tokens"] = list(REASONING_TAGS)
+    (old / "tokenizer_config.json").write_text(json.dumps(cfg))
+    text = " <think> 5 + 3 = 8 </think> <answer> 8 </answer>"
+    before = AutoTokenizer.from_pretrained(old)
+    assert "<answer>" not in before.decode(before.encode(text), skip_special_tokens=True)  # the defect
+
+    out = tmp_path / "export"
+    out.mkdir()
+    assert "tokenizer.json" in export_tokenizer(old, out, ["tokenizer.json", "tokenizer_config.json", "missing.json"])
+    after = AutoTokenizer.from_pretrained(out)
+    assert after.encode(text) == before.encode(text)
+    assert after.decode(after.encode(text), skip_special_tokens=True) == text
+    assert [after.convert_tokens_to_ids(t) for t in REASONING_TAGS] == [1, 2, 3, 4]
 
 
 def test_reload_gives_identical_ids(tok, tok_dir, tmp_path):

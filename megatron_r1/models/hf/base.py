@@ -29,7 +29,6 @@ import abc
 import importlib
 import json
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from megatron_r1.config import ConfigError, ModelConfig
+from megatron_r1.data.tokenizer import export_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # Adapters.
@@ -550,10 +550,8 @@ def save_hf(
         hf_config.update(ids)
         hf_config.update(torch_dtype=dtype_name, dtype=dtype_name)
         (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if tok_dir is not None:
-            for file in _TOKENIZER_FILES:
-                if (tok_dir / file).is_file() and (tok_dir / file).resolve() != (out / file).resolve():
-                    shutil.copyfile(tok_dir / file, out / file)
+        if tok_dir is not None:  # the reasoning tags survive standard decoding (data/tokenizer.py)
+            export_tokenizer(tok_dir, out, _TOKENIZER_FILES)
         if not (out / "generation_config.json").is_file() and ids:
             (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
     if dist.is_initialized():
