@@ -57,8 +57,8 @@ def has_transformer_engine() -> bool:
 # Checking on CPU what NCCL will demand on GPUs: every tensor a collective of this package sends
 # lives on the compute device. With MEGATRON_R1_STRICT_DEVICES=1 on a machine without CUDA,
 # `device()` names CUDA (which the CPU adaptation maps to the CPU), tensors created with no device
-# (on the host, on a GPU machine too) are marked, and a collective called from megatron_r1 with a marked tensor
-# raises `HostTensorInCollective`. The multi-rank gloo tests run this way.
+# (on the host, on a GPU machine too) are marked, and a collective called from megatron_r1 with a
+# marked tensor raises `HostTensorInCollective`. The multi-rank gloo tests run this way.
 STRICT_DEVICES_ENV = "MEGATRON_R1_STRICT_DEVICES"
 _VIRTUAL_CUDA = torch.device("cuda", 0)  # made at import, before the CPU adaptation maps CUDA away
 

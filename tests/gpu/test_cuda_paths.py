@@ -85,7 +85,8 @@ def test_engine_sleep_wake_and_sync(one_gpu_rank, tmp_path):
     hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
     hf.save_pretrained(tmp_path)
-    engine = VLLMEngine(RolloutConfig(gpu_memory_utilization=0.2, enable_sleep_mode=True), str(tmp_path))
+    # float32 (auto would pick bf16 on a GPU): the greedy tokens are compared with transformers' fp32 ones.
+    engine = VLLMEngine(RolloutConfig(dtype="float32", gpu_memory_utilization=0.2, enable_sleep_mode=True), str(tmp_path))
     before = engine.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=8)[0].response_ids
     free0 = torch.cuda.mem_get_info()[0]
     engine.sleep()
