@@ -108,8 +108,9 @@ class ParallelConfig:
         if any(n < 1 for n in ends) or middle_layers < middle_stages or (middle_stages and middle_layers % middle_stages) or (
             not middle_stages and middle_layers
         ):
+            given = ", ".join(f"{n} on the {end} stage" for n, end in ((first, "first"), (last, "last")) if n is not None)
             raise ConfigError(
-                f"{num_layers} layers cannot be split over {pp} pipeline stages with first={first}, last={last}: "
+                f"{num_layers} layers cannot be split over {pp} pipeline stages" + (f" with {given}" if given else "") + ": "
                 "the stages between them must get an equal share; change "
                 "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
             )
