@@ -24,6 +24,7 @@ stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -113,7 +114,8 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="stage YAML (a path, or a name under conf/stages/)")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. parallel.pipeline_model_parallel_size=16")
     p.add_argument("--nodes", type=int, help="nodes of --gpu (default: $SLURM_NNODES, else the smallest world the layout needs)")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model (8 per node)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--search", action="store_true", help="also report the smallest node count on which the layout fits")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
@@ -124,8 +126,12 @@ def _plan(argv: list[str]) -> int:
     from megatron_r1.planner.report import to_json, to_table
 
     args = _plan_parser().parse_intermixed_args(argv)
+    if args.nodes is not None and args.nodes < 1:
+        raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
     cfg = load_config(args.config, args.overrides)
-    gpu = GPUS[args.gpu]
+    gpu = dataclasses.replace(GPUS[args.gpu], per_node=args.gpus_per_node)
     nodes = args.nodes or int(os.environ.get("SLURM_NNODES", 0))
     if not nodes:
         p = cfg.parallel

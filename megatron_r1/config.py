@@ -108,8 +108,9 @@ class ParallelConfig:
         if any(n < 1 for n in ends) or middle_layers < middle_stages or (middle_stages and middle_layers % middle_stages) or (
             not middle_stages and middle_layers
         ):
+            given = ", ".join(f"{n} on the {end} stage" for n, end in ((first, "first"), (last, "last")) if n is not None)
             raise ConfigError(
-                f"{num_layers} layers cannot be split over {pp} pipeline stages with first={first}, last={last}: "
+                f"{num_layers} layers cannot be split over {pp} pipeline stages" + (f" with {given}" if given else "") + ": "
                 "the stages between them must get an equal share; change "
                 "parallel.num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
             )
@@ -493,9 +494,11 @@ def _unknown_key(full: str, key: str, fields: dict) -> str:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:  # an empty file would silently run every default
+        raise ConfigError(f"{path}: the file is empty; start from a config under conf/stages/")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
@@ -559,6 +562,10 @@ _CHOICES = {
     "grpo.mismatch_level": ("token", "sequence"),
     "reward.format_mode": ("strict", "soft"),
     "data.source": ("reasoning_gym", "jsonl"),
+    "data.template": ("r1_zero", "plain"),  # data/templates.py TEMPLATES (a test keeps them equal)
+    "reward.general_scorer": ("reward_model", "judge"),
+    "reward_model.template": ("auto", "chat", "r1_zero", "plain"),
+    "rejection.rewrite": ("none", "readable"),
     "sft.template": ("auto", "chat", "r1_zero", "plain"),
     "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
 }
@@ -572,6 +579,18 @@ def validate(cfg: StageConfig) -> None:
         if value not in choices:
             shown = ", ".join(str(c) for c in choices)
             raise ConfigError(f"{dotted}={value!r} is not one of: {shown}")
+    if cfg.steps < 1:
+        raise ConfigError(f"steps={cfg.steps} must be >= 1")
+    r, g = cfg.rollout, cfg.grpo
+    for dotted, value in (("rollout.n_samples_per_prompt", r.n_samples_per_prompt), ("rollout.max_response_tokens", r.max_response_tokens),
+                          ("rollout.max_model_len", r.max_model_len), ("grpo.prompts_per_step", g.prompts_per_step),
+                          ("grpo.micro_batch_size", g.micro_batch_size), ("grpo.updates_per_rollout", g.updates_per_rollout)):
+        if value < 1:
+            raise ConfigError(f"{dotted}={value} must be >= 1")
+    if r.temperature < 0:
+        raise ConfigError(f"rollout.temperature={r.temperature:g} must be >= 0 (0: greedy)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={r.top_p:g} must lie in (0, 1]")
     m = cfg.model
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError("model.num_attention_heads must be a multiple of model.num_query_groups")

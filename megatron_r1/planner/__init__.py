@@ -11,6 +11,8 @@ from megatron_r1.config import StageConfig
 from megatron_r1.planner.memory import GPUS, Gpu, Plan, plan, search_nodes
 from megatron_r1.planner.params import ParamCounts, active_parameters, count_parameters
 
+SEARCH_MAX_NODES = 1024  # --search tries 1 .. this many nodes
+
 __all__ = ["GPUS", "Gpu", "Plan", "ParamCounts", "plan_stage", "count_parameters"]
 
 
@@ -24,5 +26,6 @@ def plan_stage(cfg: StageConfig, nodes: int, gpu: Gpu, search: bool = False) -> 
     active = active_parameters(counts, cfg.model)
     result = plan(cfg, counts, active, nodes, gpu)
     if search:
-        result.smallest_fitting_nodes = search_nodes(cfg, counts, active, gpu)
+        result.smallest_fitting_nodes = search_nodes(cfg, counts, active, gpu, max_nodes=SEARCH_MAX_NODES)
+        result.searched_up_to = SEARCH_MAX_NODES
     return result

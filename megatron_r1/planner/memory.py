@@ -69,12 +69,54 @@ class Plan:
     rollout_peak_bytes: int
     capacity_bytes: int
     host_bytes_per_node: int
-    engine: dict
+    engine: dict | None  # None: the stage starts no engine (SFT, reward model, pretraining)
     stages: list[dict]
     fits: bool
     breaks: str | None  # the component that breaks it (None when it fits)
     problems: list[str] = field(default_factory=list)
     smallest_fitting_nodes: int | None = None
+    searched_up_to: int = 0  # --search: the largest node count tried (0: no search)
+
+
+RL_STAGES = ("r1_zero", "reasoning_rl", "final_rl")
+TRAIN_STAGES = ("pretrain", "sft", "cold_start_sft", "distill", "reward_model")
+GENERATE_STAGES = ("rejection_sampling",)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one step of a stage puts on each GPU, read from the config the way the stage reads it."""
+
+    kind: str  # rl: trainer + colocated engine | train: trainer only | generate: engine only
+    seq_len: int  # tokens per trained sequence
+    micro_batch: int  # sequences per forward/backward
+    sequences: int  # sequences per optimizer step, whole job
+    reference: bool  # a frozen reference model beside the policy (GRPO with kl_beta > 0)
+
+    @property
+    def trains(self) -> bool:
+        return self.kind != "generate"
+
+    @property
+    def engine(self) -> bool:
+        return self.kind != "train"
+
+
+def workload(cfg: StageConfig) -> Workload:
+    """The stage's step shape (`cfg.name` says which stage: see `StageConfig.name`)."""
+    if cfg.name in TRAIN_STAGES:
+        if cfg.name == "pretrain":
+            p = cfg.pretrain
+            return Workload("train", p.seq_len, p.batch_size, p.batch_size, False)  # one micro-batch per step
+        if cfg.name == "reward_model":
+            r = cfg.reward_model  # a pair is two sequences
+            return Workload("train", r.max_seq_len, 2 * r.micro_batch_size, 2 * r.batch_size, False)
+        return Workload("train", cfg.sft.max_seq_len, cfg.sft.micro_batch_size, cfg.sft.batch_size, False)
+    seq = min(cfg.rollout.max_model_len, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    if cfg.name in GENERATE_STAGES:
+        return Workload("generate", seq, 1, 1, False)
+    sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
+    return Workload("rl", seq, cfg.grpo.micro_batch_size, sequences, cfg.grpo.kl_beta > 0)
 
 
 def _divides(a: int, b: int) -> bool:
@@ -93,7 +135,7 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
         out.append(f"EP x expert-TP x PP = {ep * etp * pp} does not divide {world} GPUs")
     if cp != 1:
         out.append("context parallelism is not supported by the training step (parallel.context_parallel_size must be 1)")
-    if not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, world):
+    if workload(cfg).engine and not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, world):
         out.append(f"an engine of {r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size} GPUs does not divide {world} GPUs")
     try:
         p.layers_per_stage(m.num_layers)
@@ -101,13 +143,14 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
         nearest = _nearest_split(p, m.num_layers)
         out.append(f"{err}" + (f" (the memory below assumes {nearest.layers_per_stage(m.num_layers)})" if nearest else ""))
     try:
-        r.engine_dtype(on_gpu=True, mla=m.multi_latent_attention)
+        if workload(cfg).engine:
+            r.engine_dtype(on_gpu=True, mla=m.multi_latent_attention)
     except ConfigError as err:
         out.append(f"engine: {err}")
+    wl = workload(cfg)
     dp = world // (tp * pp * cp) if _divides(tp * pp * cp, world) else 0
-    sequences = cfg.grpo.prompts_per_step * r.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
-    if dp and sequences % (dp * cfg.grpo.micro_batch_size):
-        out.append(f"{sequences} sequences per update do not split into micro-batches of {cfg.grpo.micro_batch_size} over {dp} data-parallel ranks")
+    if wl.trains and dp and wl.sequences < dp:  # the trainer's rule (train/step.py data_parallel_share)
+        out.append(f"a batch of {wl.sequences} sequences per update cannot feed {dp} data-parallel ranks")
     return out
 
 
@@ -153,8 +196,11 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     expert_dp = world // (ep * etp * pp)
     params = rank_parameters(counts, p, stage, mtp=m.mtp_num_layers > 0)
     w = BYTES[m.params_dtype]
+    wl = workload(cfg)
+    if not wl.trains:  # the engine alone: no Megatron model is built
+        return {"weights": 0, "gradients": 0, "optimizer": 0, "optimizer_on_host": 0, "reference": 0, "activations": 0, "loss": 0}
 
-    reference = cfg.grpo.kl_beta > 0
+    reference = wl.reference
     out = {"weights": params.total * w}
     if m.fp8_recipe:  # TE's cached FP8 weights: the trained policy's with their transposes (backward
         # needs the columnwise copy on Hopper), the reference model's forward-only ones without
@@ -167,10 +213,8 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     out["optimizer_on_host"] = int(on_host * shard)
     out["reference"] = params.total * w if reference else 0
 
-    seq = min(cfg.rollout.max_model_len, cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens) // cp
-    shape = Shape(seq, cfg.grpo.micro_batch_size, tp, p.sequence_parallel and tp > 1, flash)
-    sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
-    micro_batches = max(1, sequences // max(dp * cfg.grpo.micro_batch_size, 1))
+    shape = Shape(wl.seq_len // cp, wl.micro_batch, tp, p.sequence_parallel and tp > 1, flash)
+    micro_batches = max(1, math.ceil(wl.sequences / max(dp, 1) / wl.micro_batch))
     in_flight = min(pp - stage, micro_batches)
     first_layer = sum(p.layers_per_stage(m.num_layers)[:stage])
     kinds = counts.moe_layers[first_layer : first_layer + params.layers]
@@ -232,9 +276,11 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         if nearest is not None:
             cfg = dataclasses.replace(cfg, parallel=nearest)
     p = cfg.parallel
+    wl = workload(cfg)
     capacity = int(gpu.memory_gib * GiB)
     reserve = int(gpu.reserve_gib * GiB)
     layout = {
+        "stage_kind": wl.kind,
         "tp": p.tensor_model_parallel_size,
         "pp": p.pipeline_model_parallel_size,
         "layers_per_stage": _split_or_none(p, cfg.model.num_layers),
@@ -247,10 +293,10 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         "recompute": cfg.memory.recompute,
         "optimizer_offload_fraction": cfg.memory.optimizer_offload_fraction,
         "precision_aware_optimizer": cfg.memory.precision_aware_optimizer,
-        "reference_model": cfg.grpo.kl_beta > 0,
+        "reference_model": wl.reference,
         "fp8": cfg.model.fp8_recipe,
     }
-    engine = _engine(cfg, counts, gpu)
+    engine = _engine(cfg, counts, gpu) if wl.engine else None  # SFT-like stages start no engine
     stages = []
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     ranks_split = _divides(tp * pp * cp, world) and (
@@ -260,8 +306,8 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         for stage in range(p.pipeline_model_parallel_size):
             parts = _stage_memory(cfg, counts, world, stage, flash_attention)
             resident = sum(v for k, v in parts.items() if k not in ("activations", "loss", "optimizer_on_host"))
-            train = resident + parts["activations"] + parts["loss"] + reserve
-            rollout = resident - parts.get("fp8_weight_copies", 0) + engine["budget_bytes"] + reserve
+            train = resident + parts["activations"] + parts["loss"] + reserve if wl.trains else 0
+            rollout = resident - parts.get("fp8_weight_copies", 0) + engine["budget_bytes"] + reserve if engine else 0
             stages.append({"stage": stage, "layers": layout["layers_per_stage"][stage], **parts, "train_peak": train, "rollout_peak": rollout})
     if not stages:
         return Plan(nodes, world, gpu.name, layout, counts.total, counts.mtp.total, active, {}, 0, 0, capacity, 0, engine, [],
@@ -269,10 +315,14 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
 
     worst = max(stages, key=lambda s: max(s["train_peak"], s["rollout_peak"]))
     per_gpu = {k: v for k, v in worst.items() if k not in ("stage", "layers", "train_peak", "rollout_peak", "optimizer_on_host")}
-    per_gpu.update(runtime_reserve=reserve, engine_weights=engine["weights_bytes"], engine_kv_cache=engine["kv_cache_bytes"])
+    per_gpu.update(runtime_reserve=reserve)
+    if engine:
+        per_gpu.update(engine_weights=engine["weights_bytes"], engine_kv_cache=engine["kv_cache_bytes"])
     host = max(s["optimizer_on_host"] for s in stages) * gpu.per_node
     breaks = None
-    if engine["weights_bytes"] >= engine["budget_bytes"]:
+    if engine is None:
+        pass
+    elif engine["weights_bytes"] >= engine["budget_bytes"]:
         problems.append(
             f"engine: its weight shard ({engine['weights_bytes'] / GiB:.1f} GiB at engine TP x PP = "
             f"{engine['tensor_parallel'] * engine['pipeline_parallel']}) exceeds its {engine['budget_bytes'] / GiB:.1f} GiB budget"
@@ -282,14 +332,15 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         problems.append(f"engine: {engine['kv_tokens']} KV tokens do not hold one {cfg.rollout.max_model_len}-token sequence")
         breaks = "engine_kv_cache"
     resident = ("weights", "gradients", "optimizer", "reference")
-    phases = {
-        "train": (worst["train_peak"], resident + ("fp8_weight_copies", "activations", "loss")),
-        "rollout": (worst["rollout_peak"], resident + ("engine_budget",)),  # FP8 copies released before the engine wakes
-    }
+    phases = {}
+    if wl.trains:
+        phases["train"] = (worst["train_peak"], resident + ("fp8_weight_copies", "activations", "loss"))
+    if engine:  # FP8 copies released before the engine wakes
+        phases["rollout"] = (worst["rollout_peak"], resident + ("engine_budget",))
     for phase, (peak, names) in phases.items():
         if peak > capacity:
             parts = {k: worst.get(k, 0) for k in names}
-            parts["engine_budget"] = engine["budget_bytes"] if phase == "rollout" else 0
+            parts["engine_budget"] = engine["budget_bytes"] if phase == "rollout" and engine else 0
             largest = max(parts, key=parts.get)
             problems.append(
                 f"{phase}: {peak / GiB:.1f} GiB on pipeline stage {worst['stage']} exceeds {capacity / GiB:.1f} GiB; "

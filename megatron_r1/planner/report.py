@@ -23,41 +23,64 @@ def to_json(result: Plan) -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:8.1f}"
+    return f"{n / GiB:8.1f}" if n >= 0.05 * GiB or n == 0 else f"{n / GiB:8.3f}"  # tiny models: not all 0.0
+
+
+def count(n: float) -> str:
+    """A parameter count people read: 671.03B, 7.62B, 25.4M, 620K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.2f}{unit}" if value < 100 or unit == "B" else f"{value:.1f}{unit}"
+    return f"{int(n)}"
+
+
+_KINDS = {"rl": "training + colocated engine", "train": "training only, no engine", "generate": "engine only, no trainer"}
 
 
 def to_table(result: Plan) -> str:
-    """Per-GPU memory of the worst rank, both peaks, the engine, the verdict."""
+    """Per-GPU memory of the worst rank, the peaks that apply to the stage, the engine, the verdict."""
     lay = result.layout
     lines = [
-        f"{result.nodes} nodes x {result.gpus // result.nodes} {result.gpu} = {result.gpus} GPUs",
-        f"model: {result.total_params / 1e9:.2f}B parameters ({result.active_params / 1e9:.2f}B active per token)"
-        + (f", MTP {result.mtp_params / 1e9:.2f}B apart" if result.mtp_params else ""),
-        f"trainer: TP{lay['tp']} PP{lay['pp']} EP{lay['ep']} ETP{lay['etp']} CP{lay['cp']} DP{lay['dp']}"
-        + (f", layers per stage {lay['layers_per_stage']}" if lay["layers_per_stage"] and lay["pp"] > 1 else "")
-        + f", recompute {lay['recompute']}, optimizer offload {lay['optimizer_offload_fraction']:.0%}",
+        f"{result.nodes} node{'s' * (result.nodes > 1)} x {result.gpus // result.nodes} {result.gpu} = {result.gpus} GPU{'s' * (result.gpus > 1)}"
+        f" ({_KINDS[lay['stage_kind']]})",
+        f"model: {count(result.total_params)} parameters ({count(result.active_params)} active per token)"
+        + (f", MTP {count(result.mtp_params)} apart" if result.mtp_params else ""),
     ]
+    if lay["stage_kind"] != "generate":
+        lines.append(
+            f"trainer: TP{lay['tp']} PP{lay['pp']} EP{lay['ep']} ETP{lay['etp']} CP{lay['cp']} DP{lay['dp']}"
+            + (f", layers per stage {lay['layers_per_stage']}" if lay["layers_per_stage"] and lay["pp"] > 1 else "")
+            + f", recompute {lay['recompute']}, optimizer offload {lay['optimizer_offload_fraction']:.0%}"
+        )
     if result.per_gpu_bytes:
         worst = max(result.stages, key=lambda s: max(s["train_peak"], s["rollout_peak"]))
-        lines += ["", f"per GPU, worst rank (pipeline stage {worst['stage']}, {worst['layers']} layers)      GiB"]
+        where = f"pipeline stage {worst['stage']}, {worst['layers']} layers" if lay["stage_kind"] != "generate" else "engine only"
+        lines += ["", f"{'per GPU, worst rank (' + where + ')':<48}   GiB"]
         for key, label in _ORDER:
             if key in result.per_gpu_bytes and result.per_gpu_bytes[key]:
                 lines.append(f"  {label:<46}{_gib(result.per_gpu_bytes[key])}")
+        if lay["stage_kind"] != "generate":
+            lines.append(f"  {'training peak':<46}{_gib(result.train_peak_bytes)}")
         eng = result.engine
-        lines += [
-            f"  {'training peak':<46}{_gib(result.train_peak_bytes)}",
-            f"  {'engine budget (gpu_memory_utilization)':<46}{_gib(eng['budget_bytes'])}"
-            f"   weights {eng['weights_bytes'] / GiB:.1f}, KV cache {eng['kv_cache_bytes'] / GiB:.1f}",
-            f"  {'rollout peak (trainer state + engine)':<46}{_gib(result.rollout_peak_bytes)}",
-            f"  {'GPU memory':<46}{_gib(result.capacity_bytes)}",
-            f"engine: TP{eng['tensor_parallel']} PP{eng['pipeline_parallel']} {eng['dtype']}, {eng['kv_tokens']:,} KV tokens per engine "
-            f"({eng['concurrent_sequences']} sequences of max_model_len at once)",
-        ]
+        if eng:
+            lines += [
+                f"  {'engine budget (gpu_memory_utilization)':<46}{_gib(eng['budget_bytes'])}"
+                f"   weights {eng['weights_bytes'] / GiB:.1f}, KV cache {eng['kv_cache_bytes'] / GiB:.1f}",
+                f"  {'rollout peak (trainer state + engine)' if lay['stage_kind'] == 'rl' else 'engine peak':<46}{_gib(result.rollout_peak_bytes)}",
+            ]
+        lines.append(f"  {'GPU memory':<46}{_gib(result.capacity_bytes)}")
+        if eng:
+            lines.append(
+                f"engine: TP{eng['tensor_parallel']} PP{eng['pipeline_parallel']} {eng['dtype']}, {eng['kv_tokens']:,} KV tokens per engine "
+                f"({eng['concurrent_sequences']} sequences of max_model_len at once)"
+            )
         if result.host_bytes_per_node:
             lines.append(f"host: {result.host_bytes_per_node / GiB:.0f} GiB of optimizer state per node")
     lines.append("")
     lines.append("fits" if result.fits else f"does not fit: {result.breaks}")
     lines += [f"  - {p}" for p in result.problems]
-    if result.smallest_fitting_nodes is not None:
-        lines.append(f"smallest node count that fits: {result.smallest_fitting_nodes}")
+    if result.searched_up_to:
+        lines.append(f"smallest node count that fits: {result.smallest_fitting_nodes}" if result.smallest_fitting_nodes is not None
+                     else f"no node count up to {result.searched_up_to} fits")
     return "\n".join(lines)

@@ -100,3 +100,39 @@ def test_cli_reports_config_errors_in_one_line():
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "hidden_size" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.template=r1zero", "data.template='r1zero' is not one of: r1_zero, plain"),
+    ("reward.general_scorer=bogus", "reward.general_scorer='bogus' is not one of"),
+    ("reward_model.template=chatml", "reward_model.template='chatml' is not one of"),
+    ("rejection.rewrite=pretty", "rejection.rewrite='pretty' is not one of"),
+    ("rollout.dtype=bf16", "rollout.dtype='bf16' is not one of: auto, float32, bfloat16, float16"),
+    ("steps=-5", "steps=-5 must be >= 1"),
+    ("rollout.temperature=-1", "rollout.temperature=-1 must be >= 0"),
+    ("rollout.top_p=0", "rollout.top_p=0 must lie in (0, 1]"),
+    ("rollout.n_samples_per_prompt=0", "rollout.n_samples_per_prompt=0 must be >= 1"),
+    ("grpo.micro_batch_size=0", "grpo.micro_batch_size=0 must be >= 1"),
+])
+def test_bad_values_are_one_line_errors_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_choice_lists_match_what_the_code_accepts():
+    from megatron_r1.config import _CHOICES
+    from megatron_r1.data.templates import TEMPLATES
+    from megatron_r1.rewards.general import SCORERS
+    from megatron_r1.train.rejection_sampling import REWRITES
+
+    assert set(_CHOICES["data.template"]) == set(TEMPLATES)
+    assert set(_CHOICES["reward_model.template"]) == {"auto", "chat", *TEMPLATES}
+    assert _CHOICES["reward.general_scorer"] == SCORERS and _CHOICES["rejection.rewrite"] == REWRITES
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(empty, [])

@@ -126,3 +126,57 @@ def test_table_names_the_verdict():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fits" in proc.stdout.splitlines()[-1] and "rollout peak" in proc.stdout
+
+
+STAGES = sorted(p.name for p in (ROOT / "conf/stages").glob("*_tiny*.yaml"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_planner_accepts_what_the_trainer_runs(one_rank, stage):
+    """Every shipped tiny stage runs in `make test` on 1 and 2 ranks: the planner must accept those
+    layouts too, with the parts that stage really has (no engine for SFT-like stages, no trainer
+    for rejection sampling)."""
+    import dataclasses
+
+    from megatron_r1.planner import GPUS, plan_stage
+
+    cfg = load_config(ROOT / "conf/stages" / stage, [])
+    for gpus in (1, 2):
+        out = plan_stage(cfg, 1, dataclasses.replace(GPUS["h100"], per_node=gpus))
+        assert out.fits and out.problems == [], (stage, gpus, out.problems)
+    kind = out.layout["stage_kind"]
+    assert (out.engine is None) == (kind == "train")
+    assert (out.train_peak_bytes == 0) == (kind == "generate")
+
+
+def test_planner_refuses_what_the_trainer_refuses(one_rank):
+    """The trainer splits a batch near-evenly over data-parallel ranks and refuses fewer rows than
+    ranks (train/step.py data_parallel_share); so does the planner."""
+    from megatron_r1.planner import GPUS, plan_stage
+
+    few = load_config(ROOT / "conf/stages/r1_zero_tiny.yaml", ["grpo.prompts_per_step=1", "rollout.n_samples_per_prompt=4"])
+    out = plan_stage(few, 1, GPUS["h100"])
+    assert not out.fits and any("a batch of 4 sequences per update cannot feed 8 data-parallel ranks" in p for p in out.problems)
+    uneven = load_config(ROOT / "conf/stages/r1_zero_tiny.yaml", ["grpo.prompts_per_step=3"])  # 24 rows over 16 ranks
+    assert plan_stage(uneven, 2, GPUS["h100"]).problems == []
+
+
+def test_plan_arguments_are_checked_and_explained(one_rank):
+    import dataclasses
+
+    from megatron_r1.planner import GPUS, plan_stage
+    from megatron_r1.planner.report import to_table
+
+    out = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", "conf/stages/r1_zero_tiny.yaml", "--nodes", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip() == "megatron-r1 plan: --nodes must be >= 1, got 0"
+    one = dataclasses.replace(GPUS["h100"], per_node=1)
+    table = to_table(plan_stage(load_config(ROOT / "conf/stages/r1_zero_tiny.yaml", []), 1, one))
+    assert "591.2K parameters" in table and "0.00B" not in table and "1 node x 1 H100 80GB = 1 GPU " in table
+    table = to_table(plan_stage(load_config(ROOT / "conf/stages/sft_tiny.yaml", []), 1, GPUS["h100"]))
+    assert "training only, no engine" in table and "engine budget" not in table
+    on_gpus = load_config(ROOT / "conf/stages/r1_zero_deepseek_v3.yaml", ["memory.optimizer_offload_fraction=0", "memory.precision_aware_optimizer=false"])
+    assert "no node count up to 1024 fits" in to_table(plan_stage(on_gpus, 32, GPUS["h100"], search=True))
+    split = load_config(ROOT / "conf/stages/r1_zero_deepseek_v3.yaml", ["parallel.num_layers_in_first_pipeline_stage=5"])
+    table = to_table(plan_stage(split, 32, GPUS["h100"]))
+    assert "with 5 on the first stage, 2 on the last stage" in table and "None" not in table
