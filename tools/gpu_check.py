@@ -56,7 +56,7 @@ def measure(name: str, overrides: list[str]) -> dict:
     from megatron_r1.models.build import build_model
     from megatron_r1.planner.memory import _stage_memory
     from megatron_r1.planner.params import count_parameters
-    from megatron_r1.train.memory import free_for_engine, release_fp8_weight_caches
+    from megatron_r1.train.memory import free_for_engine, release_fp8_weight_caches, tensor_bytes
     from megatron_r1.train.optim import build_optimizer
     from megatron_r1.train.step import Batch, lm_loss_fn, train_step
 
@@ -76,8 +76,7 @@ def measure(name: str, overrides: list[str]) -> dict:
     fp8_cached = release_probe = 0
     if cfg.model.fp8_recipe:
         fp8_cached = sum(  # what TE holds now, read without dropping it
-            sum(t.numel() * t.element_size() for t in _inner(w)) for m in model.modules()
-            for w in (getattr(m, "_fp8_workspaces", None) or {}).values()
+            tensor_bytes(w) for m in model.modules() for w in (getattr(m, "_fp8_workspaces", None) or {}).values()
         )
     optimizer_bytes = resident - before_opt - gradients - fp8_cached
     torch.cuda.reset_peak_memory_stats()
@@ -101,13 +100,6 @@ def measure(name: str, overrides: list[str]) -> dict:
     free_for_engine()
     print(f"{name}: losses {losses[0]:.3f} -> {losses[1]:.3f}; release_fp8_weight_caches reported {release_probe / GiB:.2f} GiB")
     return {k: (int(p), int(m)) for k, (p, m) in rows.items()}
-
-
-def _inner(tensor) -> list[torch.Tensor]:
-    """The storage tensors of a plain or TE-quantized tensor."""
-    names = ("_data", "_transpose", "_rowwise_data", "_columnwise_data", "_rowwise_scale_inv", "_columnwise_scale_inv", "_scale_inv")
-    inner = [getattr(tensor, n) for n in names if isinstance(getattr(tensor, n, None), torch.Tensor)]
-    return inner or [tensor]
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ def release_fp8_weight_caches(*models: torch.nn.Module | None) -> int:
             workspaces = getattr(module, "_fp8_workspaces", None)
             if not workspaces:
                 continue
-            released += sum(_nbytes(t) for t in workspaces.values())
+            released += sum(tensor_bytes(t) for t in workspaces.values())
             workspaces.clear()
     return released
 
@@ -56,7 +56,7 @@ def free_for_engine(*models: torch.nn.Module | None) -> None:
         torch.cuda.empty_cache()
 
 
-def _nbytes(tensor) -> int:
+def tensor_bytes(tensor) -> int:
     """Bytes of a plain or TE-quantized tensor (QuantizedTensor keeps its data in inner tensors)."""
     total = 0
     for name in ("_data", "_transpose", "_rowwise_data", "_columnwise_data", "_rowwise_scale_inv", "_columnwise_scale_inv", "_scale_inv"):
