@@ -20,7 +20,13 @@
 REQUEUE_EXIT_CODE=75  # megatron_r1/train/preemption.py REQUEUE_EXIT_CODE (EX_TEMPFAIL)
 
 # Slurm runs a copy of the batch script from its spool directory, so paths come from the submit
-# directory: submit from the repository root (or export R1_ROOT).
+# directory: submit from the repository root, or export R1_ROOT=/path/to/megatron-r1 before sbatch
+# (every script reads this file from there too).
+#
+# Site settings go on the sbatch line; they override the #SBATCH defaults of each script:
+#   sbatch --partition=gpu --account=myproj --time=12:00:00 --cpus-per-task=16 slurm/r1_zero.sh ...
+# --cpus-per-task: the defaults assume 96 CPU cores per 8-GPU node (12 per rank); give your node's
+# cores / 8. --time: a run longer than the limit saves and requeues itself, so any limit works.
 R1_ROOT=${R1_ROOT:-${SLURM_SUBMIT_DIR:?run this with sbatch}}
 cd "$R1_ROOT" || exit 2
 PYTHON=${PYTHON:-$R1_ROOT/.venv/bin/python}

@@ -22,7 +22,7 @@
 
 set -euo pipefail
 # shellcheck source=slurm/common.sh
-source "${SLURM_SUBMIT_DIR:?submit with sbatch}/slurm/common.sh"
+source "${R1_ROOT:-${SLURM_SUBMIT_DIR:?submit with sbatch}}/slurm/common.sh"
 
 PIPELINE=${1:?usage: sbatch slurm/pipeline.sh PIPELINE.yaml [run_dir=DIR] [name=NAME]}
 shift

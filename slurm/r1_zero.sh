@@ -26,7 +26,7 @@
 
 set -euo pipefail
 # shellcheck source=slurm/common.sh
-source "${SLURM_SUBMIT_DIR:?submit with sbatch}/slurm/common.sh"
+source "${R1_ROOT:-${SLURM_SUBMIT_DIR:?submit with sbatch}}/slurm/common.sh"
 
 CONFIG=${1:-conf/stages/r1_zero_qwen2.5_7b.yaml}
 (($# == 0)) || shift

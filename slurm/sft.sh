@@ -21,7 +21,7 @@
 
 set -euo pipefail
 # shellcheck source=slurm/common.sh
-source "${SLURM_SUBMIT_DIR:?submit with sbatch}/slurm/common.sh"
+source "${R1_ROOT:-${SLURM_SUBMIT_DIR:?submit with sbatch}}/slurm/common.sh"
 
 CONFIG=${1:?usage: sbatch slurm/sft.sh CONFIG [section.field=value ...]}
 shift

@@ -20,3 +20,22 @@ def test_preempted_job_saves_requeues_and_resumes_exactly(two_rank_run, tmp_path
     assert all(result["checks"].values()) and len(result["checks"]) >= 9
     after = [row for row in result["steps"] if row["after_resume"]]
     assert after and all(row["max_abs_diff"] <= 1e-5 for row in after)
+
+
+def test_submitted_from_another_directory_with_r1_root(tmp_path):
+    """`export R1_ROOT=...; sbatch /path/to/slurm/r1_zero.sh` from outside the repository: the script
+    finds slurm/common.sh and the configs there; a bad override ends the job with the one-line error
+    in the log, and the job fails without a requeue. (Its status is srun's, the highest of the ranks':
+    a rank that srun stopped after another's error reports 143.)"""
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PATH": f"{ROOT / 'tools/slurm_local/bin'}:{os.environ['PATH']}", "R1_ROOT": str(ROOT),
+           "SLURM_LOCAL_STATE": str(tmp_path / "slurm_state"), "PYTHON": sys.executable}
+    out = subprocess.run(["sbatch", "--wait", "--job-name=elsewhere", "--ntasks-per-node=2", str(ROOT / "slurm/r1_zero.sh"),
+                          "conf/stages/r1_zero_tiny.yaml", "steps=-5"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    logs = list(elsewhere.glob("elsewhere-*.out"))
+    log = logs[0].read_text() if logs else ""
+    assert out.returncode in (2, 143), f"{out.stdout}\n{out.stderr}\n{log[-3000:]}"
+    assert "steps=-5 must be >= 1" in log and "common.sh" not in log and "requeueing" not in log
