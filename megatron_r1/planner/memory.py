@@ -128,6 +128,7 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
     p, m, r = cfg.parallel, cfg.model, cfg.rollout
     tp, pp, cp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size, p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
+    wl = workload(cfg)
     out = []
     if not _divides(tp * pp * cp, world):
         out.append(f"TP x PP x CP = {tp * pp * cp} does not divide {world} GPUs")
@@ -135,7 +136,7 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
         out.append(f"EP x expert-TP x PP = {ep * etp * pp} does not divide {world} GPUs")
     if cp != 1:
         out.append("context parallelism is not supported by the training step (parallel.context_parallel_size must be 1)")
-    if workload(cfg).engine and not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, world):
+    if wl.engine and not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, world):
         out.append(f"an engine of {r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size} GPUs does not divide {world} GPUs")
     try:
         p.layers_per_stage(m.num_layers)
@@ -143,11 +144,10 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
         nearest = _nearest_split(p, m.num_layers)
         out.append(f"{err}" + (f" (the memory below assumes {nearest.layers_per_stage(m.num_layers)})" if nearest else ""))
     try:
-        if workload(cfg).engine:
+        if wl.engine:
             r.engine_dtype(on_gpu=True, mla=m.multi_latent_attention)
     except ConfigError as err:
         out.append(f"engine: {err}")
-    wl = workload(cfg)
     dp = world // (tp * pp * cp) if _divides(tp * pp * cp, world) else 0
     if wl.trains and dp and wl.sequences < dp:  # the trainer's rule (train/step.py data_parallel_share)
         out.append(f"a batch of {wl.sequences} sequences per update cannot feed {dp} data-parallel ranks")
