@@ -31,24 +31,35 @@ import sys
 
 import yaml
 
-from megatron_r1.config import ConfigError, load_config, to_dict
+from megatron_r1.config import ConfigError, StageConfig, to_dict
+from megatron_r1.config import load_config as _load_yaml
 from megatron_r1.train.guards import TrainingHalted
 from megatron_r1.train.preemption import REQUEUE_EXIT_CODE, Preempted
 
 COMMANDS = {
-    "r1-zero": "megatron_r1.train.rl:run",
-    "grpo": "megatron_r1.train.rl:run",
-    "reward-model": "megatron_r1.train.reward_model:run",
-    "evaluate": "megatron_r1.train.evaluate:run",
-    "eval-checkpoints": "megatron_r1.train.checkpoint_eval:run",
-    "pretrain": "megatron_r1.train.pretrain:run",
-    "sft": "megatron_r1.train.sft:run",
-    "rejection-sample": "megatron_r1.train.rejection_sampling:run",
+    "r1-zero": "megatron_r1.stages.rl:run",
+    "grpo": "megatron_r1.stages.rl:run",
+    "reward-model": "megatron_r1.stages.reward_model:run",
+    "evaluate": "megatron_r1.stages.evaluate:run",
+    "eval-checkpoints": "megatron_r1.stages.checkpoint_eval:run",
+    "pretrain": "megatron_r1.stages.pretrain:run",
+    "sft": "megatron_r1.stages.sft:run",
+    "rejection-sample": "megatron_r1.stages.rejection_sampling:run",
     "show-config": None,
     "convert": None,  # its own arguments: see _convert_parser
     "pipeline": None,  # a pipeline file, not a stage config: see megatron_r1/pipeline.py
     "plan": None,  # its own arguments: see _plan_parser
 }
+
+
+def load_config(path, overrides=()) -> StageConfig:
+    """A stage config as every command reads it: the YAML and overrides, validated, and the `model:`
+    section checked by its architecture's adapter (`models.hf.base.check_model_config`)."""
+    from megatron_r1.models.hf.base import check_model_config
+
+    cfg = _load_yaml(path, overrides)
+    check_model_config(cfg.model)
+    return cfg
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture. Field names follow Megatron-Core's TransformerConfig where one exists."""
 
-    arch: str = "llama"  # Hugging Face family: llama | qwen2 | deepseek_v3 (picks the adapter)
+    arch: Literal["qwen2", "llama", "deepseek_v3"] = "llama"  # Hugging Face family: llama | qwen2 | deepseek_v3 (picks the adapter)
     vocab_size: int = 512  # padded vocabulary size (embedding rows)
     hidden_size: int = 128  # model width
     ffn_hidden_size: int = 512  # dense MLP width (SwiGLU intermediate size)
@@ -45,8 +45,8 @@ class ModelConfig:
     add_qkv_bias: bool = True  # bias on q/k/v (Qwen2; Llama as attention_bias with a zero o_proj bias)
     tie_embeddings: bool = True  # share input embedding and output layer
     init_method_std: float = 0.02  # std of the random init (when no checkpoint is loaded)
-    params_dtype: str = "float32"  # float32 | bfloat16: dtype of the trained weights
-    fp8_recipe: str | None = None  # GPU + Transformer Engine only: delayed | tensorwise | blockwise | mxfp8
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 | bfloat16: dtype of the trained weights
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = None  # GPU + Transformer Engine only: delayed | tensorwise | blockwise | mxfp8
     # Multi-latent attention (DeepSeek-V2/V3).
     multi_latent_attention: bool = False  # MLA instead of GQA
     q_lora_rank: int | None = None  # low-rank query compression (None: full q projection)
@@ -54,7 +54,7 @@ class ModelConfig:
     qk_head_dim: int = 128  # non-rotary part of each q/k head
     qk_pos_emb_head_dim: int = 64  # decoupled rotary part of each q/k head (vLLM CPU MLA needs 64)
     v_head_dim: int = 128  # value head dim
-    rope_type: str = "rope"  # rope | yarn (DeepSeek-V3 uses yarn for long context)
+    rope_type: Literal["rope", "yarn"] = "rope"  # rope | yarn (DeepSeek-V3 uses yarn for long context)
     rope_scaling_factor: float = 1.0  # yarn: context extension factor
     rope_original_max_position_embeddings: int = 4096  # yarn: pre-extension context length
     rope_beta_fast: float = 32.0  # yarn
@@ -66,7 +66,7 @@ class ModelConfig:
     moe_ffn_hidden_size: int | None = None  # width of one routed expert
     moe_shared_expert_intermediate_size: int | None = None  # total width of the shared experts
     moe_router_topk: int = 2  # experts per token
-    moe_router_score_function: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: sigmoid)
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"  # softmax | sigmoid (DeepSeek-V3: sigmoid)
     moe_router_enable_expert_bias: bool = False  # aux-loss-free load balancing bias (DeepSeek-V3)
     moe_router_bias_update_rate: float = 1e-3  # step size of that bias
     moe_router_num_groups: int | None = None  # group-limited routing: number of expert groups
@@ -92,7 +92,7 @@ class ParallelConfig:
     num_layers_in_last_pipeline_stage: int | None = None  # uneven PP: layers on the last stage (embedding/loss make the ends heavier)
     sequence_parallel: bool = False  # shard activations along sequence in TP regions (needed for TP+MoE)
     use_distributed_optimizer: bool = False  # ZeRO-1 style optimizer state sharding
-    backend: str = "auto"  # auto | nccl | gloo
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto | nccl | gloo
     timeout_minutes: float = 30.0  # a collective waiting longer fails the job (longest expected imbalance between ranks, e.g. a slow rollout)
     heartbeat_timeout_s: float = 60.0  # a rank silent this long (dead, frozen) ends the job with a message naming it (0: off; distributed.py)
 
@@ -122,7 +122,7 @@ class ParallelConfig:
 class MemoryConfig:
     """Trading compute or host memory for GPU memory (what `megatron-r1 plan` weighs)."""
 
-    recompute: str = "none"  # none | full: recompute whole decoder layers in backward (keeps only each layer's input)
+    recompute: Literal["none", "full"] = "none"  # none | full: recompute whole decoder layers in backward (keeps only each layer's input)
     recompute_num_layers: int = 1  # full: layers per recomputed chunk (Megatron's uniform method)
     precision_aware_optimizer: bool = False  # GPU, distributed optimizer: Megatron's precision-aware Adam (TE FusedAdam: bf16 moments); required by optimizer offload
     optimizer_offload_fraction: float = 0.0  # GPU: share of the optimizer state (and its step) kept on the host; needs precision_aware_optimizer
@@ -134,7 +134,7 @@ class RolloutConfig:
 
     engine_tensor_parallel_size: int = 1  # vLLM TP inside one engine (an engine may span nodes)
     engine_pipeline_parallel_size: int = 1  # vLLM PP inside one engine; engines = world / (TP x PP)
-    dtype: str = "auto"  # engine weight dtype: auto = float32 on CPU, bfloat16 on GPU (the only dtypes every backend, MLA included, runs there)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # engine weight dtype: auto = float32 on CPU, bfloat16 on GPU (the only dtypes every backend, MLA included, runs there)
     max_model_len: int = 512  # prompt + response tokens
     gpu_memory_utilization: float = 0.35  # GPU: share of memory vLLM may take (trainer shares the device)
     cpu_kvcache_space_gb: float = 1.0  # CPU: KV cache size
@@ -179,18 +179,18 @@ class GRPOConfig:
     updates_per_rollout: int = 1  # optimizer steps per rollout batch (mini-batches)
     clip_eps_low: float = 0.2  # PPO clip lower bound (1 - eps_low)
     clip_eps_high: float = 0.2  # PPO clip upper bound (1 + eps_high); 0.28 is DAPO's clip-higher
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     scale_advantages_by_std: bool = True  # False: Dr. GRPO (no std normalisation)
     kl_beta: float = 0.0  # KL penalty weight; 0 skips the reference model entirely
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k1 | k2 | k3
     entropy_coeff: float = 0.0  # entropy bonus
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, resample to fill
     max_sampling_rounds: int = 3  # cap on resampling rounds with dynamic sampling
     overlong_buffer_tokens: int = 0  # soft overlong penalty zone before max_response_tokens (0: off)
     overlong_penalty: float = 1.0  # penalty at the very end of that zone
     clip_ratio_c: float | None = None  # dual-clip: cap a negative-advantage token's loss at -c * A (e.g. 3.0); None: off
-    mismatch_correction: str = "none"  # none | truncate | mask: importance weights pi_trainer / pi_engine per token (algorithms/mismatch.py)
-    mismatch_level: str = "token"  # token | sequence (geometric mean of the sequence's token weights)
+    mismatch_correction: Literal["none", "truncate", "mask"] = "none"  # none | truncate | mask: importance weights pi_trainer / pi_engine per token (algorithms/mismatch.py)
+    mismatch_level: Literal["token", "sequence"] = "token"  # token | sequence (geometric mean of the sequence's token weights)
     mismatch_max: float = 2.0  # truncation cap (truncate) / upper bound (mask) of the weight
     mismatch_min: float = 0.5  # lower bound of the weight (mask)
 
@@ -201,7 +201,7 @@ class RewardConfig:
 
     accuracy_weight: float = 1.0  # verified answer inside <answer>...</answer>
     format_weight: float = 0.1  # <think>...</think><answer>...</answer>
-    format_mode: str = "strict"  # strict | soft
+    format_mode: Literal["strict", "soft"] = "strict"  # strict | soft
     language_weight: float = 0.0  # language consistency of the chain of thought
     languages: list[str] = field(default_factory=lambda: ["en", "zh", "fr", "de", "es", "ru"])  # ISO 639-1 codes the language reward tells apart (lingua)
     custom: dict[str, float] = field(default_factory=dict)  # "pkg.module:function" -> weight
@@ -213,7 +213,7 @@ class RewardConfig:
     code_workers: int = 0  # programs one rank runs at once; 0: its CPUs (srun binding), or the node's CPUs over its ranks (torchrun)
     code_memory_mb: int = 1024  # memory of one program's whole process tree
     # General prompts (data.general_*; stage final_rl): scored by a reward model instead of the rules.
-    general_scorer: str = "reward_model"  # reward_model: the scalar model at model_path | judge: a rubric prompt to the judge engine
+    general_scorer: Literal["reward_model", "judge"] = "reward_model"  # reward_model: the scalar model at model_path | judge: a rubric prompt to the judge engine
     model_path: str = ""  # Hugging Face directory of the scalar reward model (`megatron-r1 reward-model` writes <run_dir>/hf)
     model_weight: float = 1.0  # weight of the reward model's (or judge's) score in a general prompt's reward
     judge_max_tokens: int = 32  # verdict budget of the generative judge (the policy's own engine, greedy)
@@ -223,7 +223,7 @@ class RewardConfig:
 class DataConfig:
     """Where prompts come from."""
 
-    source: str = "reasoning_gym"  # reasoning_gym | jsonl
+    source: Literal["reasoning_gym", "jsonl"] = "reasoning_gym"  # reasoning_gym | jsonl
     task: str = "chain_sum"  # reasoning-gym dataset name
     task_options: dict[str, Any] = field(
         default_factory=lambda: {"min_terms": 5, "max_terms": 8, "min_digits": 1, "max_digits": 1, "allow_negation": False}
@@ -234,7 +234,7 @@ class DataConfig:
     eval_seed: int = 2000  # seed of the held-out prompts (different seed: disjoint items)
     train_size: int = 20000  # training prompts
     eval_size: int = 200  # held-out prompts
-    template: str = "r1_zero"  # prompt template
+    template: Literal["r1_zero", "plain"] = "r1_zero"  # prompt template
     languages: list[str] = field(default_factory=list)  # pose each chain_sum prompt in one of these (en, zh; data/phrasebook.py); empty: as written
     general_path: str = ""  # general prompts, jsonl {"prompt"|"question", optional "answer", "language"}: scored by reward.general_scorer
     general_task: str = ""  # ... or a reasoning-gym task standing in for them (its verifier only reported, never rewarded)
@@ -258,7 +258,7 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global gradient-norm clip
     lr_warmup_steps: int = 0  # linear warm-up
-    lr_decay_style: str = "constant"  # constant | linear | cosine
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # constant | linear | cosine
     max_nonfinite_steps: int = 3  # steps in a row whose update was skipped for an inf/nan loss or gradient before the run stops (0: never)
 
 
@@ -274,7 +274,7 @@ class CheckpointConfig:
     base_overrides: list[str] = field(default_factory=list)  # overrides for that stage, e.g. [seed=777, pretrain.corpus_seed=300000]
     export_hf: bool = True  # write the final policy as Hugging Face weights to <run_dir>/hf
     keep_last: int = 2  # checkpoints kept on disk (0: all; at least 2, so a damaged newest one has a fallback)
-    verify: str = "checksum"  # checksum: sizes + CRC-32 of every file, re-read on resume (split over ranks) | size: sizes only (multi-TB checkpoints)
+    verify: Literal["size", "checksum"] = "checksum"  # checksum: sizes + CRC-32 of every file, re-read on resume (split over ranks) | size: sizes only (multi-TB checkpoints)
     async_save: bool = False  # GPU: write checkpoints in the background (Megatron's async writer); completed at a later step
 
 
@@ -309,11 +309,11 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning on conversations (stages `sft`, `cold_start_sft`, `distill`; see train/sft.py)."""
+    """Supervised fine-tuning on conversations (stages `sft`, `cold_start_sft`, `distill`; see stages/sft.py)."""
 
     train_path: str = ""  # jsonl, one conversation per line: {"prompt", "response"} or {"messages": [{role, content}, ...]}
     eval_path: str = ""  # held-out jsonl of the same form (eval loss); empty: no evaluation
-    template: str = "auto"  # auto: the tokenizer's chat template, r1_zero when it has none | chat | r1_zero | plain
+    template: Literal["auto", "chat", "r1_zero", "plain"] = "auto"  # auto: the tokenizer's chat template, r1_zero when it has none | chat | r1_zero | plain
     epochs: int = 2  # passes over the training set (the paper's 2 for the rejection-sampling SFT)
     max_steps: int = 0  # stop after this many optimizer steps (0: all epochs)
     batch_size: int = 16  # rows per optimizer step (packed rows when packing)
@@ -325,7 +325,7 @@ class SFTConfig:
 
 @dataclass
 class RejectionConfig:
-    """Rejection sampling (stage `rejection_sampling`, see train/rejection_sampling.py): k samples per
+    """Rejection sampling (stage `rejection_sampling`, see stages/rejection_sampling.py): k samples per
     prompt from `checkpoint.load_hf`, only verified, well-formed, single-language ones kept."""
 
     samples_per_prompt: int = 4  # k responses sampled per prompt
@@ -335,14 +335,14 @@ class RejectionConfig:
     require_correct: bool = True  # the verifier (accuracy reward) must accept the answer
     require_format: bool = True  # <think>...</think> <answer>...</answer>, strictly
     min_language_consistency: float = 1.0  # share of CoT words in the prompt's language (CoTs without words pass)
-    rewrite: str = "none"  # none | readable: whitespace-normalised thought + a summary line in the prompt's language (cold start)
+    rewrite: Literal["none", "readable"] = "none"  # none | readable: whitespace-normalised thought + a summary line in the prompt's language (cold start)
     general_ratio: float = 0.0  # general rows per kept reasoning row, from data.general_* prompts approved by the reward model (paper: 200k : 600k = 0.33)
     min_general_score: float | None = None  # a general response is kept only if the reward model scores it at least this (None: the best of its k)
 
 
 @dataclass
 class RewardModelConfig:
-    """The scalar reward model (stage `reward_model`, see train/reward_model.py): the policy architecture
+    """The scalar reward model (stage `reward_model`, see stages/reward_model.py): the policy architecture
     with a value head, trained with the Bradley-Terry loss on preference pairs."""
 
     train_path: str = ""  # jsonl {"prompt", "chosen", "rejected"}; empty: synthetic chain_sum pairs (data/preferences.py)
@@ -352,7 +352,7 @@ class RewardModelConfig:
     train_seed: int = 4000  # stream seed of the synthetic training pairs
     eval_seed: int = 5000  # ... and of the held-out ones
     synthetic_in_words: bool = False  # synthetic worked steps in words of the question's language (the bilingual tiny setting), not symbols
-    template: str = "r1_zero"  # how a prompt is wrapped (data/templates.py, or auto/chat as in sft.template)
+    template: Literal["auto", "chat", "r1_zero", "plain"] = "r1_zero"  # how a prompt is wrapped (data/templates.py, or auto/chat as in sft.template)
     epochs: int = 1  # passes over the training pairs
     batch_size: int = 32  # pairs per optimizer step
     micro_batch_size: int = 32  # pairs per forward/backward
@@ -387,6 +387,16 @@ class StageConfig:
 # Loading, overriding, validating.
 
 
+def choices(cls: type, name: str) -> tuple:
+    """The values a choice field (`Literal[...]`) accepts, e.g. `choices(RewardConfig, "general_scorer")`:
+    the one list the loader checks and the code that acts on the value reads."""
+    tp = typing.get_type_hints(cls)[name]
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    raise TypeError(f"{cls.__name__}.{name} is not a choice field")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -394,6 +404,10 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`, converting where it is lossless (int -> float)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a choice: one of the listed values
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}={value!r} is not one of: {', '.join(str(c) for c in typing.get_args(tp))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -406,6 +420,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # `X | None`: X's own message (a choice lists its values)
+            raise errors[0]
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -543,42 +559,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = apply_overrides(data, list(overrides))
     cfg = _build(StageConfig, data, "")
     validate(cfg)
+    cfg.given_sections = frozenset(data)  # what the YAML or the overrides set (not a field: never saved or printed)
     return cfg
 
 
-_CHOICES = {
-    "model.arch": ("qwen2", "llama", "deepseek_v3"),
-    "model.params_dtype": ("float32", "bfloat16", "float16"),
-    "model.fp8_recipe": (None, "delayed", "tensorwise", "blockwise", "mxfp8"),
-    "model.rope_type": ("rope", "yarn"),
-    "model.moe_router_score_function": ("softmax", "sigmoid"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "rollout.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "memory.recompute": ("none", "full"),
-    "checkpoint.verify": ("size", "checksum"),
-    "grpo.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-    "grpo.kl_estimator": ("k1", "k2", "k3"),
-    "grpo.mismatch_correction": ("none", "truncate", "mask"),
-    "grpo.mismatch_level": ("token", "sequence"),
-    "reward.format_mode": ("strict", "soft"),
-    "data.source": ("reasoning_gym", "jsonl"),
-    "data.template": ("r1_zero", "plain"),  # data/templates.py TEMPLATES (a test keeps them equal)
-    "reward.general_scorer": ("reward_model", "judge"),
-    "reward_model.template": ("auto", "chat", "r1_zero", "plain"),
-    "rejection.rewrite": ("none", "readable"),
-    "sft.template": ("auto", "chat", "r1_zero", "plain"),
-    "optimizer.lr_decay_style": ("constant", "linear", "cosine"),
-}
 
 
 def validate(cfg: StageConfig) -> None:
     """Cross-field checks that types alone cannot express."""
-    for dotted, choices in _CHOICES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            shown = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"{dotted}={value!r} is not one of: {shown}")
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps} must be >= 1")
     r, g = cfg.rollout, cfg.grpo
@@ -616,10 +604,6 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError("memory.precision_aware_optimizer needs parallel.use_distributed_optimizer=true (Megatron supports it with the distributed optimizer only)")
     if mem.recompute_num_layers < 1:
         raise ConfigError(f"memory.recompute_num_layers must be >= 1, got {mem.recompute_num_layers}")
-    if m.arch == "deepseek_v3":
-        from megatron_r1.models.hf.deepseek_v3 import check_config  # what Hugging Face can express
-
-        check_config(m)
     if cfg.rollout.sleep_level not in (1, 2):
         raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level} must be 1 or 2")
     if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:

@@ -201,11 +201,6 @@ def to_hf(checkpoint_root: str | Path, out: str | Path, step: int | None = None,
 # Hugging Face -> Megatron checkpoint.
 
 
-def model_info(model_cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dict:
-    """What `to_hf` needs to rebuild the model of a checkpoint (kept in its extra state)."""
-    return {"model": to_dict(model_cfg), "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None}
-
-
 def from_hf(hf_dir: str | Path, stage: StageConfig, out: str | Path) -> dict:
     """Save the HF model in `hf_dir` as a step-0 Megatron checkpoint in `stage.parallel`'s layout
     (collective: launch with as many ranks as the layout needs). Reads it back to verify."""
@@ -215,7 +210,7 @@ def from_hf(hf_dir: str | Path, stage: StageConfig, out: str | Path) -> dict:
     cfg = dataclasses.replace(read_hf_config(hf_dir), params_dtype=stage.model.params_dtype, fp8_recipe=stage.model.fp8_recipe)
     model = build_model(cfg, stage.parallel)
     load_hf(model, cfg, hf_dir)
-    ckpt.save_checkpoint(out, 0, model, None, None, {"model_info": model_info(cfg, hf_dir)})
+    ckpt.save_checkpoint(out, 0, model, None, None, {"model_info": ckpt.model_info(cfg, hf_dir)})
 
     # Read it back into a freshly initialised model and compare every full tensor.
     again = build_model(cfg, stage.parallel)

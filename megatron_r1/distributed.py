@@ -187,6 +187,14 @@ def report_once(message: str, grace_s: float = 5.0) -> bool:
         return True
 
 
+def even_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `n` items are cut into `parts` contiguous near-equal parts
+    (the first ``n % parts`` parts get one more)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
 def is_main() -> bool:
     """Rank 0 (or no process group at all) writes files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed")  # importing megatron-core on CPU
 
 from megatron_r1.config import load_config  # noqa: E402
-from megatron_r1.train.checkpoint_eval import RESULT_FILE, read_rows  # noqa: E402
+from megatron_r1.stages.checkpoint_eval import RESULT_FILE, read_rows  # noqa: E402
 
 DEFAULT_CONFIG = "examples/rl_time_scaling/chain_sum_tiny.yaml"
 DEFAULT_OUT = "runs/rl_time_scaling"

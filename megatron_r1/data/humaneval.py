@@ -24,6 +24,8 @@ INSTRUCTION = (
     "in a ```python code block inside the answer."
 )
 
+CODE_VERIFIER = "python_tests"  # entry["verifier"] of a code item: run `test` against `entry_point`
+
 
 def load_problems() -> list[dict[str, Any]]:
     """The 164 problems in task-id order (HumanEval/0 .. HumanEval/163)."""
@@ -42,8 +44,6 @@ def question(problem: dict[str, Any]) -> str:
 def humaneval_rows(split: str) -> list[tuple[int, str, str, dict[str, Any], None]]:
     """Rows ``(index, question, answer, entry, language)`` of `split` ("train" | "eval"), as
     `data/prompts.py` builds prompt items from; index is the HumanEval task number."""
-    from megatron_r1.rewards.code import CODE_VERIFIER  # here: loading prompts need not import the rewards (torch)
-
     problems = load_problems()
     chosen = problems[-EVAL_PROBLEMS:] if split == "eval" else problems[:-EVAL_PROBLEMS]
     rows = []

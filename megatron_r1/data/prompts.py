@@ -79,10 +79,8 @@ def load_prompts(data_cfg: DataConfig, split: str, tokenizer: Any = None) -> Pro
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if data_cfg.source == "reasoning_gym":
         rows, reasons = _task_rows(data_cfg, split), Counter()
-    elif data_cfg.source == "jsonl":
+    else:  # "jsonl" (the config loader accepts these two only)
         rows, reasons = _jsonl_rows(_jsonl_path(data_cfg, split))
-    else:
-        raise ValueError(f"data.source={data_cfg.source!r} is not one of: reasoning_gym, jsonl")
 
     if split == "eval":
         train_questions = _train_questions(data_cfg)

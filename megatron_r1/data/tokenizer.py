@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -150,3 +150,22 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not (p / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {str(p)!r}; train one with train_tokenizer or fix the path")
     return PreTrainedTokenizerFast.from_pretrained(str(p))
+
+
+def stop_conditions(tokenizer, stop: Sequence[str] = ()) -> tuple[list[int], list[str]]:
+    """(stop token ids, stop strings) for generation: EOS, plus each stop string that is one token
+    of `tokenizer` as its id (exact, no detokenization); longer ones stay strings for vLLM."""
+    ids, strings = [tokenizer.eos_token_id], []
+    for text in stop:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+        else:
+            strings.append(text)
+    return ids, strings
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """A sampled response as the rewards read it: every token kept (the tags are plain added tokens,
+    but a tokenizer may mark others special), the end-of-sequence text removed."""
+    return tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.eos_token, "")

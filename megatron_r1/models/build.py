@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_r1 import platform
 from megatron_r1.config import ConfigError, MemoryConfig, ModelConfig, ParallelConfig
+from megatron_r1.models.hf.base import check_model_config
 from megatron_r1.models.spec import decoder_block_spec, mtp_block_spec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,6 +133,7 @@ def transformer_config(
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, memory: MemoryConfig | None = None) -> GPTModel:
     """Build this rank's shard of the model (pipeline stage, TP/EP partition)."""
+    check_model_config(model)
     gpt = gpt_model(transformer_config(model, parallel, memory), model)
     if platform.has_cuda():
         gpt = gpt.cuda()

@@ -4,7 +4,7 @@
 embeddings and swaps `output_layer` (hidden -> vocabulary) for a `ValueHead` (hidden -> 1): the
 forward then returns one scalar per token, `[b, S, 1]`, and a response's reward is the scalar at its
 last token (`rewards.reward_model.encode_for_reward`). Trained with the Bradley-Terry loss on
-preference pairs (`train/reward_model.py`), scored with `train.step.compute_values`.
+preference pairs (`stages/reward_model.py`), scored with `train.step.compute_values`.
 
 On disk it is a Hugging Face sequence classifier (`LlamaForSequenceClassification` and friends,
 `num_labels=1`): the decoder's tensors under the usual names and the head as `score.weight`, which

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from megatron_r1.data.humaneval import CODE_VERIFIER
 from megatron_r1.rewards.accuracy import extract_answer
 from megatron_r1.rewards.sandbox import Job, Limits, RunResult, run_job
 
-CODE_VERIFIER = "python_tests"  # entry["verifier"] of a code item: run `test` against `entry_point`
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 

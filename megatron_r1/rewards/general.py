@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_r1.config import ConfigError, StageConfig
+from megatron_r1.config import ConfigError, RewardConfig, StageConfig, choices
 from megatron_r1.rewards.judge import Judge
 
-SCORERS = ("reward_model", "judge")
+SCORERS = choices(RewardConfig, "general_scorer")
 
 
 class GeneralReward:
@@ -27,8 +27,6 @@ class GeneralReward:
 
     def __init__(self, cfg: StageConfig, engine, tokenizer):
         kind = cfg.reward.general_scorer
-        if kind not in SCORERS:
-            raise ConfigError(f"reward.general_scorer={kind!r} is not one of: {', '.join(SCORERS)}")
         self.kind = kind
         self.weight = cfg.reward.model_weight
         self.collective = kind == "reward_model"  # run on every rank with the whole batch (else per engine)

@@ -24,7 +24,7 @@ from torch import Tensor
 from megatron_r1.config import ConfigError, RewardConfig
 from megatron_r1.rewards.accuracy import gym_accuracy, math_accuracy
 from megatron_r1.rewards.code import score_code_items
-from megatron_r1.rewards.format import FORMAT_MODES, extract_think, format_reward
+from megatron_r1.rewards.format import extract_think, format_reward
 from megatron_r1.rewards.language import language_identifier
 
 logger = logging.getLogger(__name__)
@@ -170,8 +170,6 @@ class RewardFn:
     """
 
     def __init__(self, cfg: RewardConfig):
-        if cfg.format_mode not in FORMAT_MODES:
-            raise ConfigError(f"reward.format_mode={cfg.format_mode!r} is not one of: {', '.join(FORMAT_MODES)}")
         clash = set(cfg.custom) & set(BUILTIN_COMPONENTS)
         if clash:
             raise ConfigError(f"reward.custom: {sorted(clash)} clash with built-in reward names")

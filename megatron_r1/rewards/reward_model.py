@@ -93,7 +93,7 @@ class RewardModelScorer:
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         if dp == 1 or n < dp:  # too few to share: every rank scores all (model-parallel peers must run together)
             return score_sequences(self.model, sequences, self.pad_id, self.micro_batch_size)
-        from megatron_r1.rollout.layout import even_bounds
+        from megatron_r1.distributed import even_bounds
 
         lo, hi = even_bounds(n, dp, rank)
         mine = score_sequences(self.model, sequences[lo:hi], self.pad_id, self.micro_batch_size).tolist()

@@ -25,17 +25,10 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from megatron_r1.config import ConfigError, RolloutConfig
+from megatron_r1.distributed import even_bounds
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def even_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
-    """[start, stop) of part `index` when `n` items are cut into `parts` contiguous near-equal parts
-    (the first ``n % parts`` parts get one more)."""
-    base, extra = divmod(n, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
 
 
 @dataclass(frozen=True)

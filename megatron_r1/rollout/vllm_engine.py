@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_r1 import distributed
+from megatron_r1 import distributed, platform
 from megatron_r1.config import ConfigError, RolloutConfig
 from megatron_r1.models.hf.deepseek_v3 import check_rollout_weights
 
@@ -217,6 +217,9 @@ class VLLMEngine:
         # vLLM freezes the garbage collector's heap after start (a server optimisation); in a shared
         # process that would pin everything the trainer had allocated so far.
         gc.unfreeze()
+        # The CPU worker also replaces torch.cuda's streams and events process-wide with placeholders
+        # that Megatron cannot use; put the trainer's CPU meanings back.
+        platform.install_cuda_stand_ins()
         self.groups = EngineGroups(self.layout)
         self._sleep_noted = False
         if self.layout.rank == 0:

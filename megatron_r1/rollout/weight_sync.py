@@ -17,6 +17,9 @@ tensor on the producer side, plus the one module vLLM is rebuilding.
 `ParityProbe` then scores a fixed batch with every engine and with the trainer and fails loudly
 when they disagree: a stale or misnamed tensor shows up as a logprob gap long before it shows up
 as a bad reward curve.
+
+`refit` is the whole hand-over after an update: free the trainer's leftovers, wake the engine, stream,
+wake its KV cache, probe.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_r1.models.hf.base import export_hf_tensors
 from megatron_r1.rollout.vllm_engine import VLLMEngine
+from megatron_r1.train.memory import free_for_engine
 
 NamedTensor = tuple[str, torch.Tensor]
 MB = 1 << 20
@@ -275,3 +280,26 @@ def _compare(
         "sync/probe_tokens": float(flat.numel()),
     }
     return stats, (seq_index, worst + 1)  # the scored token's position in its sequence
+
+
+def refit(engine, model, model_cfg, syncer, probe, step: int, probe_every: int, reference=None) -> dict:
+    """Refit every rank's own worker, in the order that keeps device memory lowest: free what the
+    trainer does not need (cached blocks, the FP8 weight caches of policy and reference), wake the
+    engine's weights, stream the new policy in (bucketed), wake its KV cache, then check logprob
+    parity (the probe runs the engine, so it needs its KV cache)."""
+    free_for_engine(model, reference)
+    engine.wake_up(["weights"])
+    traffic = {"received": 0}
+    s = syncer.sync(export_hf_tensors(model, model_cfg, traffic), traffic)
+    engine.wake_up(["kv_cache"])
+    stats = {
+        "sync/seconds": s.seconds,
+        "sync/gb_per_s": s.gb_per_s,
+        "sync/buckets": float(s.buckets),
+        "sync/mb_loaded_per_rank": s.bytes / 2**20,
+        "sync/mb_received_per_rank": s.received_bytes / 2**20,
+        "sync/peak_extra_mb": s.peak_extra_bytes / 2**20,
+    }
+    if probe is not None and probe_every and step % probe_every == 0:
+        stats.update(probe.check())
+    return stats

@@ -39,7 +39,7 @@ from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_r1 import platform
-from megatron_r1.config import ConfigError
+from megatron_r1.config import ConfigError, ModelConfig, to_dict
 from megatron_r1.train import manifest
 from megatron_r1.train.optim import unwrap
 
@@ -58,6 +58,11 @@ _OPTIMIZER_SHARDING = "dp_reshardable"
 
 class CheckpointError(ConfigError):
     """A checkpoint directory that cannot be used; the message names the directory and the fix."""
+
+
+def model_info(model_cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dict:
+    """What `to_hf` needs to rebuild the model of a checkpoint (kept in its extra state)."""
+    return {"model": to_dict(model_cfg), "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None}
 
 
 def step_dir(root: str | Path, step: int) -> Path:

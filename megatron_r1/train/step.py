@@ -45,8 +45,8 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 from megatron.core.utils import get_model_config
 
 from megatron_r1 import platform
+from megatron_r1.distributed import even_bounds
 from megatron_r1.config import ConfigError
-from megatron_r1.rollout.layout import even_bounds
 from megatron_r1.train.optim import current_lr
 
 Tensor = torch.Tensor

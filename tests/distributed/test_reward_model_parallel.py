@@ -62,7 +62,7 @@ def _step(parallel: ParallelConfig, hf_dir: str) -> dict:
     from megatron_r1.models.reward_model import build_reward_model
     from megatron_r1.rewards.reward_model import score_sequences
     from megatron_r1.train.optim import build_optimizer
-    from megatron_r1.train.reward_model import EncodedPair, bradley_terry_loss_fn, pair_batch
+    from megatron_r1.stages.reward_model import EncodedPair, bradley_terry_loss_fn, pair_batch
     from megatron_r1.train.step import train_step
 
     model = build_reward_model(CFG, parallel)

@@ -138,19 +138,22 @@ import json, sys
 from pathlib import Path
 from megatron_r1 import distributed
 from megatron_r1.config import load_config
-from megatron_r1.train import rl
+from megatron_r1.rollout.collect import Sample
+from megatron_r1.train.grpo_update import make_batch, update_phase
+from megatron_r1.train.loop import build_from_hf
 import torch
 
 stage, run_dir, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 cfg = load_config(stage, overrides)
 distributed.init_distributed(cfg.parallel, cfg.seed)
-_, _, ddp, optimizer, scheduler, reference = rl._build_policy(cfg, Path(cfg.checkpoint.load_hf))
+policy = build_from_hf(cfg, Path(cfg.checkpoint.load_hf), cfg.steps)
+assert cfg.grpo.kl_beta == 0  # no reference model
 rows = [json.loads(line) for line in (run_dir / "rollouts/step_000001.jsonl").read_text().splitlines()]
-samples = [rl.Sample(r["prompt_ids"], r["response_ids"], r["finish_reason"], r["prompt"], r["engine"]) for r in rows]
+samples = [Sample(r["prompt_ids"], r["response_ids"], r["finish_reason"], r["prompt"], r["engine"]) for r in rows]
 from megatron_r1.data.tokenizer import load_tokenizer
 pad = load_tokenizer(cfg.checkpoint.load_hf).pad_token_id
-batch = rl.make_batch(samples, torch.tensor([r["advantage"] for r in rows]), pad)
-out = rl.update_phase(cfg, ddp, optimizer, scheduler, reference, batch)
+batch = make_batch(samples, torch.tensor([r["advantage"] for r in rows]), pad)
+out = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, None, batch)
 print(json.dumps({"loss": out["loss"], "grad_norm": out["grad_norm"]}))
 """
 

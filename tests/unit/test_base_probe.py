@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_r1.data.tiny_corpus import completion
-from megatron_r1.train.base_probe import is_worked, summarize_modes, thought
+from megatron_r1.stages.base_probe import is_worked, summarize_modes, thought
 
 ENTRY = {"question": "State the final answer to the following arithmetic problem: 5 + 3 - 7 =", "answer": "1"}
 WORKED = completion(ENTRY, worked=True)

@@ -7,8 +7,8 @@ import pytest
 
 from megatron_r1.config import ConfigError, DataConfig
 from megatron_r1.data.prompts import load_prompts
-from megatron_r1.train.checkpoint_eval import level_of, read_rows, summarize
-from megatron_r1.train.evaluate import EvalResult
+from megatron_r1.stages.checkpoint_eval import level_of, read_rows, summarize
+from megatron_r1.rollout.evaluation import EvalResult
 
 
 def test_levels_come_from_the_task_metadata():

@@ -121,14 +121,11 @@ def test_bad_values_are_one_line_errors_when_the_config_loads(override, message)
 
 
 def test_choice_lists_match_what_the_code_accepts():
-    from megatron_r1.config import _CHOICES
+    from megatron_r1.config import DataConfig, RewardModelConfig, SFTConfig, choices
     from megatron_r1.data.templates import TEMPLATES
-    from megatron_r1.rewards.general import SCORERS
-    from megatron_r1.train.rejection_sampling import REWRITES
 
-    assert set(_CHOICES["data.template"]) == set(TEMPLATES)
-    assert set(_CHOICES["reward_model.template"]) == {"auto", "chat", *TEMPLATES}
-    assert _CHOICES["reward.general_scorer"] == SCORERS and _CHOICES["rejection.rewrite"] == REWRITES
+    assert set(choices(DataConfig, "template")) == set(TEMPLATES)
+    assert set(choices(RewardModelConfig, "template")) == set(choices(SFTConfig, "template")) == {"auto", "chat", *TEMPLATES}
 
 
 def test_empty_config_file_is_refused(tmp_path):
@@ -136,3 +133,43 @@ def test_empty_config_file_is_refused(tmp_path):
     empty.write_text("# nothing here\n")
     with pytest.raises(ConfigError, match="the file is empty"):
         load_config(empty, [])
+
+
+def _choice_fields() -> list[str]:
+    """Every `Literal[...]` field of every section, as `section.field`."""
+    import dataclasses
+    import typing
+
+    from megatron_r1.config import StageConfig, choices
+
+    out = []
+    for section in dataclasses.fields(StageConfig):
+        cls = typing.get_type_hints(StageConfig)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            try:
+                choices(cls, f.name)
+            except TypeError:
+                continue
+            out.append(f"{section.name}.{f.name}")
+    return out
+
+
+@pytest.mark.parametrize("field", _choice_fields())
+def test_a_wrong_choice_is_a_one_line_error_listing_the_choices(field):
+    import typing
+
+    from megatron_r1.config import StageConfig, choices
+
+    section, name = field.split(".")
+    allowed = choices(typing.get_type_hints(StageConfig)[section], name)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{field}=no_such_choice"])
+    assert str(err.value) == f"{field}='no_such_choice' is not one of: {', '.join(str(c) for c in allowed)}"
+    for value in allowed:  # and every listed value loads
+        load_config(None, [f"{field}={'null' if value is None else value}"])
+
+
+def test_there_are_choice_fields_to_check():
+    assert {"data.template", "reward.general_scorer", "reward_model.template", "rejection.rewrite", "rollout.dtype"} <= set(_choice_fields())

@@ -138,8 +138,8 @@ class _FP8Linear(torch.nn.Linear):
         self._fp8_workspaces = {"weight": torch.zeros(32, 64, dtype=torch.uint8)}
 
 
-def test_sync_phase_releases_fp8_caches_of_policy_and_reference_before_the_engine_wakes():
-    from megatron_r1.train import rl
+def test_refit_releases_fp8_caches_of_policy_and_reference_before_the_engine_wakes():
+    from megatron_r1.rollout import weight_sync
 
     policy, reference = torch.nn.Sequential(_FP8Linear()), torch.nn.Sequential(_FP8Linear(), _FP8Linear())
     seen = []
@@ -152,11 +152,11 @@ def test_sync_phase_releases_fp8_caches_of_policy_and_reference_before_the_engin
         def sync(self, tensors, traffic):
             return type("S", (), dict(seconds=0.0, gb_per_s=0.0, buckets=0, bytes=0, received_bytes=0, peak_extra_bytes=0))()
 
-    rl.export_hf_tensors, saved = (lambda *a, **k: iter(())), rl.export_hf_tensors
+    weight_sync.export_hf_tensors, saved = (lambda *a, **k: iter(())), weight_sync.export_hf_tensors
     try:
-        rl.sync_phase(Engine(), policy, None, Syncer(), None, 1, 0, reference)
+        weight_sync.refit(Engine(), policy, None, Syncer(), None, 1, 0, reference)
     finally:
-        rl.export_hf_tensors = saved
+        weight_sync.export_hf_tensors = saved
     assert seen == [0, 0]
 
 

@@ -81,7 +81,7 @@ def test_malformed_preference_rows_are_skipped_and_counted(tmp_path):
 
 
 def test_bradley_terry_loss_and_metrics_against_hand_values():
-    from megatron_r1.train.reward_model import bradley_terry_loss_fn
+    from megatron_r1.stages.reward_model import bradley_terry_loss_fn
 
     # Two pairs in rows (c0, r0, c1, r1); each row's reward sits at its `last` index.
     values = torch.tensor([[0.0, 2.0, 9.0], [0.5, 9.0, 9.0], [-1.0, 9.0, 9.0], [9.0, 9.0, 1.0]], requires_grad=True)

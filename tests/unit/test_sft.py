@@ -24,7 +24,7 @@ from megatron_r1.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_r1.distributed import init_distributed
 from megatron_r1.models.build import build_model
 from megatron_r1.train.optim import build_optimizer
-from megatron_r1.train.sft import collate, schedule
+from megatron_r1.stages.sft import collate, schedule
 from megatron_r1.train.step import forward_backward, lm_loss_fn, packed_attention
 
 PARALLEL = ParallelConfig()
@@ -218,7 +218,7 @@ def test_retired_extra_section_names_the_new_home():
 
 
 def test_rejection_drop_reasons_in_order():
-    from megatron_r1.train.rejection_sampling import drop_reason
+    from megatron_r1.stages.rejection_sampling import drop_reason
 
     cfg = load_config(None, [])
     good = {"accuracy": 1.0, "format": 1.0}
@@ -236,7 +236,7 @@ def test_readable_rewrite_adds_a_summary_in_the_prompts_language():
     """The cold-start pattern: the thought, then a summary line, in strict R1 tags, one language."""
     from megatron_r1.rewards.format import extract_think, format_reward
     from megatron_r1.rewards.language import language_consistency
-    from megatron_r1.train.rejection_sampling import readable
+    from megatron_r1.stages.rejection_sampling import readable
 
     en = readable(" <think> 5 plus 3 makes 8,   minus 7 makes 1 </think>  <answer> 1 </answer>", "en")
     assert en == "<think> 5 plus 3 makes 8, minus 7 makes 1, the final answer: 1 </think> <answer> 1 </answer>"
@@ -251,7 +251,7 @@ def test_readable_rewrite_adds_a_summary_in_the_prompts_language():
 
 def test_general_responses_are_picked_by_reward_model_score():
     from megatron_r1.data.prompts import PromptItem
-    from megatron_r1.train.rejection_sampling import select_general
+    from megatron_r1.stages.rejection_sampling import select_general
 
     a = PromptItem(prompt="A", question="qa", answer="", entry=None, index=0, source="general")
     b = PromptItem(prompt="B", question="qb", answer="", entry=None, index=1, source="general")

@@ -286,7 +286,7 @@ def test_spmd_engines_share_the_prompts_and_keep_the_trainer_world(qwen, engine_
 def test_stop_strings_end_responses_and_stay_in_them(tmp_path):
     from megatron_r1.data.tiny_corpus import tokenizer_training_texts
     from megatron_r1.data.tokenizer import train_tokenizer
-    from megatron_r1.train.evaluate import stop_conditions
+    from megatron_r1.data.tokenizer import stop_conditions
 
     tok = train_tokenizer(tokenizer_training_texts(300, seed=3), vocab_size=512, out_dir=tmp_path)
     tiny_qwen2(tmp_path, seed=4)  # a model beside the tokenizer, as in an exported directory

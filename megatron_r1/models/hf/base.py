@@ -60,6 +60,9 @@ class HFAdapter(abc.ABC):
 
     architecture: str = ""  # the `architectures[0]` entry of config.json, e.g. "Qwen2ForCausalLM"
 
+    def check_config(self, cfg: ModelConfig) -> None:
+        """ConfigError unless this HF architecture computes what Megatron does for `cfg`."""
+
     @abc.abstractmethod
     def hf_config(self, cfg: ModelConfig) -> dict:
         """config.json contents for `cfg`; raises ConfigError when HF cannot express it."""
@@ -91,6 +94,15 @@ def get_adapter(arch: str) -> HFAdapter:
     if arch not in _ADAPTER_MODULES:
         raise ValueError(f"unknown model arch {arch!r}; supported: {', '.join(sorted(_ADAPTER_MODULES))}")
     return importlib.import_module(_ADAPTER_MODULES[arch]).ADAPTER
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The `model:` section checked by its architecture's adapter (what Hugging Face and vLLM can
+    express): a ConfigError naming the field to change. The CLI calls it right after loading a
+    stage config; `build_model` again for programmatic use."""
+    if cfg.arch not in _ADAPTER_MODULES:
+        raise ConfigError(f"model.arch={cfg.arch!r} is not one of: {', '.join(sorted(_ADAPTER_MODULES))}")
+    get_adapter(cfg.arch).check_config(cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,6 +223,9 @@ class DeepseekV3Adapter(HFAdapter):
 
     architecture = ARCHITECTURE
 
+    def check_config(self, cfg: ModelConfig) -> None:
+        check_config(cfg)
+
     def hf_config(self, cfg: ModelConfig) -> dict:
         """config.json contents for `cfg` (raises ConfigError if HF cannot express it)."""
         check_config(cfg)

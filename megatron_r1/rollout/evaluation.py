@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_r1.data.tokenizer import decode_response, stop_conditions
 from megatron_r1.rewards.accuracy import extract_answer
 from megatron_r1.rewards.format import format_reward
 from megatron_r1.rewards.reward_fn import score_split
@@ -42,19 +43,6 @@ class EvalResult:
         }
 
 
-def stop_conditions(tokenizer, stop: Sequence[str] = ()) -> tuple[list[int], list[str]]:
-    """(stop token ids, stop strings) for generation: EOS, plus each stop string that is one token
-    of `tokenizer` as its id (exact, no detokenization); longer ones stay strings for vLLM."""
-    ids, strings = [tokenizer.eos_token_id], []
-    for text in stop:
-        encoded = tokenizer.encode(text, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-        else:
-            strings.append(text)
-    return ids, strings
-
-
 def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, temperature: float = 1.0, seed: int = 0,
              stop: Sequence[str] = ()) -> EvalResult:
     """Score `prompts` (PromptItems) with greedy decoding and with maj@k sampling (collective)."""
@@ -63,12 +51,9 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
     prompt_ids = [p.prompt_ids if p.prompt_ids is not None else tokenizer.encode(p.prompt) for p in mine]
     stop_ids, stop_strings = stop_conditions(tokenizer, stop)
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False).replace(tokenizer.eos_token, "")
-
     greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
                              stop_token_ids=stop_ids, stop=stop_strings)
-    texts = [decode(r.response_ids) for r in greedy]
+    texts = [decode_response(tokenizer, r.response_ids) for r in greedy]
     items = [p.as_reward_item() for p in mine]
     greedy_scores = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components
     accuracy, language = greedy_scores["accuracy"], greedy_scores["language"]
@@ -78,7 +63,7 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
         torch.manual_seed(seed * 1_000_003 + layout.engine_index)  # every rank of an engine draws alike
         sampled = engine.generate(prompt_ids, n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
                              stop_token_ids=stop_ids, stop=stop_strings)
-        sampled_texts = [decode(r.response_ids) for r in sampled]
+        sampled_texts = [decode_response(tokenizer, r.response_ids) for r in sampled]
         scores = score_split(reward_fn, [p.prompt for p in mine for _ in range(k)], sampled_texts,
                              [item for item in items for _ in range(k)], groups.split_work).components["accuracy"].view(len(mine), k)
         sampled_mean, best = scores.mean(1).tolist(), scores.max(1).values.tolist()
@@ -107,58 +92,3 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
         samples=[{key: r[key] for key in ("question", "answer", "response")} for r in rows[:3]],
         rows=rows,
     )
-
-
-RESULT_FILE = "eval.json"
-
-
-def run(cfg) -> dict:
-    """`megatron-r1 evaluate STAGE.yaml checkpoint.load_hf=MODEL`: the held-out evaluation of the RL
-    loop (greedy pass@1, maj@k, format, language consistency, length) for any Hugging Face model,
-    written to `<run_dir>/eval.json`. Collective: every rank hosts an engine and takes a share."""
-    import json
-    from pathlib import Path
-
-    from megatron_r1 import distributed, platform
-    from megatron_r1.config import to_dict
-    from megatron_r1.data.prompts import load_prompts
-    from megatron_r1.data.tokenizer import load_tokenizer
-    from megatron_r1.rewards.reward_fn import RewardFn
-    from megatron_r1.rollout.vllm_engine import VLLMEngine
-    from megatron_r1.train.pretrain import prepare_base_model
-
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    hf_dir, _ = prepare_base_model(cfg)
-    tokenizer = load_tokenizer(hf_dir)
-    prompts = load_prompts(cfg.data, "eval", tokenizer).items
-    engine = VLLMEngine(cfg.rollout, str(hf_dir))
-    platform.install_cuda_stand_ins()
-    try:
-        k = cfg.logging.eval_samples
-        result = evaluate(engine, tokenizer, prompts, RewardFn(cfg.reward), cfg.rollout.max_response_tokens, k,
-                          cfg.rollout.temperature, seed=cfg.seed, stop=cfg.rollout.stop)
-    finally:
-        engine.shutdown()
-    if not distributed.is_main():
-        return {}
-    out = {
-        "model": str(hf_dir),
-        "accuracy": result.accuracy,
-        "maj_accuracy": result.maj_accuracy,
-        "sampled_accuracy": result.sampled_accuracy,
-        "pass_at_k": result.pass_at_k,
-        "k": k,
-        "format_rate": result.format_rate,
-        "language_consistency": result.language_consistency,
-        "response_length": result.length_mean,
-        "eval_size": len(prompts),
-        "examples": result.samples,
-        "config": to_dict(cfg),
-    }
-    run_dir = Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESULT_FILE).write_text(json.dumps(out, indent=2))
-    print(f"\nheld-out evaluation of {hf_dir} ({len(prompts)} prompts): accuracy {100 * result.accuracy:.1f} % "
-          f"(maj@{k} {100 * result.maj_accuracy:.1f} %, sampled pass@1 {100 * result.sampled_accuracy:.1f} %, pass@{k} {100 * result.pass_at_k:.1f} %), format {100 * result.format_rate:.1f} %, "
-          f"language consistency {100 * result.language_consistency:.1f} %, {result.length_mean:.1f} tokens\n  -> {run_dir / RESULT_FILE}\n", flush=True)
-    return out

@@ -12,24 +12,24 @@ only adds its new checkpoints. Collective, like the RL loop: launch it as the ru
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 
-from megatron_r1 import distributed, platform
+from megatron_r1 import distributed
 from megatron_r1.config import ConfigError, StageConfig
 from megatron_r1.data.prompts import PromptItem, load_prompts
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import build_model
-from megatron_r1.models.hf.base import export_hf_tensors, load_hf, read_hf_config
+from megatron_r1.models.hf.base import export_hf_tensors, load_hf
 from megatron_r1.rewards.reward_fn import RewardFn
 from megatron_r1.rollout.vllm_engine import VLLMEngine
 from megatron_r1.rollout.weight_sync import WeightSync
 from megatron_r1.train import checkpoint as ckpt
-from megatron_r1.train.evaluate import EvalResult, evaluate
-from megatron_r1.train.pretrain import prepare_base_model
+from megatron_r1.train.loop import model_config_from_hf
+from megatron_r1.rollout.evaluation import EvalResult, evaluate
+from megatron_r1.stages.base_model import prepare_base_model
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,13 @@ def run(cfg: StageConfig) -> list[dict]:
 
     hf_dir, _ = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
-    model_cfg = dataclasses.replace(read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe)
+    model_cfg = model_config_from_hf(cfg, hf_dir)  # the weights only: no optimizer
     model = build_model(model_cfg, cfg.parallel, cfg.memory)
     load_hf(model, model_cfg, hf_dir)
     prompts = load_prompts(cfg.data, "eval", tokenizer).items
     levels = [level_of(p, cfg.data.level_key) for p in prompts]
     reward_fn = RewardFn(cfg.reward)
     engine = VLLMEngine(cfg.rollout, str(hf_dir))  # starts with the base weights: step 0
-    platform.install_cuda_stand_ins()
     syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
     main = distributed.is_main()
     if main:

@@ -44,18 +44,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_r1 import distributed, platform
-from megatron_r1.config import ConfigError, StageConfig, to_dict
+from megatron_r1 import distributed
+from megatron_r1.config import ConfigError, RejectionConfig, StageConfig, choices, to_dict
 from megatron_r1.data.prompts import PromptItem, load_prompts
-from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.data.tokenizer import decode_response, load_tokenizer, stop_conditions
 from megatron_r1.data.phrasebook import with_summary
 from megatron_r1.rewards.accuracy import extract_answer
 from megatron_r1.rewards.format import extract_think
 from megatron_r1.rewards.reward_fn import RewardFn, score_split
 from megatron_r1.rollout.layout import EngineLayout
 from megatron_r1.rollout.vllm_engine import VLLMEngine
-from megatron_r1.train.evaluate import stop_conditions
-from megatron_r1.train.pretrain import prepare_base_model
+from megatron_r1.stages.base_model import prepare_base_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def _normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-REWRITES = ("none", "readable")
+REWRITES = choices(RejectionConfig, "rewrite")
 
 
 def readable(text: str, language: str) -> str | None:
@@ -106,7 +105,7 @@ def _sample_share(cfg, engine, tokenizer, reward_fn, prompts: list[PromptItem], 
     stop_ids, stop_strings = stop_conditions(tokenizer, cfg.rollout.stop)
     out = engine.generate([p.prompt_ids for p in mine], n=k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           max_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_ids, stop=stop_strings)
-    texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in out]
+    texts = [decode_response(tokenizer, r.response_ids) for r in out]
     items = [mine[r.prompt_index].as_reward_item() for r in out]
     scored = score_split(reward_fn, [mine[r.prompt_index].prompt for r in out], texts, items, groups.split_work)
     ident = reward_fn.languages
@@ -157,7 +156,7 @@ def _general_candidates(cfg, engine, tokenizer, prompts: list[PromptItem], call:
     out = engine.generate([p.prompt_ids for p in mine], n=k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           max_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_ids, stop=stop_strings)
     return [{"prompt": mine[r.prompt_index], "sample": j % k, "finish_reason": r.finish_reason, "tokens": len(r.response_ids),
-             "text": tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "").strip()}
+             "text": decode_response(tokenizer, r.response_ids).strip()}
             for j, r in enumerate(out)]
 
 
@@ -237,8 +236,6 @@ def run(cfg: StageConfig) -> dict:
         if main:
             log.info("rejection sampling already done: %s (%d rows); delete it to sample again", run_dir / DATA_FILE, stats["kept"])
         return stats if main else {}
-    if cfg.rejection.rewrite not in REWRITES:
-        raise ConfigError(f"rejection.rewrite={cfg.rejection.rewrite!r} is not one of: {', '.join(REWRITES)}")
     hf_dir, _ = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
     prompt_set = load_prompts(cfg.data, "train", tokenizer)
@@ -247,7 +244,6 @@ def run(cfg: StageConfig) -> dict:
         raise ConfigError("no training prompts to sample from; check data.*")
     reward_fn = RewardFn(cfg.reward)
     engine = VLLMEngine(cfg.rollout, str(hf_dir))
-    platform.install_cuda_stand_ins()
     layout: EngineLayout = engine.layout
     if main:
         log.info("rejection sampling: %d prompts x %d samples from %s; %s", len(prompts), cfg.rejection.samples_per_prompt, hf_dir, layout.describe())

@@ -81,10 +81,10 @@ def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BasePr
     import torch
 
     from megatron_r1.data.prompts import load_prompts
-    from megatron_r1.data.tokenizer import load_tokenizer
+    from megatron_r1.data.tokenizer import decode_response, load_tokenizer, stop_conditions
     from megatron_r1.rewards.reward_fn import RewardFn, score_split
     from megatron_r1.rollout.vllm_engine import VLLMEngine
-    from megatron_r1.train.evaluate import evaluate, stop_conditions
+    from megatron_r1.rollout.evaluation import evaluate
 
     tokenizer = load_tokenizer(hf_dir)
     prompts = load_prompts(cfg.data, "eval", tokenizer).items
@@ -101,7 +101,7 @@ def probe_base_model(hf_dir: str | Path, cfg: StageConfig, k: int = 8) -> BasePr
             stop_token_ids=stop_ids, stop=stop_strings,
         )
         items = [mine[i // k] for i in range(len(sampled))]
-        texts = [tokenizer.decode(r.response_ids, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in sampled]
+        texts = [decode_response(tokenizer, r.response_ids) for r in sampled]
         accuracy = score_split(reward_fn, [p.prompt for p in items], texts, [p.as_reward_item() for p in items], engine.groups.split_work)
         rows = engine.groups.gather(list(zip(texts, accuracy.components["accuracy"].tolist())))
     finally:

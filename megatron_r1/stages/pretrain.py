@@ -8,10 +8,10 @@
    latent behaviour that GRPO can select, as in the R1-Zero paper's picture of accuracy and
    response length rising together. With too few worked examples RL finds nothing to select.
 3. Save the result in Hugging Face format (weights, config, tokenizer) to `<run_dir>/hf`.
-4. Probe it (`train.base_probe`): held-out accuracy, and how often and how accurately it shows
+4. Probe it (`stages.base_probe`): held-out accuracy, and how often and how accurately it shows
    worked steps when sampled, the latent ability R1-Zero selects (`pretrain.probe_samples`, 0: skip).
 
-The result is cached: `ensure_base_model` reuses `<run_dir>/hf` when it is already complete.
+The result is cached: `stages.base_model.ensure_base_model` reuses `<run_dir>/hf` when it is complete.
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from megatron.core import parallel_state
 
 from megatron_r1 import distributed
-from megatron_r1.config import StageConfig, load_config, to_dict
+from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.data.tiny_corpus import CorpusStream, tokenizer_training_texts
 from megatron_r1.data.tokenizer import load_tokenizer, train_tokenizer
 from megatron_r1.models.build import build_model, num_parameters
 from megatron_r1.models.hf.base import save_hf
-from megatron_r1.train.base_probe import describe, probe_base_model
-from megatron_r1.train.metrics import MetricsLogger
+from megatron_r1.stages.base_probe import describe, probe_base_model
+from megatron_r1.train.loop import StepResult, Trainee, TrainingLoop
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.step import Batch, lm_loss_fn, train_step
 
@@ -42,33 +41,17 @@ log = logging.getLogger(__name__)
 DONE_MARKER = "pretrain_done.json"
 
 
-def ensure_base_model(stage_config: str | Path, overrides: list[str] | None = None) -> Path:
-    """The HF directory of the pretrained tiny base model, pretraining it first if needed."""
-    cfg = load_config(stage_config, overrides or [])
-    hf_dir = Path(cfg.logging.run_dir) / "hf"
-    if not (Path(cfg.logging.run_dir) / DONE_MARKER).exists():
-        run(cfg)
-    return hf_dir
-
-
-def prepare_base_model(cfg: StageConfig) -> tuple[Path, float]:
-    """The Hugging Face directory a stage starts from (`checkpoint.load_hf`), and the seconds spent
-    preparing it: when `checkpoint.base_stage` names a stage (the tiny base's pretraining) and the
-    directory is missing, that stage runs first."""
-    hf_dir = Path(cfg.checkpoint.load_hf)
-    seconds = 0.0
-    if not cfg.checkpoint.load_hf:
-        raise FileNotFoundError("checkpoint.load_hf is empty: name the Hugging Face model directory to start from")
-    base_stage = cfg.checkpoint.base_stage
-    if base_stage and not (hf_dir / "config.json").exists():
-        log.info("no base model at %s: pretraining it with %s", hf_dir, base_stage)
-        start = time.perf_counter()
-        ensure_base_model(base_stage, cfg.checkpoint.base_overrides)
-        seconds = time.perf_counter() - start
-        distributed.init_model_parallel(cfg.parallel, cfg.seed)  # back to this stage's layout
-    if not (hf_dir / "config.json").exists():
-        raise FileNotFoundError(f"no Hugging Face model at {hf_dir} (config.json missing)")
-    return hf_dir, seconds
+def _corpus(cfg: StageConfig, seed: int) -> CorpusStream:
+    """The pretraining stream (tensor/pipeline peers must see the same examples, data-parallel ranks
+    different ones: the caller's seed). Settings it cannot honour are config errors."""
+    pre = cfg.pretrain
+    try:
+        return CorpusStream(task=cfg.data.task, task_options=cfg.data.task_options, seed=seed,
+                            worked_share_start=pre.worked_share_start, worked_share_end=pre.worked_share_end,
+                            worked_share_hold=pre.worked_share_hold, total_examples=cfg.steps * pre.batch_size,
+                            languages=cfg.data.languages, cot_languages=pre.cot_languages)
+    except ValueError as e:
+        raise ConfigError(f"pretrain: {e}") from None
 
 
 def _encode_examples(tokenizer, stream, n: int, seq_len: int) -> list[tuple[list[int], int]]:
@@ -103,61 +86,46 @@ def run(cfg: StageConfig) -> Path:
     distributed.init_distributed(cfg.parallel, cfg.seed)
     main = distributed.is_main()
     torch.manual_seed(cfg.seed)
+    corpus = _corpus(cfg, seed=pre.corpus_seed + 7919 * parallel_state.get_data_parallel_rank())
 
     # Every rank trains the same tokenizer from the same seed: cheaper than broadcasting files.
     texts = tokenizer_training_texts(pre.tokenizer_texts, seed=pre.corpus_seed, languages=cfg.data.languages, cot_languages=pre.cot_languages)
     tokenizer = train_tokenizer(texts, pre.tokenizer_vocab_size or cfg.model.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     if len(tokenizer) > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.vocab_size={cfg.model.vocab_size}")
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens > model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size or lower pretrain.tokenizer_vocab_size")
 
     model = build_model(cfg.model, cfg.parallel, cfg.memory)
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps, cfg.memory)
+    trainee = Trainee(cfg.model, model, *build_optimizer(model, cfg.optimizer, cfg.parallel, cfg.steps, cfg.memory), hf_dir=tok_dir)
     if main:
         log.info("pretraining the tiny base model: %d parameters, up to %d steps", num_parameters(model), cfg.steps)
 
     batch_size, seq_len = pre.batch_size, pre.seq_len
-    warn_after = pre.warn_after_s or None
-    stream = iter(
-        CorpusStream(
-            task=cfg.data.task,
-            task_options=cfg.data.task_options,
-            # Tensor/pipeline peers must see the same examples; data-parallel ranks different ones.
-            seed=pre.corpus_seed + 7919 * parallel_state.get_data_parallel_rank(),
-            worked_share_start=pre.worked_share_start,
-            worked_share_end=pre.worked_share_end,
-            worked_share_hold=pre.worked_share_hold,
-            total_examples=cfg.steps * batch_size,
-            languages=cfg.data.languages,
-            cot_languages=pre.cot_languages,
-        )
-    )
-    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
-    metrics.path.unlink(missing_ok=True)
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
-    steps_done = 0
-    loss = float("nan")
-    for step in bar:
-        batch = _pad(_encode_examples(tokenizer, stream, batch_size, seq_len), tokenizer.pad_token_id)
-        out = train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, micro_batch_size=batch_size)
-        loss = float(out["loss"])
-        steps_done = step + 1
-        if step % 10 == 0:
-            metrics.log(step, {"pretrain/loss": loss, "pretrain/lr": out.get("lr", 0.0), "pretrain/grad_norm": out.get("grad_norm", 0.0)})
-            bar.set_postfix(loss=f"{loss:.3f}")
-        if warn_after is not None and time.perf_counter() - start > warn_after:
-            if main:
-                log.warning("pretraining has taken %.0f s (pretrain.warn_after_s=%.0f) at step %d of %d; it runs to the end, "
-                            "so the base model does not depend on machine speed", time.perf_counter() - start, warn_after, steps_done, cfg.steps)
-            warn_after = None
-    bar.close()
-    metrics.close()
+    with TrainingLoop(cfg, trainee, cfg.steps, "pretrain") as loop:
+        saved = loop.resume() or {}
+        stream = corpus.examples(start=loop.start_step * batch_size)  # each example a pure function of its index
+        warn = {"after": pre.warn_after_s or None, "start": time.perf_counter()}
+        last = {"loss": saved.get("loss", float("nan"))}
+
+        def step(i: int) -> StepResult:
+            batch = _pad(_encode_examples(tokenizer, stream, batch_size, seq_len), tokenizer.pad_token_id)
+            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, batch, lm_loss_fn, micro_batch_size=batch_size)
+            last["loss"] = float(out["loss"])
+            elapsed = time.perf_counter() - warn["start"]
+            if warn["after"] is not None and elapsed > warn["after"]:
+                if main:
+                    log.warning("pretraining has taken %.0f s (pretrain.warn_after_s=%.0f) at step %d of %d; it runs to the end, "
+                                "so the base model does not depend on machine speed", elapsed, warn["after"], i + 1, cfg.steps)
+                warn["after"] = None
+            row = {"pretrain/loss": last["loss"], "pretrain/lr": out.get("lr", 0.0), "pretrain/grad_norm": out.get("grad_norm", 0.0)}
+            return StepResult(row, nonfinite=out.get("nonfinite", 0.0), sequences=batch_size, postfix={"loss": f"{last['loss']:.3f}"})
+
+        loop.run(step, state=lambda: {"loss": last["loss"]})
+        loss, steps_done, wall = last["loss"], cfg.steps, loop.wall()
 
     save_hf(model, cfg.model, hf_dir, tokenizer_dir=tok_dir)
-    wall = time.perf_counter() - start
     samples = pre.probe_samples
-    # What R1-Zero will have to work with (see train/base_probe.py); every rank hosts an engine.
+    # What R1-Zero will have to work with (see stages/base_probe.py); every rank hosts an engine.
     probe = probe_base_model(hf_dir, cfg, k=samples) if samples > 0 else None
     if main:
         summary = {

@@ -13,27 +13,19 @@ fine-tuned model, loadable by transformers and vLLM), `summary.json` and `plot.p
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from megatron_r1 import distributed, platform
 from megatron_r1.config import ConfigError, StageConfig, to_dict
-from megatron_r1.convert import model_info
 from megatron_r1.data.sft import Row, SFTDataError, SFTDataset, epoch_rows, load_sft_dataset
 from megatron_r1.data.tokenizer import load_tokenizer
-from megatron_r1.models.build import build_model, num_parameters
-from megatron_r1.models.hf.base import load_hf, read_hf_config, save_hf
-from megatron_r1.train import checkpoint as ckpt
-from megatron_r1.train.metrics import MetricsLogger, read_metrics
-from megatron_r1.train.optim import build_optimizer
-from megatron_r1.train.preemption import Preempted, PreemptionWatch
-from megatron_r1.train.pretrain import prepare_base_model
+from megatron_r1.models.build import num_parameters
+from megatron_r1.stages.base_model import prepare_base_model
+from megatron_r1.train.loop import StepResult, TrainingLoop, build_from_hf
+from megatron_r1.train.metrics import read_metrics
 from megatron_r1.train.step import Batch, data_parallel_share, forward_backward, lm_loss_fn, train_step
 
 log = logging.getLogger(__name__)
@@ -105,16 +97,12 @@ def _log_data(name: str, data: SFTDataset) -> None:
 def run(cfg: StageConfig) -> dict:
     """Fine-tune `checkpoint.load_hf` on `sft.train_path` (every rank calls it); returns the summary on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
-    ckpt.require_async_support(cfg.checkpoint.async_save)
-    preemption = PreemptionWatch()  # from here on SIGUSR1/SIGTERM mean: finish the step, save, exit
     from megatron.core import parallel_state
 
     main = distributed.is_main()
     if cfg.sft.packing and platform.has_transformer_engine():
         # Packed rows use a per-document mask, which TE's fused causal attention would ignore.
         raise ConfigError("sft.packing=true needs the local attention (CPU) in this version; set sft.packing=false with Transformer Engine")
-    run_dir = Path(cfg.logging.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     hf_dir, _ = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
     try:
@@ -128,83 +116,61 @@ def run(cfg: StageConfig) -> dict:
         _log_data("train", train)
         if held_out is not None:
             _log_data("eval", held_out)
-
-    model_cfg = dataclasses.replace(read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe)
-    model = build_model(model_cfg, cfg.parallel, cfg.memory)
-    load_hf(model, model_cfg, hf_dir)
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan), cfg.memory)
-    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
-    start_step, prior_wall = 0, 0.0
-    if cfg.checkpoint.resume and (latest := ckpt.resume_step(ckpt_dir, cfg.checkpoint.verify)) is not None:
-        state = ckpt.load_checkpoint(ckpt_dir, latest, ddp, optimizer, scheduler)
-        start_step, prior_wall = latest, state.get("wall_seconds", 0.0)
-        if main:
-            log.info("resumed from %s at step %d of %d", ckpt_dir, latest, len(plan))
-    metrics.truncate_after(start_step if start_step else -1)  # each step once; a fresh run starts a fresh file
-    if main:
-        rows = len(epoch_rows(train.examples, 0, cfg.seed, cfg.sft.max_seq_len, cfg.sft.packing))
-        log.info("SFT: %s parameters, %d steps (%d epochs of %d rows of up to %d tokens, packing %s%s)",
-                 f"{num_parameters(model):,}", len(plan), cfg.sft.epochs, rows, cfg.sft.max_seq_len,
-                 "on" if cfg.sft.packing else "off", f"; stopping at sft.max_steps={cfg.sft.max_steps}" if cfg.sft.max_steps else "")
-
+    trainee = build_from_hf(cfg, hf_dir, len(plan))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    initial_eval = None
-    if held_out is not None and start_step == 0:
-        initial_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
-        metrics.log(0, {"eval/loss": initial_eval})
-    wall_start = time.perf_counter()
-    bar = tqdm(range(start_step, len(plan)), initial=start_step, total=len(plan), desc="SFT",
-               disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
-    final_eval = None
-    for step in bar:
-        ckpt.finish_pending_saves()  # an asynchronous save written in the background: rename it now
-        rows = plan[step]
-        out = train_step(ddp, optimizer, scheduler, collate(_my_rows(rows), pad_id, cfg.sft.packing), lm_loss_fn, cfg.sft.micro_batch_size)
-        done = step + 1
-        row = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
-               "train/response_tokens": out["num_tokens"], "train/rows": float(len(rows)),
-               "train/fill": sum(len(r.ids) for r in rows) / (len(rows) * cfg.sft.max_seq_len)}
-        if held_out is not None and (cfg.sft.eval_every and done % cfg.sft.eval_every == 0 or done == len(plan)):
-            final_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
-            row["eval/loss"] = final_eval
-        stop = preemption.stop_requested(done)  # a signal reached some rank: save this step, then exit
-        if stop or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
-            ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
-                                 {"wall_seconds": prior_wall + time.perf_counter() - wall_start, "model_info": model_info(model_cfg, hf_dir)},
-                                 keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify,
-                                 async_save=cfg.checkpoint.async_save and not (stop or done == len(plan)))
-        row["time/wall"] = prior_wall + time.perf_counter() - wall_start
-        metrics.log(done, row)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", **({"eval": f"{final_eval:.3f}"} if final_eval is not None else {}))
-        if stop:
-            raise Preempted(f"step {done} of {len(plan)} is saved in {ckpt_dir}; rerun the same command to resume")
-    bar.close()
-    preemption.close()
-    if held_out is not None and final_eval is None:  # resumed at the end
-        final_eval = eval_loss(ddp, held_out, cfg, pad_id, dp)
 
-    if cfg.checkpoint.export_hf:
-        save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=hf_dir)
-    metrics.close()
-    if not main:
-        return {}
-    history = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
-    summary = {
-        "steps": len(plan),
-        "epochs": cfg.sft.epochs,
-        "train_conversations": len(train.examples),
-        "train_response_tokens": train.response_tokens,
-        "skipped": dict(train.skipped),
-        "first_loss": history[0]["train/loss"] if history else None,
-        "final_loss": history[-1]["train/loss"] if history else None,
-        "initial_eval_loss": initial_eval,
-        "final_eval_loss": final_eval,
-        "wall_seconds": round(prior_wall + time.perf_counter() - wall_start, 1),
-        "base_model": str(hf_dir),
-        "config": to_dict(cfg),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot(run_dir)
+    with TrainingLoop(cfg, trainee, len(plan), "SFT") as loop:
+        saved = loop.resume()
+        initial_eval = saved.get("initial_eval") if saved else None
+        if main:
+            rows = len(epoch_rows(train.examples, 0, cfg.seed, cfg.sft.max_seq_len, cfg.sft.packing))
+            log.info("SFT: %s parameters, %d steps (%d epochs of %d rows of up to %d tokens, packing %s%s)",
+                     f"{num_parameters(trainee.model):,}", len(plan), cfg.sft.epochs, rows, cfg.sft.max_seq_len,
+                     "on" if cfg.sft.packing else "off", f"; stopping at sft.max_steps={cfg.sft.max_steps}" if cfg.sft.max_steps else "")
+        if held_out is not None and saved is None:
+            initial_eval = eval_loss(trainee.ddp, held_out, cfg, pad_id, dp)
+            loop.metrics.log(0, {"eval/loss": initial_eval})
+        last = {"eval": None}
+
+        def step(i: int) -> StepResult:
+            rows = plan[i]
+            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, collate(_my_rows(rows), pad_id, cfg.sft.packing),
+                             lm_loss_fn, cfg.sft.micro_batch_size)
+            row = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
+                   "train/response_tokens": out["num_tokens"], "train/rows": float(len(rows)),
+                   "train/fill": sum(len(r.ids) for r in rows) / (len(rows) * cfg.sft.max_seq_len)}
+            postfix = {"loss": f"{out['loss']:.3f}", **({"eval": f"{last['eval']:.3f}"} if last["eval"] is not None else {})}
+            return StepResult(row, nonfinite=out.get("nonfinite", 0.0), sequences=len(rows), postfix=postfix)
+
+        def evaluate(done: int) -> dict[str, float]:
+            last["eval"] = eval_loss(trainee.ddp, held_out, cfg, pad_id, dp)
+            return {"eval/loss": last["eval"]}
+
+        loop.run(step, evaluate=evaluate if held_out is not None else None, eval_every=cfg.sft.eval_every,
+                 state=lambda: {"initial_eval": initial_eval})
+        final_eval = last["eval"]
+        if held_out is not None and final_eval is None:  # resumed at the end
+            final_eval = eval_loss(trainee.ddp, held_out, cfg, pad_id, dp)
+        loop.export_hf()
+        if not main:
+            return {}
+        history = [r for r in read_metrics(loop.run_dir / "metrics.jsonl") if "train/loss" in r]
+        summary = {
+            "steps": len(plan),
+            "epochs": cfg.sft.epochs,
+            "train_conversations": len(train.examples),
+            "train_response_tokens": train.response_tokens,
+            "skipped": dict(train.skipped),
+            "first_loss": history[0]["train/loss"] if history else None,
+            "final_loss": history[-1]["train/loss"] if history else None,
+            "initial_eval_loss": initial_eval,
+            "final_eval_loss": final_eval,
+            "wall_seconds": round(loop.wall(), 1),
+            "base_model": str(hf_dir),
+            "config": to_dict(cfg),
+        }
+        loop.write_summary(summary, plot=_plot)
+    run_dir = loop.run_dir
     print(f"\nSFT finished: {run_dir}\n  train loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} over {len(plan)} steps"
           + (f"\n  eval loss  {initial_eval if initial_eval is not None else float('nan'):.3f} -> {final_eval:.3f}" if final_eval is not None else "")
           + f"\n  model      {run_dir / 'hf'}\n", flush=True)

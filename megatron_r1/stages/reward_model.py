@@ -21,28 +21,23 @@ import dataclasses
 import json
 import logging
 import random
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from megatron_r1 import distributed
 from megatron_r1.config import ConfigError, StageConfig, to_dict
-from megatron_r1.convert import model_info
 from megatron_r1.data.preferences import PreferencePair, load_preferences, synthetic_pairs
 from megatron_r1.data.sft import SFTDataError, resolve_template
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import num_parameters
-from megatron_r1.models.hf.base import load_hf, read_hf_config, save_hf
-from megatron_r1.models.reward_model import build_reward_model, last_token_index, reward_model_config
+from megatron_r1.models.reward_model import last_token_index
 from megatron_r1.rewards.reward_model import META_FILE, encode_for_reward, score_sequences
-from megatron_r1.train import checkpoint as ckpt
-from megatron_r1.train.metrics import MetricsLogger, read_metrics
-from megatron_r1.train.optim import build_optimizer
-from megatron_r1.train.pretrain import prepare_base_model
+from megatron_r1.stages.base_model import prepare_base_model
+from megatron_r1.train.loop import StepResult, TrainingLoop, build_from_hf
+from megatron_r1.train.metrics import read_metrics
 from megatron_r1.train.step import Batch, data_parallel_share, train_step
 
 log = logging.getLogger(__name__)
@@ -132,8 +127,6 @@ def run(cfg: StageConfig) -> dict:
 
     main = distributed.is_main()
     r = cfg.reward_model
-    run_dir = Path(cfg.logging.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     hf_dir, _ = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -158,80 +151,63 @@ def run(cfg: StageConfig) -> dict:
     if not plan:
         raise ConfigError(f"{len(train)} pairs cannot give each of {dp} data-parallel ranks a pair; add pairs")
 
-    model_cfg = reward_model_config(dataclasses.replace(read_hf_config(hf_dir), params_dtype=cfg.model.params_dtype, fp8_recipe=cfg.model.fp8_recipe))
-    model = build_reward_model(model_cfg, cfg.parallel)
-    load_hf(model, model_cfg, hf_dir, head="none")
-    ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, len(plan), cfg.memory)
-    metrics = MetricsLogger(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
-    start_step, prior_wall, initial = 0, 0.0, None
-    if cfg.checkpoint.resume and (latest := ckpt.resume_step(ckpt_dir, cfg.checkpoint.verify)) is not None:
-        state = ckpt.load_checkpoint(ckpt_dir, latest, ddp, optimizer, scheduler)
-        start_step, prior_wall, initial = latest, state.get("wall_seconds", 0.0), state.get("initial_eval")
-        if main:
-            log.info("resumed from %s at step %d of %d", ckpt_dir, latest, len(plan))
-    metrics.truncate_after(start_step if start_step else -1)
+    trainee = build_from_hf(cfg, hf_dir, len(plan), head="value")
     mb_rows = 2 * r.micro_batch_size
-    if main:
-        skipped = dict(train_skipped + train_bad)
-        log.info("reward model: %s parameters; %d training pairs (skipped: %s), %d held out; %d steps of %d pairs",
-                 f"{num_parameters(model):,}", len(train), skipped or "none", len(held_out), len(plan), r.batch_size)
-    if initial is None:
-        initial = pairwise_accuracy(ddp, held_out, pad_id, mb_rows)
-        metrics.log(0, initial)
-        if main:
-            log.info("held-out pairwise accuracy before training: %.1f %%", 100 * initial["eval/accuracy"])
 
-    wall_start = time.perf_counter()
-    bar = tqdm(range(start_step, len(plan)), initial=start_step, total=len(plan), desc="reward model",
-               disable=not (main and cfg.logging.progress_bar), dynamic_ncols=True)
-    final = None
-    for step in bar:
-        pairs = plan[step]
-        mine = pairs[data_parallel_share(len(pairs), "raise reward_model.batch_size")]
-        out = train_step(ddp, optimizer, scheduler, pair_batch(mine, pad_id), bradley_terry_loss_fn, mb_rows, head="value")
-        done = step + 1
-        row = {"train/loss": out["loss"], "train/accuracy": out["accuracy"], "train/margin": out["margin"],
-               "train/reward_chosen": out["reward_chosen"], "train/reward_rejected": out["reward_rejected"],
-               "train/grad_norm": out["grad_norm"], "train/lr": out["lr"]}
-        if r.eval_every and done % r.eval_every == 0 or done == len(plan):
-            final = pairwise_accuracy(ddp, held_out, pad_id, mb_rows)
-            row.update(final)
-        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 or done == len(plan):
-            ckpt.save_checkpoint(ckpt_dir, done, ddp, optimizer, scheduler,
-                                 {"wall_seconds": prior_wall + time.perf_counter() - wall_start, "initial_eval": initial,
-                                  "model_info": model_info(model_cfg, hf_dir)}, keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify)
-        row["time/wall"] = prior_wall + time.perf_counter() - wall_start
-        metrics.log(done, row)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", acc=f"{out['accuracy']:.2f}")
-    bar.close()
-    if final is None:  # resumed at the end
-        final = pairwise_accuracy(ddp, held_out, pad_id, mb_rows)
-    if cfg.checkpoint.export_hf:
-        save_hf(model, model_cfg, run_dir / "hf", tokenizer_dir=hf_dir, head="score")
-        if main:  # how inputs were formed, for the scorer in the RL job (rewards/reward_model.py)
+    with TrainingLoop(cfg, trainee, len(plan), "reward model") as loop:
+        saved = loop.resume()
+        initial = saved.get("initial_eval") if saved else None
+        if main:
+            skipped = dict(train_skipped + train_bad)
+            log.info("reward model: %s parameters; %d training pairs (skipped: %s), %d held out; %d steps of %d pairs",
+                     f"{num_parameters(trainee.model):,}", len(train), skipped or "none", len(held_out), len(plan), r.batch_size)
+        if initial is None:
+            initial = pairwise_accuracy(trainee.ddp, held_out, pad_id, mb_rows)
+            loop.metrics.log(0, initial)
+            if main:
+                log.info("held-out pairwise accuracy before training: %.1f %%", 100 * initial["eval/accuracy"])
+        last = {"eval": None}
+
+        def step(i: int) -> StepResult:
+            pairs = plan[i]
+            mine = pairs[data_parallel_share(len(pairs), "raise reward_model.batch_size")]
+            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, pair_batch(mine, pad_id), bradley_terry_loss_fn, mb_rows, head="value")
+            row = {"train/loss": out["loss"], "train/accuracy": out["accuracy"], "train/margin": out["margin"],
+                   "train/reward_chosen": out["reward_chosen"], "train/reward_rejected": out["reward_rejected"],
+                   "train/grad_norm": out["grad_norm"], "train/lr": out["lr"]}
+            return StepResult(row, nonfinite=out.get("nonfinite", 0.0), sequences=2 * len(pairs),
+                              postfix={"loss": f"{out['loss']:.3f}", "acc": f"{out['accuracy']:.2f}"})
+
+        def evaluate(done: int) -> dict[str, float]:
+            last["eval"] = pairwise_accuracy(trainee.ddp, held_out, pad_id, mb_rows)
+            return last["eval"]
+
+        loop.run(step, evaluate=evaluate, eval_every=r.eval_every, state=lambda: {"initial_eval": initial})
+        final = last["eval"]
+        if final is None:  # resumed at the end
+            final = pairwise_accuracy(trainee.ddp, held_out, pad_id, mb_rows)
+        if loop.export_hf() is not None and main:  # how inputs were formed, for the scorer in the RL job (rewards/reward_model.py)
             meta = {"template": resolve_template(r.template, tokenizer), "max_seq_len": r.max_seq_len, "base_model": str(hf_dir)}
-            (run_dir / "hf" / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    metrics.close()
-    if not main:
-        return {}
-    summary = {
-        "steps": len(plan),
-        "train_pairs": len(train),
-        "eval_pairs": len(held_out),
-        "skipped": {"train": dict(train_skipped + train_bad), "eval": dict(eval_skipped + eval_bad)},
-        "initial_accuracy": initial["eval/accuracy"],
-        "final_accuracy": final["eval/accuracy"],
-        "final_accuracy_by_kind": {k.removeprefix("eval/accuracy_"): v for k, v in final.items() if k.startswith("eval/accuracy_")},
-        "final_margin": final["eval/margin"],
-        "wall_seconds": round(prior_wall + time.perf_counter() - wall_start, 1),
-        "base_model": str(hf_dir),
-        "config": to_dict(cfg),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot(run_dir)
+            (loop.run_dir / "hf" / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if not main:
+            return {}
+        summary = {
+            "steps": len(plan),
+            "train_pairs": len(train),
+            "eval_pairs": len(held_out),
+            "skipped": {"train": dict(train_skipped + train_bad), "eval": dict(eval_skipped + eval_bad)},
+            "initial_accuracy": initial["eval/accuracy"],
+            "final_accuracy": final["eval/accuracy"],
+            "final_accuracy_by_kind": {k.removeprefix("eval/accuracy_"): v for k, v in final.items() if k.startswith("eval/accuracy_")},
+            "final_margin": final["eval/margin"],
+            "wall_seconds": round(loop.wall(), 1),
+            "base_model": str(hf_dir),
+            "config": to_dict(cfg),
+        }
+        loop.write_summary(summary, plot=_plot)
     kinds = ", ".join(f"{k} {100 * v:.0f} %" for k, v in summary["final_accuracy_by_kind"].items())
-    print(f"\nReward model finished: {run_dir}\n  held-out pairwise accuracy {100 * summary['initial_accuracy']:.1f} % -> "
-          f"{100 * summary['final_accuracy']:.1f} % ({kinds})\n  model      {run_dir / 'hf'}\n", flush=True)
+    print(f"\nReward model finished: {loop.run_dir}\n  held-out pairwise accuracy {100 * summary['initial_accuracy']:.1f} % -> "
+          f"{100 * summary['final_accuracy']:.1f} % ({kinds})\n  model      {loop.run_dir / 'hf'}\n", flush=True)
     return summary
 
 
