@@ -20,12 +20,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	@touch $(STAMP)
 
+# The CPU suite (about 20 minutes on 2 cores); the 15 slowest tests are listed at the end.
 test: setup
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -m "not slow" --durations=15
 
-# The checks that take minutes each on 2 cores (marked `slow`), e.g. 1,000 sandboxed programs.
+# The checks that take minutes each on 2 cores (marked `slow`): the whole pipeline killed and resumed,
+# 1,000 sandboxed programs, the walkthroughs and the RL-time study, the Slurm preemption smoke test,
+# the second 2-rank layouts. CI runs it after `make test`.
 test-slow: setup
-	$(PY) -m pytest tests -q -m slow
+	$(PY) -m pytest tests -q -m slow --durations=15
 
 # The real slurm/r1_zero.sh on this machine, 1 node x 2 ranks, under stand-ins for sbatch, srun,
 # scontrol and scancel (tools/slurm_local/): SIGUSR1 mid-step -> checkpoint -> requeue -> resume,

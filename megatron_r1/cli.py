@@ -13,8 +13,13 @@ Commands:
   pipeline     PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)
   plan         STAGE.yaml [overrides] [--nodes N] [--gpu h100|h200|b200] [--search] [--json]: per-GPU memory, fits or not
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face; fp8-to-bf16: FP8 HF weights -> bf16 (`megatron-r1 convert --help`)
+  prepare-data a Hub dataset (GSM8K, MATH, DeepScaleR, ...) or reasoning-gym task -> the prompt jsonl the recipes read
 
-Under torchrun or srun every rank runs the same command; rank 0 writes files and prints.
+`megatron-r1 COMMAND --help` says what each command reads, needs and writes.
+
+Under torchrun or srun every rank runs the same command; rank 0 writes files and prints. A config
+error is printed once per host before the ranks exit (torchrun then adds its own traceback and exits 1;
+srun reports the highest rank status).
 
 Exit status: 0 done, 1 failed, 2 bad config or arguments, 75 (`preemption.REQUEUE_EXIT_CODE`)
 stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume,
@@ -52,6 +57,45 @@ COMMANDS = {
 }
 
 
+# What each stage command does, reads and needs (its --help).
+_WRITES = "writes in logging.run_dir: metrics.jsonl (+ tb/), checkpoints/, hf/ (when checkpoint.export_hf), summary.json, plot.png"
+COMMAND_HELP = {
+    "r1-zero": ("GRPO straight on a base model with rule rewards (DeepSeek-R1-Zero), colocated vLLM engines",
+                "reads: model, parallel, memory, rollout, grpo, reward, data, optimizer, checkpoint, logging\n"
+                "needs: checkpoint.load_hf (a Hugging Face model directory; with checkpoint.base_stage the tiny base is pretrained when missing)\n"
+                + _WRITES + "\nresumes from logging.run_dir/checkpoints when present (checkpoint.resume)"),
+    "grpo": ("the GRPO loop of r1-zero under its general name (reasoning RL, final RL with reward models)",
+             "reads and needs what r1-zero does; final RL also reward.model_path (reward.general_scorer=reward_model) and data.general_*\n" + _WRITES),
+    "sft": ("supervised fine-tuning on jsonl conversations, response-only loss, optionally packed",
+            "reads: model, parallel, memory, sft, optimizer, checkpoint, logging\nneeds: checkpoint.load_hf, sft.train_path (jsonl: prompt/response or messages)\n" + _WRITES),
+    "reward-model": ("the scalar reward model: the policy with a value head, Bradley-Terry on preference pairs",
+                     "reads: model, parallel, memory, reward_model, data (synthetic pairs), optimizer, checkpoint, logging\n"
+                     "needs: checkpoint.load_hf; reward_model.train_path/eval_path (prompt/chosen/rejected jsonl), or data.task=chain_sum for synthetic pairs\n"
+                     + _WRITES + " (hf/ is a sequence classifier for reward.model_path)"),
+    "pretrain": ("train a tokenizer and pretrain the tiny base model (conf/stages/pretrain_tiny.yaml)",
+                 "reads: model, parallel, memory, pretrain, data, optimizer, rollout + reward (the base probe), checkpoint, logging\n"
+                 "writes in logging.run_dir: tokenizer/, hf/, pretrain_done.json, metrics.jsonl, checkpoints/"),
+    "rejection-sample": ("k samples per prompt from a model, verified and filtered into an SFT set",
+                         "reads: model, parallel, rollout, rejection, reward, data, checkpoint, logging\nneeds: checkpoint.load_hf\n"
+                         "writes in logging.run_dir: data.jsonl (prompt/response rows with provenance), stats.json"),
+    "evaluate": ("held-out greedy pass@1, maj@k, format, language consistency of any Hugging Face model",
+                 "reads: parallel, rollout, reward, data, logging (eval_samples)\nneeds: checkpoint.load_hf (the model to evaluate)\nwrites: logging.run_dir/eval.json"),
+    "eval-checkpoints": ("the base model and every saved checkpoint of a run on the held-out set, per difficulty level",
+                         "reads: model, parallel, memory, rollout, reward, data, checkpoint, logging\n"
+                         "needs: logging.run_dir (a run with checkpoints/), checkpoint.load_hf (the model the run started from)\n"
+                         "writes: logging.run_dir/checkpoint_eval.jsonl (resumable)"),
+    "show-config": ("print the resolved config (YAML) and exit", "reads the stage YAML and the overrides; writes nothing"),
+}
+# Commands with arguments of their own (`megatron-r1 COMMAND --help`).
+OWN_PARSERS = {
+    "pipeline": "PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)",
+    "plan": "STAGE.yaml [overrides] [--nodes N] [--gpu ...] [--search] [--json]: per-GPU memory, fits or not",
+    "convert": "to-hf / from-hf / fp8-to-bf16: checkpoints <-> Hugging Face",
+    "prepare-data": "a dataset or reasoning-gym task -> the prompt jsonl the recipes read",
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def load_config(path, overrides=()) -> StageConfig:
     """A stage config as every command reads it: the YAML and overrides, validated, and the `model:`
     section checked by its architecture's adapter (`models.hf.base.check_model_config`)."""
@@ -62,12 +106,28 @@ def load_config(path, overrides=()) -> StageConfig:
     return cfg
 
 
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of: {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def _parser() -> argparse.ArgumentParser:
+    from megatron_r1 import __version__
+
     p = argparse.ArgumentParser(prog="megatron-r1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=sorted(COMMANDS))
-    p.add_argument("config", help="stage YAML (a path, or a name under conf/stages/)")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. optimizer.lr=1e-5")
-    p.add_argument("--log-level", default=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO"))
+    p.add_argument("--version", action="version", version=f"megatron-r1 {__version__}")
+    level_help = f"{' | '.join(LOG_LEVELS)} (default INFO, or $MEGATRON_R1_LOG_LEVEL); before or after the command"
+    p.add_argument("--log-level", type=_log_level, default=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO").upper(), help=level_help)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, details) in COMMAND_HELP.items():
+        c = sub.add_parser(name, help=summary, description=f"{summary}\n\n{details}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("config", help="stage YAML (a path, or a name under conf/stages/)")
+        c.add_argument("overrides", nargs="*", help="section.field=value, e.g. optimizer.lr=1e-5")
+        c.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS, help=level_help)
+    for name, summary in OWN_PARSERS.items():
+        sub.add_parser(name, help=summary, add_help=False)  # parsed by its own parser (see main)
     return p
 
 
@@ -157,8 +217,37 @@ def _plan(argv: list[str]) -> int:
     return 0 if result.fits else 1
 
 
+def _pipeline_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-r1 pipeline", description="Every stage of a pipeline file in order (conf/pipelines/); "
+                                "finished stages are skipped, an interrupted one resumes. Prints the per-stage table (pipeline.json).")
+    p.add_argument("pipeline", help="pipeline YAML, e.g. conf/pipelines/r1_tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="run_dir=DIR and launcher='torchrun --nproc-per-node 2' override the file's")
+    return p
+
+
+def _user_error(prefix: str, message: str) -> None:
+    """Print a user error so that it reaches the user under torchrun too: the first local rank of each
+    host prints it; the others wait a moment before exiting, because torchrun stops the remaining
+    ranks as soon as one exits and the printing rank must not be stopped first."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    else:
+        import time
+
+        time.sleep(5.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare-data"]:
+        logging.basicConfig(level=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        from megatron_r1.stages import prepare_data
+
+        try:
+            return prepare_data.main(argv[1:])
+        except ConfigError as e:
+            print(f"megatron-r1 prepare-data: {e}", file=sys.stderr)
+            return 2
     if argv[:1] == ["plan"]:
         logging.basicConfig(level=logging.WARNING)
         _quiet_third_party()
@@ -177,13 +266,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if argv[:1] == ["pipeline"]:
         logging.basicConfig(level=os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        if len(argv) < 2 or argv[1].startswith("-"):
-            print("usage: megatron-r1 pipeline PIPELINE.yaml [run_dir=DIR] [launcher='torchrun --nproc-per-node 2']", file=sys.stderr)
-            return 2
+        args = _pipeline_parser().parse_args(argv[1:])
         from megatron_r1 import pipeline
 
         try:
-            pipeline.run(argv[1], argv[2:])
+            pipeline.run(args.pipeline, args.overrides)
         except Preempted as e:
             print(f"megatron-r1 pipeline: {e}", file=sys.stderr)
             return REQUEUE_EXIT_CODE
@@ -192,13 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2 if isinstance(e, ConfigError) else 1
         return 0
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_third_party()
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one line per job
-            print(f"megatron-r1: config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # every rank reads the same config: one line per host
+        _user_error("megatron-r1: config error: ", str(e))
         return 2
     if args.command == "show-config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -209,20 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(importlib.import_module(module_name), func_name)
     try:
         run(cfg)
-    except Preempted as e:
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
-            print(f"megatron-r1: {e}", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    except (ConfigError, FileNotFoundError) as e:
+    except (Preempted, ConfigError, FileNotFoundError, TrainingHalted) as e:
         from megatron_r1.distributed import report_once  # torch: only once a stage has run
 
-        if report_once(str(e)):  # every rank usually hits the same mistake: one line per job
-            print(f"megatron-r1: {e}", file=sys.stderr)
-        return 2
-    except TrainingHalted as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"megatron-r1: {e}", file=sys.stderr)
-        return 1
+        # Every rank usually stops for the same reason at once: the first to get here prints it.
+        if report_once(str(e)):
+            print(f"megatron-r1: {e}", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE if isinstance(e, Preempted) else 1 if isinstance(e, TrainingHalted) else 2
     return 0
 
 

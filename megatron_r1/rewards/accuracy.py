@@ -42,7 +42,7 @@ def extract_answer(text: str) -> str | None:
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 
 
-def _parse(expr: str) -> list:
+def parse_answer(expr: str) -> list:
     """Parse one answer with math_verify, no signal-based timeout.
 
     The answer block usually holds just the answer, so it is read as LaTeX math (wrapped in
@@ -64,7 +64,7 @@ def _parse(expr: str) -> list:
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> list:
     # A group's G responses share one reference answer: parse it once. SymPy objects are immutable.
-    return _parse(gold)
+    return parse_answer(gold)
 
 
 def _normalise(text: str) -> str:
@@ -85,7 +85,7 @@ def math_accuracy(response: str, gold: str) -> float:
     gold_parsed = _parse_gold(gold.strip())
     if not gold_parsed:
         return float(_normalise(answer) == _normalise(gold))
-    return float(verify(gold_parsed, _parse(answer), timeout_seconds=None))
+    return float(verify(gold_parsed, parse_answer(answer), timeout_seconds=None))
 
 
 @functools.lru_cache(maxsize=256)

@@ -31,10 +31,9 @@ def _job(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from megatron_r1 import distributed
     from megatron_r1.config import OptimizerConfig, ParallelConfig, load_config
-    from megatron_r1.convert import model_info
     from megatron_r1.models.build import build_model
     from megatron_r1.models.hf.base import save_hf
-    from megatron_r1.train.checkpoint import save_checkpoint
+    from megatron_r1.train.checkpoint import model_info, save_checkpoint
     from megatron_r1.train.optim import build_optimizer
     from megatron_r1.train.step import Batch, lm_loss_fn, train_step
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.e2e.conftest import ROOT, cli
 
+pytestmark = pytest.mark.slow  # the walkthroughs as written, ~2.5 minutes (`make test-slow`)
+
 EXAMPLES = ROOT / "examples"
 
 # The READMEs' runs, cut to seconds: every phase still runs (evaluation, checkpoint, export).

@@ -4,6 +4,8 @@ not redone, 2 engines under torchrun, and the output trained on by `megatron-r1 
 
 import json
 
+import pytest
+
 from megatron_r1.config import RewardConfig
 from megatron_r1.rewards.reward_fn import RewardFn
 from megatron_r1.data.templates import render_prompt
@@ -49,6 +51,7 @@ def test_rejection_sampling_keeps_only_verified_samples_and_feeds_sft(base_model
     assert "SFT finished" in sft.stdout and (tmp_path / "sft/hf/config.json").is_file()
 
 
+@pytest.mark.slow  # a 2-rank run (`make test-slow`); the RL 2-rank tests cover the engines' split
 def test_two_engines_sample_each_prompt_once(base_model, tmp_path):
     run_dir = tmp_path / "rs2"
     _sample(run_dir, base_model, "rejection.samples_per_prompt=8", ranks=2)

@@ -9,8 +9,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.e2e.conftest import ROOT
 from tests.e2e.test_r1_zero import TINY_RUN
+
+pytestmark = pytest.mark.slow  # the study end to end, ~1.5 minutes (`make test-slow`)
 
 STUDY = ROOT / "examples/rl_time_scaling/study.py"
 

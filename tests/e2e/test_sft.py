@@ -1,10 +1,9 @@
 """`megatron-r1 sft` end to end on CPU, as users run it: jsonl conversations (some malformed) -> packed
 SFT of the tiny base model -> held-out loss falls, the exported model fits the responses better under
-plain transformers, a resumed run repeats the uninterrupted one, SIGTERM stops it at a step boundary
+plain transformers, SIGTERM stops it at a step boundary
 with a checkpoint and the requeue status, and 2 ranks (DP or TP) train like 1."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -94,22 +93,9 @@ def test_sft_learns_the_responses_and_exports_a_standard_model(one_rank_run, bas
     assert after == pytest.approx(summary["final_eval_loss"], rel=1e-3)
 
 
-def test_resumed_sft_repeats_the_uninterrupted_run(one_rank_run, base_model, data, tmp_path):
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(one_rank_run / "checkpoints/step_2", resumed / "checkpoints/step_2")
-    (resumed / "checkpoints/latest").write_text("2\n")
-    out = _sft(resumed, base_model, data)
-    assert "resumed" in out.stderr + out.stdout
-    full, again = _losses(one_rank_run), _losses(resumed)
-    assert sorted(again) == [3, 4, 5, 6]
-    for step in again:
-        assert again[step] == pytest.approx(full[step], rel=1e-5), step
-
-
 def test_sigterm_saves_the_step_in_progress_and_exits_for_requeue(one_rank_run, base_model, data, tmp_path):
     """What a preempted Slurm job gets: the step finishes, is saved, the exit status asks for a requeue
-    (resuming from a checkpoint is the test above)."""
+    (resuming from a checkpoint: tests/e2e/test_stage_contract.py)."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "megatron_r1.cli", *_sft_args(run_dir, base_model, data)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

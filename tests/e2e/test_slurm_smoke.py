@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.e2e.conftest import ROOT
 
 
+@pytest.mark.slow  # ~1.5 minutes: a 2-rank job preempted, requeued, resumed (`make test-slow`)
 def test_preempted_job_saves_requeues_and_resumes_exactly(two_rank_run, tmp_path):
     straight, overrides = two_rank_run
     out = subprocess.run([sys.executable, "tools/slurm_local/smoke.py", "--workdir", str(tmp_path), "--straight", str(straight), *overrides],

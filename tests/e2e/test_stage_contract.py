@@ -14,6 +14,7 @@ signal and handler; only the moment is fixed, so the test does not race the run)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -49,7 +50,7 @@ STEPS = 4
 
 
 def _stage_args(stage: str, base: Path, data: Path) -> list[str]:
-    quiet = ["logging.progress_bar=false", "checkpoint.save_every=0", f"steps={STEPS}"]
+    quiet = ["logging.progress_bar=false", "checkpoint.save_every=0", f"steps={STEPS}", "optimizer.lr_warmup_steps=0"]
     start = [f"checkpoint.load_hf={base}", "checkpoint.base_stage="]
     return {
         "pretrain": ["pretrain", "conf/stages/pretrain_tiny.yaml", *quiet, "pretrain.tokenizer_texts=2000", "pretrain.batch_size=8",
@@ -59,7 +60,7 @@ def _stage_args(stage: str, base: Path, data: Path) -> list[str]:
         "reward-model": ["reward-model", "conf/stages/reward_model_tiny.yaml", *quiet, *start, "reward_model.synthetic_pairs=32",
                          "reward_model.synthetic_eval_pairs=8", "reward_model.batch_size=8", "reward_model.micro_batch_size=8",
                          "reward_model.eval_every=2"],
-        "r1-zero": ["r1-zero", "conf/stages/r1_zero_tiny.yaml", *start, *TINY_RUN, *quiet, "rollout.probe_every=0"],
+        "r1-zero": ["r1-zero", "conf/stages/r1_zero_tiny.yaml", *start, *TINY_RUN, *quiet, "rollout.probe_every=0", "logging.eval_every=0"],
     }[stage]
 
 
@@ -116,11 +117,12 @@ def test_every_training_stage_saves_on_a_signal_resumes_exactly_and_stops_on_non
     # after the first are skipped as non-finite, two in a row stop the run, and metrics.jsonl holds
     # this run's rows only.
     longer = {"r1-zero": ["steps=8"], "sft": ["sft.max_steps=8"]}.get(stage, [])  # RL: a step may have no gradient
-    out = _run([*args, *longer, "checkpoint.resume=false", "optimizer.lr=1e30", "optimizer.clip_grad=0", "optimizer.max_nonfinite_steps=2",
-                "optimizer.lr_warmup_steps=0"], straight)
+    out = _run([*args, *longer, "checkpoint.resume=false", "optimizer.lr=1e30", "optimizer.clip_grad=0", "optimizer.max_nonfinite_steps=2"], straight)
     assert out.returncode == 1, out.stderr[-3000:]
     match = re.match(r"megatron-r1: stopped at step (\d+): 2 steps in a row had a non-finite loss", out.stderr.strip().splitlines()[-1])
     assert match, out.stderr[-2000:]
     stop = int(match[1])
-    assert sorted(_trained(straight, key)) == list(range(1, stop + 1))
+    losses = _trained(straight, key)
+    assert sorted(losses) == list(range(1, stop + 1))
+    assert math.isnan(losses[stop]) and math.isnan(losses[stop - 1])  # the skipped updates' NaN stays in the log
     assert (straight / "checkpoints/latest").read_text().strip() == str(stop)
