@@ -92,6 +92,7 @@ class Workload:
     micro_batch: int  # sequences per forward/backward
     sequences: int  # sequences per optimizer step, whole job
     reference: bool  # a frozen reference model beside the policy (GRPO with kl_beta > 0)
+    reward_model: bool = False  # final RL: the scalar reward model resident on the trainer ranks (the policy's architecture)
 
     @property
     def trains(self) -> bool:
@@ -116,7 +117,8 @@ def workload(cfg: StageConfig) -> Workload:
     if cfg.name in GENERATE_STAGES:
         return Workload("generate", seq, 1, 1, False)
     sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
-    return Workload("rl", seq, cfg.grpo.micro_batch_size, sequences, cfg.grpo.kl_beta > 0)
+    scorer = cfg.data.general_share > 0 and cfg.reward.general_scorer == "reward_model"
+    return Workload("rl", seq, cfg.grpo.micro_batch_size, sequences, cfg.grpo.kl_beta > 0, reward_model=scorer)
 
 
 def _divides(a: int, b: int) -> bool:
@@ -198,7 +200,7 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     w = BYTES[m.params_dtype]
     wl = workload(cfg)
     if not wl.trains:  # the engine alone: no Megatron model is built
-        return {"weights": 0, "gradients": 0, "optimizer": 0, "optimizer_on_host": 0, "reference": 0, "activations": 0, "loss": 0}
+        return {"weights": 0, "gradients": 0, "optimizer": 0, "optimizer_on_host": 0, "reference": 0, "reward_model": 0, "activations": 0, "loss": 0}
 
     reference = wl.reference
     out = {"weights": params.total * w}
@@ -212,6 +214,8 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     out["optimizer"] = int(on_gpu * shard)
     out["optimizer_on_host"] = int(on_host * shard)
     out["reference"] = params.total * w if reference else 0
+    # RewardModelScorer builds the reward model in the trainer's layout and keeps it for the run.
+    out["reward_model"] = params.total * w if wl.reward_model else 0
 
     shape = Shape(wl.seq_len // cp, wl.micro_batch, tp, p.sequence_parallel and tp > 1, flash)
     micro_batches = max(1, math.ceil(wl.sequences / max(dp, 1) / wl.micro_batch))
@@ -331,7 +335,7 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     elif engine["concurrent_sequences"] < 1:
         problems.append(f"engine: {engine['kv_tokens']} KV tokens do not hold one {cfg.rollout.max_model_len}-token sequence")
         breaks = "engine_kv_cache"
-    resident = ("weights", "gradients", "optimizer", "reference")
+    resident = ("weights", "gradients", "optimizer", "reference", "reward_model")
     phases = {}
     if wl.trains:
         phases["train"] = (worst["train_peak"], resident + ("fp8_weight_copies", "activations", "loss"))

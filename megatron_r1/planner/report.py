@@ -12,6 +12,7 @@ _ORDER = (
     ("gradients", "gradients (fp32)"),
     ("optimizer", "optimizer (GPU share)"),
     ("reference", "reference model"),
+    ("reward_model", "reward model (general prompts)"),
     ("activations", "activations"),
     ("loss", "loss (fp32 softmax)"),
     ("runtime_reserve", "CUDA/NCCL reserve"),

@@ -8,11 +8,16 @@ per line, the answer checked by math-verify. This command writes such files from
   or `.csv` file, or a directory of them, e.g. from `huggingface-cli download --repo-type dataset`);
 * `reasoning-gym:TASK` (`--size`, `--task-options '{"min_terms": 5}'`): generated problems.
 
-Each source row is read in one of three layouts, found from its columns (or `--format`):
+Each source row is read in one of these layouts, found from its columns (or `--format`):
 
 * `gsm8k`: `question` + `answer` ending in `#### 42` (most rows do): the number after `####`;
 * `math`: `problem` + `solution` (MATH, competition_math): the last `\\boxed{...}` of the solution;
-* `qa`: `problem` | `question` | `prompt` + `answer` (DeepScaleR, NuminaMath, ...): the answer as given.
+* `qa`: `problem` | `question` | `prompt` + `answer` (DeepScaleR, NuminaMath, ...): the answer as given;
+* `preferences`: `chosen` + `rejected` (+ `prompt`), as strings, chat message lists (UltraFeedback) or
+  whole `Human:/Assistant:` transcripts (HH-RLHF): `{"prompt", "chosen", "rejected"}` rows for the
+  reward-model stage;
+* `prompts`: `question` | `prompt` | `instruction` or a chat `messages` list, no answer: the general
+  prompts of final RL (`data.general_path`), `{"question"}` rows.
 
 Answers are normalised for math-verify (outer `$...$` and `\\boxed{}` removed, thousands separators
 dropped, whitespace collapsed) and must parse; rows without a question, or whose answer math-verify
@@ -36,9 +41,9 @@ from megatron_r1.rewards.accuracy import parse_answer
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "gsm8k", "math", "qa")
+FORMATS = ("auto", "gsm8k", "math", "qa", "preferences", "prompts")
 _LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-_QUESTION_KEYS = ("question", "problem", "prompt")
+_QUESTION_KEYS = ("question", "problem", "prompt", "instruction")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 
 
@@ -78,15 +83,66 @@ def detect_format(rows: list[dict]) -> str:
         return "gsm8k" if sum("####" in a for a in sample) * 2 > len(sample) else "qa"
     if "problem" in cols and "solution" in cols:
         return "math"
+    if "chosen" in cols and "rejected" in cols:
+        return "preferences"
+    if cols & set(_QUESTION_KEYS) or "messages" in cols:
+        return "prompts"
     raise ConfigError(f"cannot tell the layout of a dataset with columns {sorted(cols)}: it needs question|problem|prompt and "
                       "answer, or problem and solution; rename the columns or give --format")
 
 
+def _text(value: Any) -> str | None:
+    """A message's text: a string, or the content of the last assistant turn of a chat message list."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list):
+        turns = [m for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        answers = [m["content"] for m in turns if m.get("role") == "assistant"]
+        return (answers[-1].strip() or None) if answers else None
+    return None
+
+
+def _first_user_turn(value: Any) -> str | None:
+    if isinstance(value, list):
+        for m in value:
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str) and m["content"].strip():
+                return m["content"].strip()
+    return None
+
+
+def _preference(row: dict[str, Any]) -> tuple[dict | None, str]:
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
+    if isinstance(chosen, str) and isinstance(rejected, str) and prompt is None and "\n\nAssistant:" in chosen:
+        # A whole transcript per side (HH-RLHF): the shared part up to the last assistant turn is the prompt.
+        head_c, _, chosen = chosen.rpartition("\n\nAssistant:")
+        head_r, _, rejected = rejected.rpartition("\n\nAssistant:")
+        if head_c != head_r:
+            return None, "different_prompts"
+        prompt = head_c.replace("\n\nHuman:", "\n").strip()
+    prompt = prompt or _first_user_turn(chosen)
+    chosen_text, rejected_text = _text(chosen), _text(rejected)
+    if not prompt or not prompt.strip():
+        return None, "missing_prompt"
+    if not chosen_text or not rejected_text:
+        return None, "missing_response"
+    if chosen_text == rejected_text:
+        return None, "identical_responses"
+    return {"prompt": prompt.strip(), "chosen": chosen_text, "rejected": rejected_text}, ""
+
+
 def convert_row(row: dict[str, Any], fmt: str) -> tuple[dict | None, str]:
-    """`({"question", "answer"}, "")`, or `(None, reason)` for a row to skip."""
+    """The output row (`{"question", "answer"}`; `{"prompt", "chosen", "rejected"}` for preferences;
+    `{"question"}` for prompts) and "", or `(None, reason)` for a row to skip."""
+    if fmt == "preferences":
+        return _preference(row)
     question = next((row[k] for k in _QUESTION_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
+    if question is None and fmt == "prompts":
+        question = _first_user_turn(row.get("messages"))
     if question is None:
         return None, "missing_question"
+    if fmt == "prompts":
+        return {"question": question.strip()}, ""
     if fmt == "math":
         raw = last_boxed(str(row.get("solution") or ""))
         if raw is None:

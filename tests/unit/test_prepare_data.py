@@ -124,3 +124,29 @@ def test_prepare_refuses_what_it_cannot_hold_out():
     with pytest.raises(ConfigError, match="leaves no training rows"):
         prepare("reasoning-gym:chain_sum", Path("/tmp/never_written.jsonl"), size=3, eval_out=Path("/tmp/never_e.jsonl"), eval_size=3)
     assert not Path("/tmp/never_written.jsonl").exists()
+
+
+def test_preference_pairs_and_general_prompts_for_the_reward_model_and_final_rl(tmp_path):
+    """UltraFeedback-style chat lists, HH-RLHF transcripts, and chat prompts without answers."""
+    ultra = [{"prompt": "Name a prime.", "chosen": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}],
+              "rejected": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "8"}]},
+             {"prompt": "Same?", "chosen": "yes", "rejected": "yes"}]
+    stats = prepare(str(_write_jsonl(tmp_path / "ultra.jsonl", ultra)), tmp_path / "pairs.jsonl")
+    assert stats["format"] == "preferences" and stats["skipped"] == {"identical_responses": 1}
+    hh = [{"chosen": "\n\nHuman: Hello?\n\nAssistant: Hi, how can I help?", "rejected": "\n\nHuman: Hello?\n\nAssistant: What."}]
+    prepare(str(_write_jsonl(tmp_path / "hh.jsonl", hh)), tmp_path / "hh_pairs.jsonl")
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines() + (tmp_path / "hh_pairs.jsonl").read_text().splitlines()]
+    assert pairs == [{"prompt": "Name a prime.", "chosen": "7", "rejected": "8"}, {"prompt": "Hello?", "chosen": "Hi, how can I help?", "rejected": "What."}]
+    # The reward-model stage reads them as they are written.
+    from megatron_r1.data.preferences import load_preferences
+
+    loaded, skipped = load_preferences(tmp_path / "pairs.jsonl")
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [("Name a prime.", "7", "8")] and not skipped
+
+    chats = [{"messages": [{"role": "user", "content": "Write a haiku about rain."}, {"role": "assistant", "content": "..."}]}]
+    stats = prepare(str(_write_jsonl(tmp_path / "chats.jsonl", chats)), tmp_path / "general.jsonl")
+    assert stats["format"] == "prompts"
+    cfg = load_config("conf/stages/final_rl_qwen2.5_7b.yaml", [f"data.general_path={tmp_path / 'general.jsonl'}"])
+    from megatron_r1.data.prompts import load_general_prompts
+
+    assert [p.question for p in load_general_prompts(cfg.data).items] == ["Write a haiku about rain."]
