@@ -170,17 +170,29 @@ def _run_model_info(trainer_state: dict, where: Path) -> tuple[ModelConfig, Path
     return from_dict(ModelConfig, info["model"], "model"), (Path(info["tokenizer_dir"]) if info.get("tokenizer_dir") else None)
 
 
+def check_output_dir(out: str | Path, flag: str) -> None:
+    """An output directory must be new or empty: a file there, or an earlier result, is never overwritten."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{flag} {path} is a file; give a directory to create")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConversionError(f"{flag} {path} is not empty; give a new directory (or remove it first)")
+
+
 def to_hf(checkpoint_root: str | Path, out: str | Path, step: int | None = None, model_config: str | Path | None = None,
           parallel: ParallelConfig | None = None, dtype: str | None = None) -> dict:
     """Write the checkpoint of `step` (default: the latest) under `checkpoint_root` as a HF directory.
     Collective; returns what was written (tensors, values, files)."""
     parallel = parallel or ParallelConfig()
-    distributed.init_distributed(parallel)
     root = Path(checkpoint_root)
+    if not root.is_dir():
+        raise ConversionError(f"--checkpoint {root}: no such directory (a run's checkpoints/ directory, holding 'latest' and step_N/)")
+    check_output_dir(out, "--out")
+    distributed.init_distributed(parallel)
     if step is None:
-        step = ckpt.resume_step(root)  # the newest that passes its manifest check
+        step = ckpt.resume_step(root, fix="restore the damaged files, or pass --step of an older checkpoint that verifies")
         if step is None:
-            raise ConversionError(f"no complete checkpoint under {root} (no 'latest' file); pass --step or check the path")
+            raise ConversionError(f"no complete checkpoint under {root} (no 'latest' file and no step_N/); pass --step or check the path")
     state = ckpt._check_layout(ckpt.step_dir(root, step))
     if model_config is not None:
         cfg, tokenizer_dir = read_hf_config(model_config), Path(model_config)
@@ -206,6 +218,7 @@ def from_hf(hf_dir: str | Path, stage: StageConfig, out: str | Path) -> dict:
     (collective: launch with as many ranks as the layout needs). Reads it back to verify."""
     import dataclasses
 
+    check_output_dir(out, "--out")
     distributed.init_distributed(stage.parallel, stage.seed)
     cfg = dataclasses.replace(read_hf_config(hf_dir), params_dtype=stage.model.params_dtype, fp8_recipe=stage.model.fp8_recipe)
     model = build_model(cfg, stage.parallel)

@@ -116,13 +116,13 @@ def load_general_prompts(data_cfg: DataConfig, tokenizer: Any = None) -> PromptS
         rows, reasons = _jsonl_rows(path, answer_required=False)
     elif data_cfg.general_task:
         if data_cfg.general_seed in (data_cfg.train_seed, data_cfg.eval_seed):
-            raise ValueError("data.general_seed must differ from data.train_seed and data.eval_seed")
+            raise ConfigError("data.general_seed must differ from data.train_seed and data.eval_seed")
         general = replace(data_cfg, task=data_cfg.general_task, task_options=data_cfg.general_task_options,
                           train_seed=data_cfg.general_seed, train_size=data_cfg.general_size,
                           languages=data_cfg.languages if data_cfg.general_task in LOCALIZABLE_TASKS else [])
         rows, reasons = _gym_rows(general, "train"), Counter()
     else:
-        raise ValueError("data.general_share > 0 needs general prompts: set data.general_path (jsonl) or data.general_task")
+        raise ConfigError("data.general_share > 0 needs general prompts: set data.general_path (jsonl) or data.general_task")
     items = [
         PromptItem(prompt=render_prompt(data_cfg.template, q), question=q, answer=a, entry=e, index=i, language=lang, source="general")
         for i, q, a, e, lang in rows

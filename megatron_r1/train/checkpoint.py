@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -396,11 +397,12 @@ def _save_rng(path: Path) -> None:
 # Loading.
 
 
-def resume_step(root: str | Path, verify: str = "checksum") -> int | None:
+def resume_step(root: str | Path, verify: str = "checksum",
+                fix: str = "restore the damaged files, or start afresh (checkpoint.resume=false or a new run directory)") -> int | None:
     """Collective: the step to resume from under `root`, the same on every rank; None when there is
     no checkpoint yet. That is the step `latest` names if it passes `verify_checkpoint`; otherwise
     (one warning line each) the newest older one that passes. Raises `CheckpointError` (one line)
-    when checkpoints exist and none passes."""
+    when checkpoints exist and none passes, ending with `fix` (what the caller's user can do)."""
     root = Path(root)
     if _rank() == 0:
         try:
@@ -426,10 +428,7 @@ def resume_step(root: str | Path, verify: str = "checksum") -> int | None:
         if _rank() == 0:
             fallback = f"trying step_{plan[i + 1]}" if i + 1 < len(plan) else "no older checkpoint left"
             log.warning("checkpoint %s failed verification (%s); %s", step_dir(root, step), problem, fallback)
-    raise CheckpointError(
-        f"no checkpoint under {root} passes verification ({'; '.join(failures)}); "
-        "restore the damaged files, or start afresh (checkpoint.resume=false or a new run directory)"
-    )
+    raise CheckpointError(f"no checkpoint under {root} passes verification ({'; '.join(failures)}); {fix}")
 
 
 def load_checkpoint(
@@ -466,9 +465,14 @@ def load_checkpoint(
                 optimizer.load_state_dict(loaded["optimizer"])
             elif optimizer is not None:  # saved before the first step: a fresh optimizer on the loaded weights
                 _reset_optimizer(optimizer)
+    except (pickle.UnpicklingError, EOFError, OSError) as e:  # a damaged file (no manifest caught it)
+        raise CheckpointError(f"cannot load {path}: a file is damaged ({_reason(e)}); restore it, or load an earlier step") from None
     except (CheckpointingException, TorchCheckpointException, KeyError, RuntimeError, ValueError) as e:
+        reason = _reason(e)
+        if "zip archive" in reason or "unpickl" in reason.lower():  # torch.load of a truncated or flipped file
+            raise CheckpointError(f"cannot load {path}: a file is damaged ({reason}); restore it, or load an earlier step") from None
         raise CheckpointError(
-            f"cannot load {path}: {_reason(e)} (was it saved with the same model config and TP/PP layout?)"
+            f"cannot load {path}: {reason} (was it saved with the same model config and TP/PP layout?)"
         ) from e
 
     if scheduler is not None and trainer_state.get("scheduler"):

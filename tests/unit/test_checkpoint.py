@@ -308,3 +308,24 @@ def test_async_save_needs_cuda_and_says_so_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^checkpoint.async_save needs CUDA .*set it to false here$"):
         save_checkpoint(tmp_path / "ckpt", 1, *fresh(), async_save=True)
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written
+
+
+def test_a_damaged_file_of_an_unverified_checkpoint_is_one_line(tmp_path):
+    """A checkpoint saved without a manifest (older versions) is loaded unverified; a damaged
+    common.pt then fails in one line naming the fix, not with a pickle traceback."""
+    model, _ = _two_checkpoints(tmp_path)
+    (tmp_path / "step_2" / "manifest.json").unlink()
+    (tmp_path / "step_2" / "common.pt").write_bytes(b"\x80\x04 not a pickle")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path, 2, *model)
+    message = _one_line_error(e)
+    assert "a file is damaged" in message and "load an earlier step" in message
+
+
+def test_the_fix_a_failed_resume_names_is_the_callers(tmp_path):
+    _two_checkpoints(tmp_path)
+    for step in (1, 2):
+        _shard(tmp_path, step).write_bytes(b"")
+    with pytest.raises(CheckpointError, match="pass --step of an older checkpoint") as e:
+        resume_step(tmp_path, fix="pass --step of an older checkpoint that verifies")
+    assert "resume=false" not in str(e.value)

@@ -89,3 +89,32 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(capsys, tmp_path):
     hf = make_hf_dir(tmp_path / "hf", vocab_size=256)
     code, line = run_cli(capsys, "convert", "from-hf", "--hf", str(hf), "--stage", "r1_zero_tiny", "--out", str(tmp_path / "out"))
     assert code == 2 and "tokenizer has 270 tokens but config.json's vocab_size is 256" in line  # BPE stops at 270 on this corpus
+
+
+def test_a_model_section_that_is_not_the_model_in_load_hf_is_refused(capsys, hf_dir, tmp_path):
+    """`model: qwen2.5_7b` with a tiny checkpoint: the run would train the checkpoint while `plan` sized the
+    7B model. Refused before anything is built; without a model: section the checkpoint decides."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "1 + 2", "response": "<think>1 + 2 = 3</think> <answer>3</answer>"}) + "\n")
+    args = ["sft", "sft_tiny", f"checkpoint.load_hf={hf_dir}", "checkpoint.base_stage=", f"sft.train_path={data}",
+            f"logging.run_dir={tmp_path / 'run'}"]
+    code, line = run_cli(capsys, *args, "model=qwen2.5_7b")
+    assert code == 2 and "the model: section (arch=qwen2, num_layers=28" in line and f"checkpoint.load_hf={hf_dir}" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_checkpoint_dir", "out_is_a_file", "out_is_not_empty"])
+def test_convert_refuses_a_bad_checkpoint_or_output_path_in_one_line_writing_nothing(capsys, tmp_path, case):
+    ckpt, out = tmp_path / "checkpoints", tmp_path / "out"
+    if case != "missing_checkpoint_dir":
+        ckpt.mkdir()
+    if case == "out_is_a_file":
+        out.write_text("keep me")
+    elif case == "out_is_not_empty":
+        out.mkdir()
+        (out / "earlier.txt").write_text("keep me")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    code, line = run_cli(capsys, "convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out))
+    expected = {"missing_checkpoint_dir": "no such directory", "out_is_a_file": "is a file", "out_is_not_empty": "is not empty"}[case]
+    assert code == 2 and expected in line
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
