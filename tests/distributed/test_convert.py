@@ -97,6 +97,7 @@ def test_to_hf_of_a_sharded_checkpoint_equals_the_in_run_export(trained, name, t
     torch.testing.assert_close(_logits(out), _logits(trained / name / "inrun"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # a torchrun job of its own (`make test-slow`)
 def test_from_hf_into_tp2_and_back_gives_the_same_model(trained, tmp_path):
     inrun = trained / "dense_tp2" / "inrun"
     ckpt = tmp_path / "ckpt_tp2"

@@ -80,7 +80,8 @@ def _hf_greedy(model_dir: Path) -> list[list[int]]:
     return result
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# The 1-rank layouts in `make test-slow`: the 2-rank ones cover the same path with the shards gathered.
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=[pytest.mark.slow] if LAYOUTS[name][1] == 1 else []) for name in LAYOUTS])
 def test_engine_generates_what_the_trained_policy_generates(layout, tmp_path):
     preset, world, parallel, engine_tp = LAYOUTS[layout]
     mp.spawn(_job, args=(world, free_port(), preset, parallel, engine_tp, str(tmp_path)), nprocs=world, join=True)

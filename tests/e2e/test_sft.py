@@ -113,7 +113,7 @@ def test_sigterm_saves_the_step_in_progress_and_exits_for_requeue(one_rank_run, 
     assert all(logged[step] == pytest.approx(full[step], rel=1e-5) for step in logged)
 
 
-@pytest.mark.parametrize("layout", [[], ["parallel.tensor_model_parallel_size=2"]], ids=["dp2", "tp2"])
+@pytest.mark.parametrize("layout", [pytest.param([], id="dp2"), pytest.param(["parallel.tensor_model_parallel_size=2"], id="tp2", marks=pytest.mark.slow)])
 def test_two_ranks_train_like_one(one_rank_run, base_model, data, tmp_path, layout):
     """Data parallel (rows split, global denominators) and tensor parallel (packed masks and
     vocab-parallel losses over sharded heads) give the 1-rank losses at every step."""

@@ -7,15 +7,14 @@
   line (exit 1);
 * a fresh start (`checkpoint.resume=false`) begins an empty metrics.jsonl.
 
-The signal is sent by the process to itself at the start of the step boundary of step k (the real
-signal and handler; only the moment is fixed, so the test does not race the run).
+The signal is sent by the process to itself at the step boundary of step k (the real signal and
+handler; only the moment is fixed, so the test does not race the run).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -24,26 +23,34 @@ from pathlib import Path
 import pytest
 
 from megatron_r1.train.preemption import REQUEUE_EXIT_CODE
-from tests.e2e.conftest import ROOT, cli
+from tests.e2e.conftest import ROOT
 from tests.e2e.test_r1_zero import TINY_RUN
 from tests.e2e.test_sft import _conversations
 
-# The CLI with SIGUSR1 delivered while step $SIGNAL_AT_STEP ends.
+# The CLI, once per run of argv[1] (a JSON list of {"argv", "signal_at"}), with SIGUSR1 delivered while
+# step `signal_at` ends. Several runs share one process where they can (the stages without an engine),
+# as a user's reruns of the same command would each start one: it saves the start-up per run.
 HARNESS = """
-import os, signal, sys
+import io, json, logging, os, signal, sys
 from megatron_r1.train.preemption import PreemptionWatch
-
-at = int(os.environ.get("SIGNAL_AT_STEP", "0"))
-real = PreemptionWatch.stop_requested
-
-def stop_requested(self, step):
-    if step == at:
-        os.kill(os.getpid(), signal.SIGUSR1)
-    return real(self, step)
-
-PreemptionWatch.stop_requested = stop_requested
 from megatron_r1.cli import main
-sys.exit(main(sys.argv[1:]))
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # logs to the real stderr, whatever main() swaps
+
+real, results = PreemptionWatch.stop_requested, []
+for run in json.loads(sys.argv[1]):
+    def stop_requested(self, step, at=run["signal_at"]):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, step)
+    PreemptionWatch.stop_requested = stop_requested
+    stderr, sys.stderr = sys.stderr, io.StringIO()  # what the CLI prints (logs go to the real stderr)
+    try:
+        code = main(run["argv"])
+    finally:
+        printed, sys.stderr = sys.stderr.getvalue(), stderr
+    results.append({"code": code, "printed": printed.strip().splitlines()})
+print("RESULTS " + json.dumps(results))
 """
 
 STEPS = 4
@@ -64,10 +71,16 @@ def _stage_args(stage: str, base: Path, data: Path) -> list[str]:
     }[stage]
 
 
-def _run(args: list[str], run_dir: Path, signal_at: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SIGNAL_AT_STEP": str(signal_at)}
-    return subprocess.run([sys.executable, "-c", HARNESS, *args, f"logging.run_dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+def _runs(runs: list[tuple[list[str], int]], separate: bool = False) -> tuple[list[dict], str]:
+    """Each (argv, signal_at) through the harness: one process for all, or one each (`separate`)."""
+    if separate:
+        outcomes = [_runs([run]) for run in runs]
+        return [r for results, _ in outcomes for r in results], "".join(log for _, log in outcomes)
+    spec = json.dumps([{"argv": argv, "signal_at": at} for argv, at in runs])
+    out = subprocess.run([sys.executable, "-c", HARNESS, spec], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert out.returncode == 0 and lines, out.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULTS "):]), out.stderr
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -92,37 +105,40 @@ def sft_data(tmp_path_factory) -> Path:
 def test_every_training_stage_saves_on_a_signal_resumes_exactly_and_stops_on_nonfinite_updates(stage, base_model, sft_data, tmp_path):
     args = _stage_args(stage, base_model, sft_data)
     key = "pretrain/loss" if stage == "pretrain" else "train/loss"
-    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    cli(*args, f"logging.run_dir={straight}")
+    straight, preempted, wrecked = tmp_path / "straight", tmp_path / "preempted", tmp_path / "wrecked"
+    longer = {"r1-zero": ["steps=8"], "sft": ["sft.max_steps=8"]}.get(stage, [])  # RL: a step may have no gradient
+    wreck = ["checkpoint.resume=false", "optimizer.lr=1e30", "optimizer.clip_grad=0", "optimizer.max_nonfinite_steps=2"]
+    wrecked.mkdir()
+    (wrecked / "metrics.jsonl").write_text(json.dumps({"step": 9, key: 0.0}) + "\n")  # an earlier run's row
+    results, log = _runs([
+        ([*args, f"logging.run_dir={straight}"], 0),  # uninterrupted
+        ([*args, f"logging.run_dir={preempted}"], 2),  # SIGUSR1 during step 2
+        ([*args, f"logging.run_dir={preempted}"], 0),  # the same command again
+        ([*args, *longer, *wreck, f"logging.run_dir={wrecked}"], 0),  # a fresh start that goes wrong
+    ], separate=stage == "r1-zero")  # a vLLM engine per process, as users run it
     reference = _trained(straight, key)
-    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert results[0]["code"] == 0 and sorted(reference) == list(range(1, STEPS + 1))
 
-    # SIGUSR1 during step 2: step 2 is saved, the requeue status, one line saying so.
-    out = _run(args, preempted, signal_at=2)
-    assert out.returncode == REQUEUE_EXIT_CODE, out.stderr[-3000:]
-    assert "step 2 of 4 is saved" in out.stderr.strip().splitlines()[-1]
-    assert (preempted / "checkpoints/latest").read_text().strip() == "2"
-    assert sorted(_trained(preempted, key)) == [1, 2]
+    # The preempted run saved step 2 and asked for a requeue, in one line.
+    assert results[1]["code"] == REQUEUE_EXIT_CODE, results[1]
+    assert "step 2 of 4 is saved" in results[1]["printed"][-1]
 
-    # The same command again: resumes at step 3 and ends where the straight run ended.
-    out = _run(args, preempted)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed from" in out.stderr
+    # Rerun: resumed at step 3, ended where the straight run ended, each step logged once.
+    assert results[2]["code"] == 0 and "resumed from" in log, results[2]
     resumed = _trained(preempted, key)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, resumed, reference)
 
-    # A fresh start in the same directory with a learning rate that wrecks the weights: the updates
-    # after the first are skipped as non-finite, two in a row stop the run, and metrics.jsonl holds
-    # this run's rows only.
-    longer = {"r1-zero": ["steps=8"], "sft": ["sft.max_steps=8"]}.get(stage, [])  # RL: a step may have no gradient
-    out = _run([*args, *longer, "checkpoint.resume=false", "optimizer.lr=1e30", "optimizer.clip_grad=0", "optimizer.max_nonfinite_steps=2"], straight)
-    assert out.returncode == 1, out.stderr[-3000:]
-    match = re.match(r"megatron-r1: stopped at step (\d+): 2 steps in a row had a non-finite loss", out.stderr.strip().splitlines()[-1])
-    assert match, out.stderr[-2000:]
+    # The fresh start with a learning rate that wrecks the weights: the updates after the first are
+    # skipped as non-finite, two in a row stop the run (exit 1, one line), and metrics.jsonl holds this
+    # run's rows only (the earlier run's row is gone).
+    result = results[3]
+    assert result["code"] == 1, result
+    match = re.match(r"megatron-r1: stopped at step (\d+): 2 steps in a row had a non-finite loss", result["printed"][-1])
+    assert match, result
     stop = int(match[1])
-    losses = _trained(straight, key)
+    losses = _trained(wrecked, key)
     assert sorted(losses) == list(range(1, stop + 1))
     assert math.isnan(losses[stop]) and math.isnan(losses[stop - 1])  # the skipped updates' NaN stays in the log
-    assert (straight / "checkpoints/latest").read_text().strip() == str(stop)
+    assert (wrecked / "checkpoints/latest").read_text().strip() == str(stop)

@@ -250,7 +250,9 @@ def _spmd_worker(rank: int, port: int, model_dir: str, engine_tp: int, results) 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("engine_tp", [pytest.param(1, id="engine_dp2"), pytest.param(2, id="engine_tp2", marks=pytest.mark.slow)])
+# Both layouts in `make test-slow`: the 2-rank R1-Zero runs of `make test` cover the SPMD engines end to end.
+@pytest.mark.parametrize("engine_tp", [pytest.param(1, id="engine_dp2"), pytest.param(2, id="engine_tp2")])
+@pytest.mark.slow
 def test_spmd_engines_share_the_prompts_and_keep_the_trainer_world(qwen, engine_tp):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
