@@ -94,6 +94,27 @@ OWN_PARSERS = {
     "prepare-data": "a dataset or reasoning-gym task -> the prompt jsonl the recipes read",
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The sections only some stages read, and which of them each training or generating command reads. A
+# config that sets one its command does not read gets one warning (the shared sections, model,
+# parallel, data, ..., and the commands that borrow a stage's config, evaluate and eval-checkpoints, are
+# not checked).
+STAGE_SECTIONS = ("rollout", "grpo", "sft", "reward_model", "rejection", "pretrain")
+SECTIONS_READ = {
+    "r1-zero": ("rollout", "grpo"),
+    "grpo": ("rollout", "grpo"),
+    "sft": ("sft",),
+    "reward-model": ("reward_model",),
+    "pretrain": ("pretrain", "rollout"),  # rollout: the base probe's engine
+    "rejection-sample": ("rollout", "rejection"),
+}
+
+
+def unread_sections(command: str, cfg: StageConfig) -> list[str]:
+    """Stage-specific sections the config sets (YAML or overrides) that `command` never reads."""
+    if command not in SECTIONS_READ:
+        return []
+    given = getattr(cfg, "given_sections", frozenset())
+    return [s for s in STAGE_SECTIONS if s in given and s not in SECTIONS_READ[command]]
 
 
 def load_config(path, overrides=()) -> StageConfig:
@@ -289,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    ignored = unread_sections(args.command, cfg)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("megatron_r1.cli").warning(
+            "%s: the config's %s section%s %s no effect on this command (read by: %s)", args.command, ", ".join(ignored),
+            "s" if len(ignored) > 1 else "", "have" if len(ignored) > 1 else "has",
+            "; ".join(f"{s} by {', '.join(c for c, read in SECTIONS_READ.items() if s in read)}" for s in ignored))
     module_name, func_name = COMMANDS[args.command].split(":")
     import importlib
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from megatron_r1.distributed import free_port
 from tests.unit.test_user_errors import make_hf_dir
@@ -27,3 +28,14 @@ def test_a_config_error_on_every_rank_is_printed_once(tmp_path):
     assert not any("Traceback" in e for e in errs), errs
     lines = [line for e in errs for line in e.splitlines() if line.startswith("megatron-r1")]
     assert len(lines) == 1 and "did you mean chain_sum" in lines[0], errs
+
+
+def test_under_torchrun_the_line_reaches_the_console_whichever_rank_exits_first(tmp_path):
+    """torchrun stops the other ranks as soon as one exits: the rank that prints must not be the one
+    stopped first. The first local rank prints at once; the others wait before exiting."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_r1.cli",
+                          "r1-zero", "conf/stages/r1_zero_tiny.yaml", "placement=x"],
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=240)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("megatron-r1: config error:")]
+    assert len(lines) == 1 and "unknown config key 'placement'" in lines[0], out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode != 0

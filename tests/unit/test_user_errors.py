@@ -118,3 +118,27 @@ def test_convert_refuses_a_bad_checkpoint_or_output_path_in_one_line_writing_not
     expected = {"missing_checkpoint_dir": "no such directory", "out_is_a_file": "is a file", "out_is_not_empty": "is not empty"}[case]
     assert code == 2 and expected in line
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_section_the_command_does_not_read_is_warned_about_once(caplog):
+    """`grpo:` in an SFT run changes nothing: one warning says so and who reads it; the sections every
+    stage shares, and the commands that borrow a stage config (evaluate), are not warned about."""
+    from megatron_r1.cli import load_config, unread_sections
+
+    assert unread_sections("sft", load_config("sft_tiny", ["grpo.kl_beta=0.1", "rollout.temperature=0.5"])) == ["rollout", "grpo"]
+    assert unread_sections("sft", load_config("sft_tiny", ["data.languages=[en]", "reward.format_weight=0.5"])) == []
+    assert unread_sections("r1-zero", load_config("r1_zero_tiny", [])) == []
+    assert unread_sections("evaluate", load_config("r1_zero_tiny", ["sft.epochs=3"])) == []
+    for stage in sorted((Path(__file__).resolve().parents[2] / "conf/stages").glob("*.yaml")):  # every shipped config, for the command it is for
+        cfg = load_config(stage, [])
+        command = {"r1_zero": "r1-zero", "reasoning_rl": "grpo", "final_rl": "grpo", "sft": "sft", "cold_start_sft": "sft",
+                   "distill": "sft", "reward_model": "reward-model", "pretrain": "pretrain", "rejection_sampling": "rejection-sample"}[cfg.name]
+        assert unread_sections(command, cfg) == [], stage
+
+
+def test_the_warning_is_logged_once_before_the_run(capsys, caplog, hf_dir, tmp_path):
+    code, line = run_cli(capsys, "sft", "sft_tiny", f"checkpoint.load_hf={hf_dir}", "checkpoint.base_stage=", "grpo.kl_beta=0.1",
+                         f"logging.run_dir={tmp_path}")  # no sft.train_path: stops after the warning
+    warnings = [r.getMessage() for r in caplog.records if "no effect on this command" in r.getMessage()]
+    assert warnings == ["sft: the config's grpo section has no effect on this command (read by: grpo by r1-zero, grpo)"]
+    assert code == 2
