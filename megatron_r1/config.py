@@ -126,6 +126,10 @@ class MemoryConfig:
     recompute_num_layers: int = 1  # full: layers per recomputed chunk (Megatron's uniform method)
     precision_aware_optimizer: bool = False  # GPU, distributed optimizer: Megatron's precision-aware Adam (TE FusedAdam: bf16 moments); required by optimizer offload
     optimizer_offload_fraction: float = 0.0  # GPU: share of the optimizer state (and its step) kept on the host; needs precision_aware_optimizer
+    # RL: what leaves the device while the colocated engine generates (train/memory.py TrainerSwap):
+    # none | except_weights: gradients released, optimizer state + reference model to pinned host memory |
+    # all: also the policy's weights, after the refit has copied them into the engine
+    swap_during_rollout: Literal["none", "except_weights", "all"] = "none"
 
 
 @dataclass

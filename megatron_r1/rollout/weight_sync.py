@@ -18,8 +18,8 @@ tensor on the producer side, plus the one module vLLM is rebuilding.
 when they disagree: a stale or misnamed tensor shows up as a logprob gap long before it shows up
 as a bad reward curve.
 
-`refit` is the whole hand-over after an update: free the trainer's leftovers, wake the engine, stream,
-wake its KV cache, probe.
+`refit` is the whole hand-over after an update: free the trainer's leftovers and move its state out,
+wake the engine, stream, move the policy's weights out, wake its KV cache, probe.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from megatron_r1.models.hf.base import export_hf_tensors
 from megatron_r1.rollout.vllm_engine import VLLMEngine
-from megatron_r1.train.memory import free_for_engine
+from megatron_r1.train.memory import TrainerSwap, free_for_engine
+from megatron_r1.train.metrics import PhaseTimer
 
 NamedTensor = tuple[str, torch.Tensor]
 MB = 1 << 20
@@ -217,12 +218,17 @@ class ParityProbe:
             self._sequences = _broadcast([r.prompt_ids + r.response_ids for r in out])
         return self._sequences
 
-    def check(self) -> dict[str, float]:
-        """Compare engine and trainer logprobs on the probe batch; returns `sync/*` metrics."""
+    def check(self, between: Callable[[], None] | None = None) -> dict[str, float]:
+        """Compare engine and trainer logprobs on the probe batch; returns `sync/*` metrics. The
+        trainer scores first; `between()` runs before the engine does (the refit moves the trainer's
+        weights out and wakes the engine's KV cache there). Make the batch (`sequences`) while the
+        engine can generate: before the first sleep."""
         start = time.perf_counter()
         seqs = self.sequences()
-        engine_lp = self.engine.prompt_logprobs(seqs)
         trainer_lp = self.trainer_logprobs_fn(seqs)
+        if between is not None:
+            between()
+        engine_lp = self.engine.prompt_logprobs(seqs)
         stats, where = _compare(seqs, engine_lp, trainer_lp)
         engine_index = getattr(getattr(self.engine, "layout", None), "engine_index", 0)
         per_rank = _all_gather((stats, where, engine_index))
@@ -282,16 +288,25 @@ def _compare(
     return stats, (seq_index, worst + 1)  # the scored token's position in its sequence
 
 
-def refit(engine, model, model_cfg, syncer, probe, step: int, probe_every: int, reference=None) -> dict:
-    """Refit every rank's own worker, in the order that keeps device memory lowest: free what the
-    trainer does not need (cached blocks, the FP8 weight caches of policy and reference), wake the
-    engine's weights, stream the new policy in (bucketed), wake its KV cache, then check logprob
-    parity (the probe runs the engine, so it needs its KV cache)."""
-    free_for_engine(model, reference)
-    engine.wake_up(["weights"])
-    traffic = {"received": 0}
-    s = syncer.sync(export_hf_tensors(model, model_cfg, traffic), traffic)
-    engine.wake_up(["kv_cache"])
+def refit(engine, model, model_cfg, syncer, probe, step: int, probe_every: int, reference=None,
+          swap: TrainerSwap | None = None, timer: PhaseTimer | None = None) -> dict:
+    """Refit every rank's own worker (asleep on entry: nothing but its process holds device memory),
+    in the order that keeps device memory lowest and never holds the trainer's state beside the
+    engine's KV cache: free what the trainer does not need (cached blocks, FP8 weight caches) and
+    move its state out (`swap`: gradients, optimizer, reference model), wake the engine's weights,
+    stream the new policy in (bucketed), score the parity probe's trainer side, move the policy's
+    weights out (`swap` mode all), wake the KV cache, score the probe's engine side. Timed as the
+    phases `swap` and `sync` when a `timer` is given."""
+    timer = timer or PhaseTimer()
+    with timer("swap"):
+        free_for_engine(model, reference)
+        if swap is not None:
+            swap.offload_state()
+            swap.restore_weights()  # out since the engine started, and the stream reads them
+    with timer("sync"):
+        engine.wake_up(["weights"])
+        traffic = {"received": 0}
+        s = syncer.sync(export_hf_tensors(model, model_cfg, traffic), traffic)
     stats = {
         "sync/seconds": s.seconds,
         "sync/gb_per_s": s.gb_per_s,
@@ -300,6 +315,16 @@ def refit(engine, model, model_cfg, syncer, probe, step: int, probe_every: int, 
         "sync/mb_received_per_rank": s.received_bytes / 2**20,
         "sync/peak_extra_mb": s.peak_extra_bytes / 2**20,
     }
-    if probe is not None and probe_every and step % probe_every == 0:
-        stats.update(probe.check())
+
+    def make_room() -> None:
+        with timer("swap"):
+            if swap is not None:
+                swap.offload_weights()
+        engine.wake_up(["kv_cache"])
+
+    with timer("sync"):
+        if probe is not None and probe_every and step % probe_every == 0:
+            stats.update(probe.check(between=make_room))
+        else:
+            make_room()
     return stats

@@ -9,6 +9,7 @@ policy into its own worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -36,7 +37,7 @@ from megatron_r1.stages.base_model import prepare_base_model
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.grpo_update import make_batch, update_phase
 from megatron_r1.train.loop import StepResult, Trainee, TrainingLoop, build_from_hf
-from megatron_r1.train.memory import release_fp8_weight_caches
+from megatron_r1.train.memory import TrainerSwap, release_fp8_weight_caches
 from megatron_r1.train.metrics import plot_run, read_metrics
 from megatron_r1.train.step import compute_logprobs, data_parallel_share
 
@@ -65,6 +66,9 @@ def run(cfg: StageConfig) -> dict:
         base_accuracy = saved.get("base_accuracy") if saved else None
         from_megatron = saved is None and _load_megatron_weights(cfg, policy, reference)
         _check_batch_fits(cfg, EngineLayout.from_config(cfg.rollout, dist.get_world_size(), dist.get_rank()), len(eval_set.items))
+        swap = TrainerSwap(cfg.memory.swap_during_rollout, policy.ddp, policy.optimizer, reference)
+        swap.offload_state()  # the engine claims its share of the device when it starts
+        swap.offload_weights()
         engine = VLLMEngine(cfg.rollout, str(hf_dir))  # one worker on every rank
         syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
         general = GeneralReward(cfg, engine, tokenizer) if general_set is not None else None
@@ -75,10 +79,24 @@ def run(cfg: StageConfig) -> dict:
             log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), engine.layout.describe())
         probe = _make_probe(cfg, engine, tokenizer, eval_set, policy.model)
 
-        def sync(step: int) -> dict:
-            return refit(engine, policy.model, policy.model_cfg, syncer, probe, step, cfg.rollout.probe_every, reference)
+        def sync(step: int, probe_every: int = cfg.rollout.probe_every) -> dict:
+            return refit(engine, policy.model, policy.model_cfg, syncer, probe, step, probe_every, reference, swap, loop.timer)
+
+        @contextlib.contextmanager
+        def trainer_resident():
+            """A checkpoint between rollouts: the engine sleeps while the trainer's state is back,
+            then is refit (sleep level 2 drops its weights)."""
+            if not swap.swapped:
+                yield
+                return
+            engine.sleep()
+            with loop.timer("swap"):
+                swap.restore()
+            yield
+            sync(0, probe_every=0)
 
         if saved is not None or from_megatron:  # the engines loaded the HF weights; bring them to the policy
+            engine.sleep()
             sync(0)
         last = {"eval": None}
 
@@ -111,10 +129,11 @@ def run(cfg: StageConfig) -> dict:
                 _save_rollouts(loop.run_dir, i + 1, samples, rewards, advantages)
             # 4-5. logprobs and policy update, with the engine's device memory handed to the trainer
             engine.sleep()
+            with loop.timer("swap"):
+                swap.restore()
             train = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, reference, batch, loop.timer)
-            # 6. every rank refits its own worker, then the parity probe
-            with loop.timer("sync"):
-                synced = sync(i + 1)
+            # 6. every rank refits its own worker (the trainer's state leaves the device), then the parity probe
+            synced = sync(i + 1)
             row = _step_row(rollout, share, train, synced)
             return StepResult(row, nonfinite=train.get("nonfinite", 0.0), reward_failures=rollout.stats["reward/failures"], sequences=len(samples),
                               postfix={"reward": f"{row['reward/mean']:.2f}", "acc": f"{row.get('reward/accuracy', 0):.2f}",
@@ -122,12 +141,13 @@ def run(cfg: StageConfig) -> dict:
 
         # 7. metrics, evaluation, checkpoint: the shared loop
         loop.run(step, evaluate=evaluate_now, eval_every=cfg.logging.eval_every,
-                 state=lambda: {"sampler": sampler.state_dict(), "base_accuracy": base_accuracy})
+                 state=lambda: {"sampler": sampler.state_dict(), "base_accuracy": base_accuracy}, resident=trainer_resident)
         final = last["eval"]
         if final is None:  # resumed at the end: evaluate what we have
             evaluate_now(cfg.steps)
             final = last["eval"]
         engine.shutdown()
+        swap.restore()  # the export reads the weights
         loop.export_hf()
         summary = _summary(cfg, loop, base_accuracy, final, base_seconds, engine.layout, len(eval_set.items)) if main else {}
     if main:
@@ -196,7 +216,9 @@ def _make_probe(cfg, engine, tokenizer, eval_set, model):
         return [lp[i, : len(s) - 1] for i, s in enumerate(sequences)]
 
     mean_threshold, max_threshold = probe_thresholds(cfg.rollout, engine.dtype)
-    return ParityProbe(engine, trainer_logprobs, prompts, mean_threshold, max_threshold)
+    probe = ParityProbe(engine, trainer_logprobs, prompts, mean_threshold, max_threshold)
+    probe.sequences()  # generated now, while the engine is awake: later checks find its KV cache asleep
+    return probe
 
 
 def _step_row(rollout: RolloutBatch, share: slice, train: dict, sync: dict) -> dict:

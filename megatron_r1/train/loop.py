@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +174,13 @@ class TrainingLoop:
         evaluate: Callable[[int], dict[str, float]] | None = None,
         eval_every: int = 0,
         state: Callable[[], dict] = dict,
+        resident: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         """Steps `start_step .. total_steps - 1`. `step(i)` runs step i (0-based) and returns its
         metrics; `evaluate(done)` gives held-out metrics after `done` steps (every `eval_every` steps
-        and after the last); `state()` is the stage's extra state saved with each checkpoint."""
+        and after the last); `state()` is the stage's extra state saved with each checkpoint;
+        `resident()` is a context in which the trainer's state is on its device (GRPO moves it out
+        while the engine generates: a checkpoint is saved inside it)."""
         if self._watch is None:
             raise RuntimeError("TrainingLoop.run must be called inside `with TrainingLoop(...) as loop:`")
         cfg = self.cfg
@@ -196,7 +200,7 @@ class TrainingLoop:
             halt = self.guard.update(out.nonfinite, out.reward_failures, out.sequences)
             leaving = bool(stop or halt or last)
             if leaving or cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0:
-                with self.timer("checkpoint"):
+                with self.timer("checkpoint"), resident():
                     self.save(done, state(), final=leaving)
             row.update(self.timer.finish())
             row["time/wall"] = self.wall()

@@ -21,19 +21,26 @@ log = logging.getLogger(__name__)
 
 
 class PhaseTimer:
-    """Wall seconds per phase of a step (`with timer("rollout"): ...`), plus the remainder as `other`."""
+    """Wall seconds per phase of a step (`with timer("rollout"): ...`), plus the remainder as `other`.
+    Phases nest exclusively: time in an inner phase is not also the outer one's, so the phases and
+    `other` add up to the step."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._start = time.perf_counter()
+        self._nested: list[float] = []  # per open phase: seconds spent in phases inside it
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.seconds[phase] += elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
 
     def finish(self) -> dict[str, float]:
         """Metrics `time/<phase>` for this step, `time/other` and `time/step`; resets the timer."""
