@@ -130,6 +130,25 @@ def _prepare_distributed_adam_for_load(optimizer: MegatronOptimizer) -> None:
                     state.setdefault("exp_avg_sq", torch.zeros_like(param))
 
 
+def _unshare_adam_steps(optimizer: MegatronOptimizer) -> None:
+    """Give every parameter its own Adam step counter, at the checkpoint's step, after a load.
+
+    Without Apex / Transformer Engine (torch's Adam, e.g. on CPU), Megatron 0.16's distributed
+    optimizer saves the step once, in the parameter groups, and on load leaves one shared step tensor
+    in every parameter's state, not at the saved count: torch's Adam then increments it once per
+    parameter, so after a resume every bias correction, hence every update, differed from the
+    uninterrupted run's. The group's restored step is the truth; each parameter gets its own copy.
+    """
+    for _, inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype, device=state["step"].device)
+
+
 def _sharded_state_dict(model: torch.nn.Module, optimizer: MegatronOptimizer | None, is_loading: bool) -> dict:
     """Megatron's sharded state dicts of the bare GPTModel and, when given, of the optimizer."""
     gpt = unwrap(model)
@@ -463,6 +482,7 @@ def load_checkpoint(
             unwrap(model).load_state_dict(loaded["model"], strict=True)
             if with_optimizer:
                 optimizer.load_state_dict(loaded["optimizer"])
+                _unshare_adam_steps(optimizer)
             elif optimizer is not None:  # saved before the first step: a fresh optimizer on the loaded weights
                 _reset_optimizer(optimizer)
     except (pickle.UnpicklingError, EOFError, OSError) as e:  # a damaged file (no manifest caught it)

@@ -67,7 +67,8 @@ def _stage_args(stage: str, base: Path, data: Path) -> list[str]:
         "reward-model": ["reward-model", "conf/stages/reward_model_tiny.yaml", *quiet, *start, "reward_model.synthetic_pairs=32",
                          "reward_model.synthetic_eval_pairs=8", "reward_model.batch_size=8", "reward_model.micro_batch_size=8",
                          "reward_model.eval_every=2"],
-        "r1-zero": ["r1-zero", "conf/stages/r1_zero_tiny.yaml", *start, *TINY_RUN, *quiet, "rollout.probe_every=0", "logging.eval_every=0"],
+        "r1-zero": ["r1-zero", "conf/stages/r1_zero_tiny.yaml", *start, *TINY_RUN, *quiet, "rollout.probe_every=2", "logging.eval_every=0",
+                    "grpo.kl_beta=0.01"],  # a reference model, for the swap to move
     }[stage]
 
 
@@ -110,10 +111,13 @@ def test_every_training_stage_saves_on_a_signal_resumes_exactly_and_stops_on_non
     wreck = ["checkpoint.resume=false", "optimizer.lr=1e30", "optimizer.clip_grad=0", "optimizer.max_nonfinite_steps=2"]
     wrecked.mkdir()
     (wrecked / "metrics.jsonl").write_text(json.dumps({"step": 9, key: 0.0}) + "\n")  # an earlier run's row
+    # RL: the interrupted run moves the trainer off the device during generation, the straight one
+    # does not; both promises (resume, swap) are bit-for-bit, so the runs must agree exactly.
+    swap = ["memory.swap_during_rollout=all"] if stage == "r1-zero" else []
     results, log = _runs([
         ([*args, f"logging.run_dir={straight}"], 0),  # uninterrupted
-        ([*args, f"logging.run_dir={preempted}"], 2),  # SIGUSR1 during step 2
-        ([*args, f"logging.run_dir={preempted}"], 0),  # the same command again
+        ([*args, *swap, f"logging.run_dir={preempted}"], 2),  # SIGUSR1 during step 2
+        ([*args, *swap, f"logging.run_dir={preempted}"], 0),  # the same command again
         ([*args, *longer, *wreck, f"logging.run_dir={wrecked}"], 0),  # a fresh start that goes wrong
     ], separate=stage == "r1-zero")  # a vLLM engine per process, as users run it
     reference = _trained(straight, key)
@@ -129,6 +133,12 @@ def test_every_training_stage_saves_on_a_signal_resumes_exactly_and_stops_on_non
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, resumed, reference)
+    if swap:  # every number a step logs (times aside) and the exported weights, exactly
+        volatile = ("time/", "perf/", "sync/seconds", "sync/gb_per_s", "sync/probe_seconds")
+        rows = [{k: v for k, v in r.items() if not k.startswith(volatile)} for r in _rows(straight)]
+        assert [{k: v for k, v in r.items() if not k.startswith(volatile)} for r in _rows(preempted)] == rows
+        assert any("train/kl" in r for r in rows) and any("sync/logprob_abs_diff_max" in r for r in rows)
+        assert (preempted / "hf/model.safetensors").read_bytes() == (straight / "hf/model.safetensors").read_bytes()
 
     # The fresh start with a learning rate that wrecks the weights: the updates after the first are
     # skipped as non-finite, two in a row stop the run (exit 1, one line), and metrics.jsonl holds this
