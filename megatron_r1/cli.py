@@ -11,7 +11,7 @@ Commands:
   grpo         the GRPO loop of r1-zero under its general name (reasoning RL, final RL with reward models)
   show-config  print the resolved config (YAML) and exit
   pipeline     PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)
-  plan         STAGE.yaml [overrides] [--nodes N] [--gpu h100|h200|b200] [--search] [--json]: per-GPU memory, fits or not
+  plan         STAGE.yaml [overrides] [--nodes N] [--gpu h100|h200|b200|gb200] [--host-gib G] [--search] [--json]: per-GPU memory, fits or not; RL: step time
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face; fp8-to-bf16: FP8 HF weights -> bf16 (`megatron-r1 convert --help`)
   prepare-data a Hub dataset (GSM8K, MATH, DeepScaleR, ...) or reasoning-gym task -> the prompt jsonl the recipes read
 
@@ -89,7 +89,7 @@ COMMAND_HELP = {
 # Commands with arguments of their own (`megatron-r1 COMMAND --help`).
 OWN_PARSERS = {
     "pipeline": "PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)",
-    "plan": "STAGE.yaml [overrides] [--nodes N] [--gpu ...] [--search] [--json]: per-GPU memory, fits or not",
+    "plan": "STAGE.yaml [overrides] [--nodes N] [--gpu ...] [--host-gib G] [--search] [--json]: per-GPU memory, fits or not; RL: step time",
     "convert": "to-hf / from-hf / fp8-to-bf16: checkpoints <-> Hugging Face",
     "prepare-data": "a dataset or reasoning-gym task -> the prompt jsonl the recipes read",
 }
@@ -202,12 +202,14 @@ def _convert(argv: list[str]) -> int:
 def _plan_parser() -> argparse.ArgumentParser:
     from megatron_r1.planner import GPUS
 
-    p = argparse.ArgumentParser(prog="megatron-r1 plan", description="Per-GPU memory of a stage's layout on a cluster: fits or the component that breaks it")
+    p = argparse.ArgumentParser(prog="megatron-r1 plan", description="Per-GPU memory of a stage's layout on a cluster (fits, or the component "
+                                "that breaks it) and, for RL stages, the predicted step time and where it goes")
     p.add_argument("config", help="stage YAML (a path, or a name under conf/stages/)")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. parallel.pipeline_model_parallel_size=16")
     p.add_argument("--nodes", type=int, help="nodes of --gpu (default: $SLURM_NNODES, else the smallest world the layout needs)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--host-gib", type=float, help="CPU memory of one node in GiB (default: the GPU's usual node, e.g. 2048 for a DGX H100)")
     p.add_argument("--search", action="store_true", help="also report the smallest node count on which the layout fits")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
@@ -223,7 +225,11 @@ def _plan(argv: list[str]) -> int:
     if args.gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
     cfg = load_config(args.config, args.overrides)
+    if args.host_gib is not None and args.host_gib <= 0:
+        raise ConfigError(f"--host-gib must be > 0, got {args.host_gib}")
     gpu = dataclasses.replace(GPUS[args.gpu], per_node=args.gpus_per_node)
+    if args.host_gib is not None:
+        gpu = dataclasses.replace(gpu, host_memory_gib=args.host_gib)
     nodes = args.nodes or int(os.environ.get("SLURM_NNODES", 0))
     if not nodes:
         p = cfg.parallel

@@ -365,6 +365,18 @@ class RewardModelConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What `megatron-r1 plan` assumes about a step beyond what the stage config says (its time model,
+    `planner/timing.py`). Only the plan command reads it; a run measures the real thing."""
+
+    prompt_tokens_mean: int = 0  # mean prompt length (0: half of data.max_prompt_tokens)
+    response_tokens_mean: int = 0  # mean response length (0: half of rollout.max_response_tokens)
+    response_tokens_max: int = 0  # the longest response of a step: generation lasts at least this many decode steps (0: rollout.max_response_tokens, some response hits the cap)
+    logprob_passes: int | None = None  # trainer forward passes before the update (None: this trainer's: reference model when grpo.kl_beta > 0, old policy when grpo.updates_per_rollout > 1)
+    refit_transfer: Literal["full_tensors", "engine_shard"] = "full_tensors"  # what each GPU receives at a refit: full_tensors (this trainer: every rank streams every full tensor to its worker) | engine_shard (its engine shard only, as a resharding refit does)
+
+
+@dataclass
 class StageConfig:
     """One stage of the R1 pipeline, everything it needs."""
 
@@ -385,6 +397,7 @@ class StageConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # read by `megatron-r1 plan` only
 
 
 # --------------------------------------------------------------------------------------------

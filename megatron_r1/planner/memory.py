@@ -29,28 +29,12 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_r1.config import ConfigError, StageConfig
+from megatron_r1.planner.gpus import GPUS, Gpu  # noqa: F401  (GPUS: re-exported)
 from megatron_r1.planner.activations import BYTES, Shape, layer_bytes, loss_bytes, recompute_kept_bytes
 from megatron_r1.planner.params import ParamCounts, rank_parameters
+from megatron_r1.planner.timing import step_time
 
 GiB = 1024**3
-
-
-@dataclass(frozen=True)
-class Gpu:
-    """A GPU and the node around it."""
-
-    name: str
-    memory_gib: float  # what `torch.cuda.mem_get_info` reports as total
-    per_node: int = 8
-    host_memory_gib: float = 2048.0  # CPU memory of one node (DGX: 2 TiB)
-    reserve_gib: float = 5.0  # CUDA context + NCCL buffers + allocator fragmentation
-
-
-GPUS = {
-    "h100": Gpu("H100 80GB", 79.6),
-    "h200": Gpu("H200 141GB", 139.8),
-    "b200": Gpu("B200 180GB", 178.4),
-}
 
 
 @dataclass
@@ -76,6 +60,16 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     smallest_fitting_nodes: int | None = None
     searched_up_to: int = 0  # --search: the largest node count tried (0: no search)
+    # RL: the trainer during generation, for the recipe's memory.swap_during_rollout (worst rank)
+    swap_mode: str = "none"
+    trainer_leftover_gib_per_gpu: float | None = None  # trainer state left on the GPU while the engine generates
+    kv_cache_gib_per_gpu: float | None = None  # the engine's KV cache at the recipe's gpu_memory_utilization
+    refit_peak_bytes: int = 0  # trainer weights + engine weights + one sync bucket, during the refit
+    swap_modes: dict = field(default_factory=dict)  # per mode: leftover, the largest utilization that fits, its KV cache and sequences
+    # The time model (planner/timing.py): None for stages it does not cover
+    step_seconds: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    time: dict | None = None
 
 
 RL_STAGES = ("r1_zero", "reasoning_rl", "final_rl")
@@ -119,6 +113,26 @@ def workload(cfg: StageConfig) -> Workload:
     sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt // max(cfg.grpo.updates_per_rollout, 1)
     scorer = cfg.data.general_share > 0 and cfg.reward.general_scorer == "reward_model"
     return Workload("rl", seq, cfg.grpo.micro_batch_size, sequences, cfg.grpo.kl_beta > 0, reward_model=scorer)
+
+
+# What each memory.swap_during_rollout mode moves off the device during generation (train/memory.py).
+SWAPPED = {
+    "none": (),
+    "except_weights": ("gradients", "optimizer", "reference"),
+    "all": ("gradients", "optimizer", "reference", "weights"),
+}
+RESIDENT = ("weights", "gradients", "optimizer", "reference", "reward_model")  # the trainer's state between steps
+
+
+def leftover_bytes(parts: dict, mode: str) -> int:
+    """The trainer's bytes on a GPU while the engine generates: its state minus what `mode` moves
+    out (the FP8 weight copies are always released; activations are gone after the update)."""
+    return sum(parts.get(k, 0) for k in RESIDENT if k not in SWAPPED[mode])
+
+
+def pinned_host_bytes(parts: dict, mode: str) -> int:
+    """Host memory one GPU's swap pins: what `mode` moves out, except the gradients (released, not copied)."""
+    return sum(parts.get(k, 0) for k in SWAPPED[mode] if k != "gradients")
 
 
 def _divides(a: int, b: int) -> bool:
@@ -301,6 +315,8 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         "fp8": cfg.model.fp8_recipe,
     }
     engine = _engine(cfg, counts, gpu) if wl.engine else None  # SFT-like stages start no engine
+    swap = cfg.memory.swap_during_rollout if wl.kind == "rl" else "none"
+    bucket = cfg.rollout.sync_bucket_mb * 2**20
     stages = []
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     ranks_split = _divides(tp * pp * cp, world) and (
@@ -311,18 +327,26 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
             parts = _stage_memory(cfg, counts, world, stage, flash_attention)
             resident = sum(v for k, v in parts.items() if k not in ("activations", "loss", "optimizer_on_host"))
             train = resident + parts["activations"] + parts["loss"] + reserve if wl.trains else 0
-            rollout = resident - parts.get("fp8_weight_copies", 0) + engine["budget_bytes"] + reserve if engine else 0
-            stages.append({"stage": stage, "layers": layout["layers_per_stage"][stage], **parts, "train_peak": train, "rollout_peak": rollout})
+            rollout = leftover_bytes(parts, swap) + engine["budget_bytes"] + reserve if engine else 0
+            # The refit streams the policy's weights (resident then, whatever the mode) into the woken engine weights.
+            refit = (leftover_bytes(parts, swap) + (parts["weights"] if swap == "all" else 0) + engine["weights_bytes"]
+                     + bucket + reserve) if engine and wl.trains else 0
+            stages.append({"stage": stage, "layers": layout["layers_per_stage"][stage], **parts, "train_peak": train, "rollout_peak": rollout,
+                           "refit_peak": refit, "leftover": {m: leftover_bytes(parts, m) for m in SWAPPED},
+                           "pinned_host": pinned_host_bytes(parts, swap)})
     if not stages:
         return Plan(nodes, world, gpu.name, layout, counts.total, counts.mtp.total, active, {}, 0, 0, capacity, 0, engine, [],
                     False, "layout", problems)
 
-    worst = max(stages, key=lambda s: max(s["train_peak"], s["rollout_peak"]))
-    per_gpu = {k: v for k, v in worst.items() if k not in ("stage", "layers", "train_peak", "rollout_peak", "optimizer_on_host")}
+    worst = max(stages, key=lambda s: (max(s["train_peak"], s["rollout_peak"], s["refit_peak"]), s["train_peak"]))
+    leftover = {m: max(s["leftover"][m] for s in stages) for m in SWAPPED}  # the stage that keeps the most
+    pinned = max(s["pinned_host"] for s in stages)
+    per_gpu = {k: v for k, v in worst.items() if k not in ("stage", "layers", "train_peak", "rollout_peak", "refit_peak", "optimizer_on_host",
+                                                         "leftover", "pinned_host")}
     per_gpu.update(runtime_reserve=reserve)
     if engine:
         per_gpu.update(engine_weights=engine["weights_bytes"], engine_kv_cache=engine["kv_cache_bytes"])
-    host = max(s["optimizer_on_host"] for s in stages) * gpu.per_node
+    host = max(s["optimizer_on_host"] + s["pinned_host"] for s in stages) * gpu.per_node
     breaks = None
     if engine is None:
         pass
@@ -335,16 +359,19 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     elif engine["concurrent_sequences"] < 1:
         problems.append(f"engine: {engine['kv_tokens']} KV tokens do not hold one {cfg.rollout.max_model_len}-token sequence")
         breaks = "engine_kv_cache"
-    resident = ("weights", "gradients", "optimizer", "reference", "reward_model")
+    resident = tuple(k for k in RESIDENT if k not in SWAPPED[swap])
     phases = {}
     if wl.trains:
-        phases["train"] = (worst["train_peak"], resident + ("fp8_weight_copies", "activations", "loss"))
-    if engine:  # FP8 copies released before the engine wakes
+        phases["train"] = (worst["train_peak"], RESIDENT + ("fp8_weight_copies", "activations", "loss"))
+    if engine:  # FP8 copies released before the engine wakes; the swap's share moved out
         phases["rollout"] = (worst["rollout_peak"], resident + ("engine_budget",))
+    if engine and wl.trains:
+        phases["refit"] = (worst["refit_peak"], tuple(dict.fromkeys(resident + ("weights",))) + ("engine_weights",))
     for phase, (peak, names) in phases.items():
         if peak > capacity:
             parts = {k: worst.get(k, 0) for k in names}
             parts["engine_budget"] = engine["budget_bytes"] if phase == "rollout" and engine else 0
+            parts["engine_weights"] = engine["weights_bytes"] if phase == "refit" else 0
             largest = max(parts, key=parts.get)
             problems.append(
                 f"{phase}: {peak / GiB:.1f} GiB on pipeline stage {worst['stage']} exceeds {capacity / GiB:.1f} GiB; "
@@ -352,14 +379,43 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
             )
             breaks = breaks or largest
     if host > gpu.host_memory_gib * GiB:
-        problems.append(f"host: {host / GiB:.0f} GiB of offloaded optimizer state per node exceeds {gpu.host_memory_gib:.0f} GiB")
-        breaks = breaks or "optimizer_on_host"
+        what = "offloaded optimizer state" + (f" and state swapped out during generation ({swap})" if swap != "none" else "")
+        fix = "lower memory.optimizer_offload_fraction" + (" or use memory.swap_during_rollout=except_weights / none" if swap != "none" else "")
+        problems.append(f"host: {host / GiB:.0f} GiB of {what} per node exceeds {gpu.host_memory_gib:.0f} GiB (--host-gib); {fix}, or add nodes")
+        breaks = breaks or "host_memory"
     if problems and breaks is None:
         breaks = "layout"
-    return Plan(
+    result = Plan(
         nodes, world, gpu.name, layout, counts.total, counts.mtp.total, active, per_gpu,
         worst["train_peak"], worst["rollout_peak"], capacity, host, engine, stages, not problems, breaks, problems,
     )
+    if engine and wl.kind == "rl":
+        result.swap_mode = swap
+        result.refit_peak_bytes = max(s["refit_peak"] for s in stages)
+        result.trainer_leftover_gib_per_gpu = round(leftover[swap] / GiB, 2)
+        result.kv_cache_gib_per_gpu = round(engine["kv_cache_bytes"] / GiB, 2)
+        result.swap_modes = {m: _with_swap(cfg, engine, leftover[m], gpu, world) for m in SWAPPED}
+        result.time = step_time(cfg, counts, active, gpu, world, layout, engine, pinned)
+        result.step_seconds = round(result.time["step_seconds"], 1)
+        result.tokens_per_s_per_gpu = round(result.time["tokens_per_s_per_gpu"], 2)
+    return result
+
+
+def _with_swap(cfg: StageConfig, engine: dict, leftover: int, gpu: Gpu, world: int) -> dict:
+    """What the engine could have beside `leftover` trainer bytes: the largest gpu_memory_utilization
+    that fits (capacity minus leftover and reserve, in steps of 0.01), its KV cache and sequences."""
+    capacity = gpu.memory_gib * GiB
+    utilization = math.floor((capacity - leftover - gpu.reserve_gib * GiB) / capacity * 100) / 100
+    kv = max(0, int(utilization * capacity) - engine["weights_bytes"])
+    per_engine = kv // engine["kv_bytes_per_token"] // cfg.rollout.max_model_len
+    engines = world // (engine["tensor_parallel"] * engine["pipeline_parallel"])
+    return {
+        "trainer_leftover_gib": round(leftover / GiB, 2),
+        "max_gpu_memory_utilization": utilization,
+        "kv_cache_gib": round(kv / GiB, 2),
+        "sequences_per_engine": int(per_engine),
+        "sequences_on_cluster": int(per_engine * engines),
+    }
 
 
 def _split_or_none(parallel, num_layers: int) -> list[int] | None:

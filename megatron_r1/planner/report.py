@@ -77,7 +77,19 @@ def to_table(result: Plan) -> str:
                 f"({eng['concurrent_sequences']} sequences of max_model_len at once)"
             )
         if result.host_bytes_per_node:
-            lines.append(f"host: {result.host_bytes_per_node / GiB:.0f} GiB of optimizer state per node")
+            what = "optimizer state" + (" and swapped trainer state" if result.swap_mode != "none" else "")
+            lines.append(f"host: {result.host_bytes_per_node / GiB:.0f} GiB of {what} per node")
+        if result.swap_modes:
+            lines += ["", f"during generation (memory.swap_during_rollout={result.swap_mode}): trainer keeps "
+                      f"{result.trainer_leftover_gib_per_gpu:.1f} GiB/GPU, engine KV cache {result.kv_cache_gib_per_gpu:.1f} GiB/GPU; refit peak "
+                      f"{result.refit_peak_bytes / GiB:.1f} GiB",
+                      f"  {'swap mode':<16}{'trainer keeps':>14}{'max utilization':>17}{'KV cache':>10}{'sequences/engine':>18}{'on cluster':>12}"]
+            for mode, m in result.swap_modes.items():
+                lines.append(f"  {mode + (' *' if mode == result.swap_mode else ''):<16}{m['trainer_leftover_gib']:>10.1f} GiB"
+                             f"{m['max_gpu_memory_utilization']:>17.2f}{m['kv_cache_gib']:>6.1f} GiB{m['sequences_per_engine']:>18}{m['sequences_on_cluster']:>12}")
+            lines.append("  (KV cache and sequences at the largest gpu_memory_utilization each mode leaves room for; sequences of max_model_len)")
+        if result.time:
+            lines += ["", *time_lines(result.time)]
     lines.append("")
     lines.append("fits" if result.fits else f"does not fit: {result.breaks}")
     lines += [f"  - {p}" for p in result.problems]
@@ -85,3 +97,18 @@ def to_table(result: Plan) -> str:
         lines.append(f"smallest node count that fits: {result.smallest_fitting_nodes}" if result.smallest_fitting_nodes is not None
                      else f"no node count up to {result.searched_up_to} fits")
     return "\n".join(lines)
+
+
+def time_lines(t: dict) -> list[str]:
+    """The time model's answer: step seconds, tokens/s/GPU, each phase and its share."""
+    g, L = t["generation"], t["lengths"]
+    return [
+        f"predicted step: {t['step_seconds']:.1f} s, {t['tokens_per_s_per_gpu']:.2f} tokens/s/GPU (prompt + response tokens)"
+        f" for {t['sequences']} sequences of {L['prompt_mean']:.0f} + {L['response_mean']:.0f} tokens (longest response {L['response_max']:.0f})",
+        *(f"  {phase:<12}{seconds:>10.1f} s {100 * t['share'][phase]:>5.1f} %" for phase, seconds in t["seconds"].items()),
+        f"  generation: {g['engines']} engines x {g['sequences_per_engine']} sequences, {g['concurrency']:.0f} at once, "
+        f"{g['decode_steps']:,.0f} decode steps of {g['decode_step_ms']:.1f} ms; trainer: {t['logprob_passes']} logprob pass(es), "
+        f"pipeline bubble {100 * t['pipeline_bubble']:.0f} %; refit {t['refit_gib_per_gpu']:.1f} GiB/GPU, swap {t['swap_gib_per_gpu']:.1f} GiB/GPU each way",
+        f"  assumptions: train MFU {t['assumptions']['train_mfu']:.4f} (fitted, see README), prefill MFU {t['assumptions']['prefill_mfu']}, "
+        f"decode at {t['assumptions']['decode_bandwidth']:.0%} of HBM bandwidth; set the lengths under plan: in the config",
+    ]

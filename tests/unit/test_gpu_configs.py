@@ -77,9 +77,12 @@ def test_671b_host_memory_counts_sixteen_bytes_per_offloaded_parameter(one_rank)
     assert result.fits
     stage = max(result.stages, key=lambda s: s["optimizer_on_host"])
     assert stage["optimizer"] == 0
-    # 16 B per parameter of the rank's optimizer shard (dense over DP 8, experts over expert-DP 1)
-    assert result.host_bytes_per_node == 8 * stage["optimizer_on_host"]
-    assert 300 * 2**30 < result.host_bytes_per_node < 400 * 2**30
+    # 16 B per parameter of the rank's optimizer shard (dense over DP 8, experts over expert-DP 1),
+    # plus what the swap pins during generation (the weights and the reference model, 2 B each)
+    assert stage["pinned_host"] == stage["weights"] + stage["reference"]
+    assert result.host_bytes_per_node == 8 * (stage["optimizer_on_host"] + stage["pinned_host"])
+    assert 300 * 2**30 < 8 * stage["optimizer_on_host"] < 400 * 2**30
+    assert result.host_bytes_per_node < 2048 * 2**30
 
 
 # 6. The precision-aware optimizer needs the distributed optimizer ------------------------------

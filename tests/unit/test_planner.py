@@ -20,7 +20,7 @@ OLD_LAYOUT = [  # what conf/stages/r1_zero_deepseek_v3.yaml shipped before the p
     "parallel.num_layers_in_first_pipeline_stage=null", "parallel.num_layers_in_last_pipeline_stage=null",
     "parallel.expert_model_parallel_size=32", "memory.recompute=none", "memory.optimizer_offload_fraction=0",
     "rollout.engine_tensor_parallel_size=8", "rollout.engine_pipeline_parallel_size=1",
-    "rollout.gpu_memory_utilization=0.5", "model.mtp_num_layers=1",
+    "rollout.gpu_memory_utilization=0.5", "model.mtp_num_layers=1", "memory.swap_during_rollout=none",
 ]
 
 
@@ -116,9 +116,10 @@ def test_search_finds_the_smallest_node_count():
     # EP16 x PP16 needs 256 GPUs: nothing smaller exists, and 32 nodes fit.
     _, out = _plan("conf/stages/r1_zero_deepseek_v3.yaml", "--search", "--nodes", "32")
     assert out["smallest_fitting_nodes"] == 32
-    # Adam's state on the GPUs: no node count up to 1,024 leaves room for the engine.
-    code, out = _plan("conf/stages/r1_zero_deepseek_v3.yaml", "memory.optimizer_offload_fraction=0", "--search", "--nodes", "32")
-    assert code == 1 and out["smallest_fitting_nodes"] is None and out["breaks"] == "engine_budget"
+    # Adam's state on the GPUs and no swap: only a shard thinned over 80 data-parallel ranks leaves the engine room.
+    no_swap = ["memory.swap_during_rollout=none", "rollout.gpu_memory_utilization=0.6"]
+    code, out = _plan("conf/stages/r1_zero_deepseek_v3.yaml", "memory.optimizer_offload_fraction=0", *no_swap, "--search", "--nodes", "32")
+    assert code == 1 and out["smallest_fitting_nodes"] == 320 and out["breaks"] == "engine_budget"
 
 
 def test_table_names_the_verdict():
@@ -175,8 +176,12 @@ def test_plan_arguments_are_checked_and_explained(one_rank):
     assert "591.2K parameters" in table and "0.00B" not in table and "1 node x 1 H100 80GB = 1 GPU " in table
     table = to_table(plan_stage(load_config(ROOT / "conf/stages/sft_tiny.yaml", []), 1, GPUS["h100"]))
     assert "training only, no engine" in table and "engine budget" not in table
-    on_gpus = load_config(ROOT / "conf/stages/r1_zero_deepseek_v3.yaml", ["memory.optimizer_offload_fraction=0", "memory.precision_aware_optimizer=false"])
-    assert "no node count up to 1024 fits" in to_table(plan_stage(on_gpus, 32, GPUS["h100"], search=True))
+    on_gpus = ["memory.optimizer_offload_fraction=0", "memory.precision_aware_optimizer=false"]
+    no_swap = load_config(ROOT / "conf/stages/r1_zero_deepseek_v3.yaml", [*on_gpus, "memory.swap_during_rollout=none"])
+    assert "no node count up to 1024 fits" in to_table(plan_stage(no_swap, 32, GPUS["h100"], search=True))
+    # Adam's state moved out during generation: the engine gets its room, training needs 64 nodes.
+    swapped = load_config(ROOT / "conf/stages/r1_zero_deepseek_v3.yaml", on_gpus)
+    assert "smallest node count that fits: 64" in to_table(plan_stage(swapped, 32, GPUS["h100"], search=True))
     split = load_config(ROOT / "conf/stages/r1_zero_deepseek_v3.yaml", ["parallel.num_layers_in_first_pipeline_stage=5"])
     table = to_table(plan_stage(split, 32, GPUS["h100"]))
     assert "with 5 on the first stage, 2 on the last stage" in table and "None" not in table
