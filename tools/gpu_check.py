@@ -11,6 +11,11 @@ resident state) beside the planner's figure for the same config (`planner.memory
 * `fp8` (Transformer Engine and an FP8-capable GPU only): TE's FP8 weight caches after a training
   step, and what `train.memory.free_for_engine` gives back before the engine would wake.
 
+In each set-up the trainer is then swapped out (`memory.swap_during_rollout` except_weights and all,
+with a reference model beside the policy): `torch.cuda.memory_allocated` before, during generation and
+after, the leftover against the planner's, the host-copy rate against its assumption, and the weights
+restored bit for bit.
+
 The planner must err safe: exit 1 when a measured figure exceeds the planner's by more than
 `--tolerance` (default 10 %), 0 otherwise. Without CUDA it says so and exits 0.
 
@@ -87,12 +92,14 @@ def measure(name: str, overrides: list[str]) -> dict:
         release_probe = release_fp8_weight_caches(model)
         free_for_engine(model)
         fp8_freed = held - _allocated()
+    swap = swap_round_trip(cfg, ddp, optimizer, planned)
     rows = {
         "weights": (planned["weights"], weights),
         "gradients": (planned["gradients"], gradients),
         "optimizer (GPU)": (planned["optimizer"], optimizer_bytes),
         "activations + loss": (planned["activations"] + planned["loss"], activations),
     }
+    rows.update(swap)
     if cfg.model.fp8_recipe:
         rows["FP8 weight caches"] = (planned.get("fp8_weight_copies", 0), fp8_cached)
         rows["FP8 freed for the engine"] = (planned.get("fp8_weight_copies", 0), fp8_freed)
@@ -100,6 +107,47 @@ def measure(name: str, overrides: list[str]) -> dict:
     free_for_engine()
     print(f"{name}: losses {losses[0]:.3f} -> {losses[1]:.3f}; release_fp8_weight_caches reported {release_probe / GiB:.2f} GiB")
     return {k: (int(p), int(m)) for k, (p, m) in rows.items()}
+
+
+def swap_round_trip(cfg, ddp, optimizer, planned: dict) -> dict:
+    """`memory.swap_during_rollout` on CUDA with a reference model beside the policy: allocated bytes
+    before, during (what the engine would find) and after, against the planner's leftover; the copy
+    rate against the planner's host-link assumption. Exact restore is checked on the weights."""
+    import time
+
+    from megatron_r1.models.build import build_model
+    from megatron_r1.planner.gpus import GPUS
+    from megatron_r1.planner.memory import leftover_bytes
+    from megatron_r1.planner.timing import EFFICIENCY
+    from megatron_r1.train.memory import TrainerSwap, free_for_engine
+
+    reference = build_model(cfg.model, cfg.parallel, cfg.memory).eval().requires_grad_(False)
+    parts = {**planned, "reference": planned["weights"]}
+    rows = {}
+    for mode in ("except_weights", "all"):
+        free_for_engine(ddp, reference)
+        snapshot = [p.detach().clone().cpu() for p in list(ddp.parameters())[:4]]
+        swap = TrainerSwap(mode, ddp, optimizer, reference)
+        before = _allocated()
+        t0 = time.perf_counter()
+        moved = swap.offload_state() + swap.offload_weights()
+        out_seconds = time.perf_counter() - t0
+        free_for_engine()
+        during = _allocated()
+        t0 = time.perf_counter()
+        swap.restore()
+        back_seconds = time.perf_counter() - t0
+        after = _allocated()
+        exact = all(torch.equal(a, p.detach().cpu()) for a, p in zip(snapshot, ddp.parameters()))
+        copied = moved - swap.moved_bytes["gradients"]  # gradients are released, not copied
+        print(f"swap {mode}: allocated {before / GiB:.2f} -> {during / GiB:.2f} (during generation) -> {after / GiB:.2f} GiB; "
+              f"out {copied / max(out_seconds, 1e-9) / 1e9:.1f} GB/s, back {copied / max(back_seconds, 1e-9) / 1e9:.1f} GB/s "
+              f"(planner assumes {GPUS['h100'].host_link_gb_s * EFFICIENCY.host_link:.0f}); weights restored exactly: {exact}")
+        if not exact or after < before:
+            raise SystemExit(f"gpu_check: swap {mode} did not restore the trainer's state")
+        rows[f"left during rollout ({mode})"] = (leftover_bytes(parts, mode), during)
+    del reference
+    return rows
 
 
 def main() -> int:

@@ -1,0 +1,102 @@
+"""`megatron-r1 plan` for RL stages: the trainer during generation per swap mode, host memory, and
+the step-time model against NeMo-RL's published DeepSeek-V3 runs (README, "Planning a cluster run")."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_r1.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "conf/stages/r1_zero_deepseek_v3.yaml"
+
+
+def _plan(path, overrides=(), nodes=32, gpu="h100", **gpu_changes):
+    from megatron_r1.planner import GPUS, plan_stage
+
+    return plan_stage(load_config(path, list(overrides)), nodes, dataclasses.replace(GPUS[gpu], **gpu_changes))
+
+
+def test_the_671b_recipe_swaps_its_trainer_out_and_predicts_its_step(one_rank):
+    proc = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", str(RECIPE), "--nodes", "32", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["swap_mode"] == "all" and out["trainer_leftover_gib_per_gpu"] <= 5 and out["kv_cache_gib_per_gpu"] >= 26
+    assert out["step_seconds"] > 0 and out["tokens_per_s_per_gpu"] > 0
+    shares = out["time"]["share"]
+    assert set(shares) == {"generation", "logprob", "train", "refit", "swap"} and sum(shares.values()) == pytest.approx(1.0)
+    modes = out["swap_modes"]
+    assert modes["none"]["trainer_leftover_gib"] > modes["except_weights"]["trainer_leftover_gib"] > modes["all"]["trainer_leftover_gib"]
+    assert modes["none"]["kv_cache_gib"] < modes["except_weights"]["kv_cache_gib"] < modes["all"]["kv_cache_gib"]
+    assert out["refit_peak_bytes"] <= out["capacity_bytes"]
+
+    # The same layout without the swap at the old utilization: what the issue measured.
+    old = _plan(RECIPE, ["memory.swap_during_rollout=none", "rollout.gpu_memory_utilization=0.6"])
+    assert old.fits and old.kv_cache_gib_per_gpu == pytest.approx(8.7, abs=0.05)
+    assert old.trainer_leftover_gib_per_gpu == pytest.approx(24.5, abs=0.1)  # weights 6.1 + fp32 gradients 12.2 + reference 6.1
+    # ... and the swap's room taken without the swap: the rollout peak breaks the GPU.
+    greedy = _plan(RECIPE, ["memory.swap_during_rollout=none"])
+    assert not greedy.fits and any(p.startswith("rollout:") for p in greedy.problems)
+
+
+def test_swap_pins_host_memory_and_a_small_host_is_refused(one_rank):
+    fits = _plan(RECIPE)
+    assert fits.fits and fits.host_bytes_per_node < 2048 * 2**30
+    small = _plan(RECIPE, host_memory_gib=400)
+    assert not small.fits and small.breaks == "host_memory"
+    assert any("host:" in p and "--host-gib" in p and "swap_during_rollout" in p for p in small.problems)
+    proc = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", str(RECIPE), "--nodes", "32", "--host-gib", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == "megatron-r1 plan: --host-gib must be > 0, got 0.0"
+
+
+def test_the_calibration_point_is_fitted_and_the_others_are_predicted(one_rank):
+    from megatron_r1.planner.calibration import PUBLISHED, fitted_train_mfu, table
+    from megatron_r1.planner.timing import EFFICIENCY
+
+    assert fitted_train_mfu() == pytest.approx(EFFICIENCY.train_mfu, rel=0.005)  # the stored constant is the fit
+    rows = {r["run"]: r for r in table()}
+    fitted, predicted = (rows[p.name] for p in PUBLISHED)
+    assert abs(fitted["step_error_pct"]) < 1 and abs(fitted["tokens_error_pct"]) < 1
+    # Not refitted: within the target of +-30 %, and pinned so that a model change shows here first.
+    assert abs(predicted["step_error_pct"]) <= 30 and abs(predicted["tokens_error_pct"]) <= 30
+    assert predicted["predicted_step_seconds"] == pytest.approx(90.9, abs=0.5)
+    assert predicted["predicted_tokens_per_s_per_gpu"] == pytest.approx(8.88, abs=0.05)
+    refit = rows["refit, 256 H100 (engine shard per GPU)"]
+    assert refit["predicted_refit_seconds"] == pytest.approx(1.4, abs=0.1)  # 46 % under the published 2.4-2.8 s (README)
+
+
+def test_the_time_model_moves_the_way_the_hardware_does(one_rank):
+    from megatron_r1.planner.timing import expert_share_touched
+
+    nemo = ROOT / "conf/reference/nemo_rl_deepseek_v3_256.yaml"
+    base = _plan(nemo).time["seconds"]
+    # Twice the prompts: twice the trainer's FLOPs, with less of a pipeline bubble.
+    double = _plan(nemo, ["grpo.prompts_per_step=64"]).time["seconds"]
+    assert 1.5 * base["train"] < double["train"] < 2 * base["train"]
+    # FP8 doubles the peak: half the trainer time.
+    fp8 = _plan(nemo, ["model.fp8_recipe=blockwise"]).time["seconds"]
+    assert fp8["train"] == pytest.approx(base["train"] / 2, rel=1e-2)
+    # Twice the HBM bandwidth: faster decode; H200 memory: more KV cache, same or faster generation.
+    assert _plan(nemo, hbm_tb_s=6.7).time["seconds"]["generation"] < base["generation"]
+    # A full-tensor refit (this trainer's) moves the whole model through every GPU.
+    full = _plan(nemo, ["plan.refit_transfer=full_tensors"]).time
+    assert full["seconds"]["refit"] > 20 * base["refit"] and full["refit_gib_per_gpu"] == pytest.approx(1250, rel=0.01)
+    # Longer responses: the longest one bounds generation.
+    long = _plan(nemo, ["plan.response_tokens_max=3000", "rollout.max_model_len=4096", "rollout.max_response_tokens=3000"]).time
+    assert long["generation"]["decode_steps"] == 3000
+    assert 0 < expert_share_touched(load_config(nemo, []), 1) < expert_share_touched(load_config(nemo, []), 64) < 1
+
+
+def test_stages_without_an_engine_get_no_time_and_tiny_rl_does(one_rank):
+    sft = _plan(ROOT / "conf/stages/sft_tiny.yaml", nodes=1)
+    assert sft.time is None and sft.step_seconds is None and sft.swap_modes == {}
+    tiny = _plan(ROOT / "conf/stages/r1_zero_tiny.yaml", ["memory.swap_during_rollout=all"], nodes=1)
+    assert tiny.step_seconds > 0 and tiny.trainer_leftover_gib_per_gpu == 0.0
