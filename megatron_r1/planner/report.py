@@ -55,7 +55,7 @@ def to_table(result: Plan) -> str:
             + f", recompute {lay['recompute']}, optimizer offload {lay['optimizer_offload_fraction']:.0%}"
         )
     if result.per_gpu_bytes:
-        worst = max(result.stages, key=lambda s: max(s["train_peak"], s["rollout_peak"]))
+        worst = max(result.stages, key=lambda s: (max(s["train_peak"], s["rollout_peak"], s["refit_peak"]), s["train_peak"]))  # as memory.plan picks it
         where = f"pipeline stage {worst['stage']}, {worst['layers']} layers" if lay["stage_kind"] != "generate" else "engine only"
         lines += ["", f"{'per GPU, worst rank (' + where + ')':<48}   GiB"]
         for key, label in _ORDER:

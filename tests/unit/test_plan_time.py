@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +21,18 @@ def _plan(path, overrides=(), nodes=32, gpu="h100", **gpu_changes):
     return plan_stage(load_config(path, list(overrides)), nodes, dataclasses.replace(GPUS[gpu], **gpu_changes))
 
 
-def test_the_671b_recipe_swaps_its_trainer_out_and_predicts_its_step(one_rank):
-    proc = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", str(RECIPE), "--nodes", "32", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from megatron_r1.cli import main
+
+    code = main(["plan", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_671b_recipe_swaps_its_trainer_out_and_predicts_its_step(one_rank, capsys):
+    code, printed, _ = _cli(capsys, str(RECIPE), "--nodes", "32", "--json")
+    assert code == 0
+    out = json.loads(printed)
     assert out["swap_mode"] == "all" and out["trainer_leftover_gib_per_gpu"] <= 5 and out["kv_cache_gib_per_gpu"] >= 26
     assert out["step_seconds"] > 0 and out["tokens_per_s_per_gpu"] > 0
     shares = out["time"]["share"]
@@ -46,15 +51,16 @@ def test_the_671b_recipe_swaps_its_trainer_out_and_predicts_its_step(one_rank):
     assert not greedy.fits and any(p.startswith("rollout:") for p in greedy.problems)
 
 
-def test_swap_pins_host_memory_and_a_small_host_is_refused(one_rank):
+def test_swap_pins_host_memory_and_a_small_host_is_refused(one_rank, capsys):
     fits = _plan(RECIPE)
     assert fits.fits and fits.host_bytes_per_node < 2048 * 2**30
     small = _plan(RECIPE, host_memory_gib=400)
     assert not small.fits and small.breaks == "host_memory"
     assert any("host:" in p and "--host-gib" in p and "swap_during_rollout" in p for p in small.problems)
-    proc = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "plan", str(RECIPE), "--nodes", "32", "--host-gib", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == "megatron-r1 plan: --host-gib must be > 0, got 0.0"
+    code, _, err = _cli(capsys, str(RECIPE), "--nodes", "32", "--host-gib", "0")
+    assert code == 2 and err.strip() == "megatron-r1 plan: --host-gib must be > 0, got 0.0"
+    code, table, _ = _cli(capsys, str(RECIPE), "--nodes", "32", "--host-gib", "400")
+    assert code == 1 and "does not fit: host_memory" in table
 
 
 def test_the_calibration_point_is_fitted_and_the_others_are_predicted(one_rank):
