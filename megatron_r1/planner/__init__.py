@@ -8,7 +8,8 @@ optimizer, reference model and the colocated engine per GPU and gives the verdic
 from __future__ import annotations
 
 from megatron_r1.config import StageConfig
-from megatron_r1.planner.memory import GPUS, Gpu, Plan, plan, search_nodes
+from megatron_r1.planner.gpus import GPUS, Gpu
+from megatron_r1.planner.memory import Plan, plan, search_nodes
 from megatron_r1.planner.params import ParamCounts, active_parameters, count_parameters
 
 SEARCH_MAX_NODES = 1024  # --search tries 1 .. this many nodes

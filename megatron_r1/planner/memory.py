@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_r1.config import ConfigError, StageConfig
-from megatron_r1.planner.gpus import GPUS, Gpu  # noqa: F401  (GPUS: re-exported)
+from megatron_r1.planner.gpus import Gpu
 from megatron_r1.planner.activations import BYTES, Shape, layer_bytes, loss_bytes, recompute_kept_bytes
 from megatron_r1.planner.params import ParamCounts, rank_parameters
 from megatron_r1.planner.timing import step_time
