@@ -295,6 +295,7 @@ def setup() -> None:
     if not has_transformer_engine():
         _megatron_without_te()
     if has_cuda():
+        _count_real_tokens_only()
         return
     install_cuda_stand_ins()
     from megatron.core.transformer.moe import moe_utils
@@ -306,6 +307,7 @@ def setup() -> None:
     # first call would spend seconds generating C++ for no measurable gain.
     if hasattr(TopKRouter._apply_expert_bias, "__wrapped__"):
         TopKRouter._apply_expert_bias = TopKRouter._apply_expert_bias.__wrapped__
+    _count_real_tokens_only()
     # Entered for the life of the process: every Megatron call from here on sees a CPU "cuda".
     mode = CudaToCpuMode(strict=strict_devices())
     mode.__enter__()
@@ -313,6 +315,26 @@ def setup() -> None:
     if mode.strict:
         _check_collective_devices()
     log.debug("installed the Megatron-Core CPU adaptation")
+
+
+def _count_real_tokens_only() -> None:
+    """Megatron-Core 0.16.1 flattens a router's padding mask to `[tokens]` and then masks the
+    `[tokens, experts]` routing map with it, which fails to broadcast: a forward given a padding mask
+    (as `train.step` gives MoE training forwards, so that right padding does not count in the expert
+    load the aux-loss-free bias balances) would stop there. Mask per token, as intended."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    original = TopKRouter._apply_expert_bias
+    if getattr(original, "_r1_per_token_mask", False):
+        return
+
+    def apply_expert_bias(self, routing_map, padding_mask=None):
+        if padding_mask is not None and padding_mask.dim() == routing_map.dim() - 1:
+            padding_mask = padding_mask.unsqueeze(-1)
+        return original(self, routing_map, padding_mask=padding_mask)
+
+    apply_expert_bias._r1_per_token_mask = True
+    TopKRouter._apply_expert_bias = apply_expert_bias
 
 
 def _keep_mode_during_backward(mode: CudaToCpuMode) -> None:

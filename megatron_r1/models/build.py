@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1 import platform
@@ -109,6 +110,8 @@ def transformer_config(
             moe_token_dispatcher_type="alltoall" if on_cuda else "allgather",
             moe_grouped_gemm=use_te,
             moe_permute_fusion=False,
+            # A routing-replay slot in every router (idle until R2/R3 set an action: train/moe_routing.py).
+            moe_enable_routing_replay=True,
         )
     if not model.multi_latent_attention:
         return TransformerConfig(**common)
@@ -135,6 +138,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, memory: MemoryConf
     """Build this rank's shard of the model (pipeline stage, TP/EP partition)."""
     check_model_config(model)
     gpt = gpt_model(transformer_config(model, parallel, memory), model)
+    # Megatron also lists every replay slot process-wide; train/moe_routing.py addresses each
+    # model's routers itself, so that list would only keep old models' slots alive.
+    RouterReplay.clear_global_router_replay_instances()
     if platform.has_cuda():
         gpt = gpt.cuda()
     return gpt

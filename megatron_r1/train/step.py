@@ -47,6 +47,7 @@ from megatron.core.utils import get_model_config
 from megatron_r1 import platform
 from megatron_r1.distributed import even_bounds
 from megatron_r1.config import ConfigError
+from megatron_r1.train import moe_routing
 from megatron_r1.train.optim import current_lr
 
 Tensor = torch.Tensor
@@ -69,6 +70,9 @@ class Batch:
     ref_logprobs: Tensor | None = None  # [B, S-1] log-probs of the reference model (KL penalty)
     extras: dict[str, Tensor] = field(default_factory=dict)
     segment_ids: Tensor | None = None  # [B, S] packed rows: document number of each token (1, 2, ...; 0: padding)
+    # [B, S, L, k] MoE routing to replay (R2/R3, `train.moe_routing`): for each token, the top-k experts
+    # of each MoE layer of this pipeline stage. Token-aligned: never shifted to the targets.
+    routing: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
@@ -79,6 +83,8 @@ class Batch:
             raise ValueError("sequences need at least 2 tokens (one input, one target)")
         if self.segment_ids is not None and self.segment_ids.shape != self.tokens.shape:
             raise ValueError(f"Batch.segment_ids {tuple(self.segment_ids.shape)} must match tokens {tuple(self.tokens.shape)}")
+        if self.routing is not None and (self.routing.dim() != 4 or self.routing.shape[:2] != self.tokens.shape):
+            raise ValueError(f"Batch.routing {tuple(self.routing.shape)} must be [B, S, layers, top-k] with [B, S] = {tuple(self.tokens.shape)}")
         for name, value in self._row_tensors().items():
             if value.shape[0] != self.tokens.shape[0]:
                 raise ValueError(f"Batch.{name} has {value.shape[0]} rows, tokens have {self.tokens.shape[0]}")
@@ -112,6 +118,7 @@ class Batch:
             ref_logprobs=pick(self.ref_logprobs),
             extras={k: v[index] for k, v in self.extras.items()},
             segment_ids=pick(self.segment_ids),
+            routing=pick(self.routing),
         )
 
     def split(self, parts: int) -> list[Batch]:
@@ -237,6 +244,7 @@ def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_s
             ref_logprobs=_to_targets(part.ref_logprobs, S, device),
             extras={k: _to_targets(v, S, device) for k, v in part.extras.items()},
             segment_ids=None if part.segment_ids is None else part.segment_ids.to(device),
+            routing=part.routing,  # stays on the host: `moe_routing.replay` cuts this rank's tokens out of it
             num_tokens=num_tokens,
             num_sequences=num_sequences,
         )
@@ -265,6 +273,9 @@ def padded_to_multiple(batch: Batch, multiple: int) -> Batch:
             return value
         return torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
 
+    routing = pad(batch.routing)
+    if routing is not None:
+        routing[:, batch.seq_len :] = moe_routing.pad_routes(routing.shape[-1])
     return replace(
         batch,
         tokens=pad(batch.tokens),
@@ -273,6 +284,7 @@ def padded_to_multiple(batch: Batch, multiple: int) -> Batch:
         ref_logprobs=pad(batch.ref_logprobs),
         extras={k: pad(v) for k, v in batch.extras.items()},
         segment_ids=pad(batch.segment_ids),  # padding is document 0
+        routing=routing,
     )
 
 
@@ -294,17 +306,37 @@ def packed_attention(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
     return index - first, ~(same & causal).unsqueeze(1)
 
 
-def _forward(model: torch.nn.Module, tokens: Tensor, segment_ids: Tensor | None = None) -> Tensor:
-    """Logits `[b, S, V/TP]` on the last pipeline stage, hidden states (sent onward) elsewhere."""
+def padding_after_last_target(loss_mask: Tensor) -> Tensor:
+    """[b, S] True on the positions after a row's last trained token: right padding, which no
+    trained token sees (a row with no trained token keeps every position)."""
+    trained = loss_mask > 0
+    S = trained.shape[1]
+    last = S - 1 - trained.flip(1).int().argmax(dim=1)
+    return (torch.arange(S, device=trained.device) > last.unsqueeze(1)) & trained.any(dim=1, keepdim=True)
+
+
+def _forward(model: torch.nn.Module, tokens: Tensor, segment_ids: Tensor | None = None, micro: MicroBatch | None = None,
+             training: bool = False) -> Tensor:
+    """Logits `[b, S, V/TP]` on the last pipeline stage, hidden states (sent onward) elsewhere.
+
+    MoE models: a micro-batch's `routing` is replayed (`train.moe_routing`); a training forward
+    tells the routers which positions are padding, so that the expert load the aux-loss-free bias
+    balances counts real tokens only."""
+    kwargs = {}
+    if micro is not None and get_model_config(model).num_moe_experts:
+        if micro.routing is not None:
+            moe_routing.replay(model, micro.routing, micro.loss_mask > 0)
+        if training:
+            kwargs["padding_mask"] = padding_after_last_target(micro.loss_mask)
     if segment_ids is not None:
         if platform.has_transformer_engine():
             # TE's causal attention ignores a dense mask; packed rows there need THD `packed_seq_params`.
             raise ConfigError("packed sequences need the local attention in this version; set sft.packing=false with Transformer Engine")
         position_ids, mask = packed_attention(segment_ids)
-        return model(tokens, position_ids, attention_mask=mask)
+        return model(tokens, position_ids, attention_mask=mask, **kwargs)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     # No attention mask: the batch is right-padded, so causal attention never lets a real token see padding.
-    return model(tokens, position_ids, attention_mask=None)
+    return model(tokens, position_ids, attention_mask=None, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,9 +398,9 @@ def forward_backward(
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         micro = next(data_iterator)
-        return _forward(model, micro.tokens, micro.segment_ids), partial(loss_closure, micro)
+        return _forward(model, micro.tokens, micro.segment_ids, micro, training=not forward_only), partial(loss_closure, micro)
 
-    with torch.no_grad() if forward_only else torch.enable_grad():
+    with torch.no_grad() if forward_only else torch.enable_grad(), moe_routing.cleared_after(ddp_model, batch.routing is not None):
         per_micro = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=_micro_batches(batch, micro_batch_size, num_tokens, num_sequences),
@@ -413,28 +445,38 @@ def _reduce_metrics(per_micro: list[dict[str, Tensor]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int) -> Tensor:
+def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int, routing: Tensor | None = None,
+                     record_routing: bool = False, real_tokens: Tensor | None = None):
     """Forward-only log p(tokens[:, t+1] | tokens[:, :t+1]) -> `[B, S-1]` float32, on every rank.
 
     Takes the DDP wrapper or the bare GPTModel. Exact under TP (vocab-parallel reduction); with
     pipeline parallelism the last stage's result is broadcast, so every rank returns the same tensor.
+    MoE models: `routing` `[B, S, L, k]` is replayed (`train.moe_routing`); `record_routing=True`
+    returns `(logprobs, routing)` with the routing this pass chose, `[B, S, L, k]` for this pipeline
+    stage's MoE layers. `real_tokens` `[B, S]` marks the positions a routing comparison counts.
     """
-    return _forward_only(model, tokens, micro_batch_size, lambda micro, logits: token_logprobs(logits[:, :-1], micro.targets))[:, : tokens.shape[1] - 1]
+    return _forward_only(model, tokens, micro_batch_size, lambda micro, logits: token_logprobs(logits[:, :-1], micro.targets),
+                         routing=routing, record_routing=record_routing, real_tokens=real_tokens)
 
 
 @torch.no_grad()
 def compute_values(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int) -> Tensor:
     """Forward-only per-token scalars of a reward model (`head="value"`) -> `[B, S]` float32, on every rank."""
-    return _forward_only(model, tokens, micro_batch_size, lambda micro, values: values[..., 0].float(), width_offset=0)[:, : tokens.shape[1]]
+    return _forward_only(model, tokens, micro_batch_size, lambda micro, values: values[..., 0].float(), width_offset=0)
 
 
 def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
-                  per_micro: Callable[[MicroBatch, Tensor], Tensor], width_offset: int = 1) -> Tensor:
+                  per_micro: Callable[[MicroBatch, Tensor], Tensor], width_offset: int = 1, routing: Tensor | None = None,
+                  record_routing: bool = False, real_tokens: Tensor | None = None):
     """`per_micro(micro, model output)` over micro-batches of `tokens`, concatenated, `[B, S - width_offset]`
-    float32 on every rank (the last pipeline stage computes it and broadcasts it)."""
-    batch = padded_to_multiple(Batch(tokens=tokens, loss_mask=torch.zeros_like(tokens)), _sequence_multiple(get_model_config(model)))
+    float32 on every rank (the last pipeline stage computes it and broadcasts it); with
+    `record_routing`, also the routing each micro-batch chose (see `compute_logprobs`)."""
+    width = tokens.shape[1]
+    mask = torch.zeros_like(tokens) if real_tokens is None else real_tokens.to(tokens.dtype)
+    batch = padded_to_multiple(Batch(tokens=tokens, loss_mask=mask, routing=routing), _sequence_multiple(get_model_config(model)))
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
     micro_batch_size = min(micro_batch_size, batch.size)
+    chosen: list[Tensor] = []
 
     def collect(micro: MicroBatch, output: Tensor) -> tuple[Tensor, dict]:
         values = per_micro(micro, output)
@@ -442,7 +484,12 @@ def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         micro = next(data_iterator)
-        return _forward(model, micro.tokens), partial(collect, micro)
+        if record_routing:
+            moe_routing.record(model)
+        output = _forward(model, micro.tokens, micro=micro)
+        if record_routing:
+            chosen.append(moe_routing.recorded(model, micro.size, micro.seq_len))
+        return output, partial(collect, micro)
 
     was_training = model.training
     model.eval()
@@ -458,6 +505,8 @@ def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
         )
     finally:
         model.train(was_training)
+        if routing is not None or record_routing:
+            moe_routing.stop(model)
 
     out = torch.empty(batch.size, batch.seq_len - width_offset, dtype=torch.float32, device=platform.device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -468,6 +517,9 @@ def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
+    out = out[:, : width - width_offset]
+    if record_routing:
+        return out, torch.cat(chosen)[:, :width]
     return out
 
 

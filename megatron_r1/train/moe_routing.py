@@ -1,0 +1,316 @@
+"""MoE routing in the trainer: replay (R2/R3) and the health of the routers.
+
+Why replay. A token's top-k experts are a discrete choice: the engine (other kernels, other
+precision) and the trainer can pick different experts for the same token, and the policy moves
+between the old-logprob pass and later mini-batches (the aux-loss-free bias changes after every
+optimizer step). Where the choice flips, the probability ratio of that token is no longer about the
+policy's distribution, and on MoE models such tokens make the ratio explode.
+
+* `r2` records the routing of the trainer's own old-logprob forward and replays it in every update's
+  forward (and backward recompute): the ratio is exactly 1 at the first update, and every mini-batch
+  keeps the routing the old policy chose.
+* `r3` replays the routing the engine chose while sampling (vLLM's `routed_experts`), in the
+  old-logprob pass and in the updates: the trainer differentiates the very computation that sampled.
+
+Both drive Megatron-Core's own `RouterReplay` slot in each `TopKRouter` (built when
+`TransformerConfig.moe_enable_routing_replay` is set; `models.build` sets it for every MoE model, so
+a slot costs nothing until an action is set). We address the routers of one model at a time (the
+policy's, never the reference's) instead of Megatron's process-wide list of every slot ever built.
+
+Layouts. The trainer's hidden states are `[S, b, H]`; a router sees `[S * b, H]` (sequence-major),
+or this tensor-parallel rank's `S / TP` slice under sequence parallelism. A batch carries routing as
+`[B, S, L, k]` (`train.step.Batch.routing`): L the MoE layers of this pipeline stage, in layer order,
+expert ids global (expert parallelism shards the experts, not the router's choice).
+
+Health (`RouterHealth`): per MoE layer, how unevenly the update's tokens fell on the experts
+(`max / mean` tokens per expert, padding excluded), the norm and the per-step change of the
+aux-loss-free bias, and, when a pass replays routing, the share of (token, layer) choices where the
+trainer's own top-k differs from the replayed one (engine vs trainer for r3, old vs current policy
+for r2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+Tensor = torch.Tensor
+
+_REPLAYING = (RouterReplayAction.REPLAY_FORWARD, RouterReplayAction.REPLAY_BACKWARD)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def moe_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(0-based decoder layer number, router) of this pipeline stage's MoE layers, in layer order
+    (the multi-token-prediction layers are not included: the engine never runs them)."""
+    gpt = _unwrap(model)
+    decoder = getattr(gpt, "decoder", None)
+    if decoder is None:
+        return []
+    routers = []
+    for layer in decoder.layers:
+        router = getattr(getattr(layer, "mlp", None), "router", None)
+        if router is not None:
+            routers.append((layer.layer_number - 1, router))
+    return routers
+
+
+def _slots(model: torch.nn.Module) -> list[RouterReplay]:
+    slots = []
+    for number, router in moe_routers(model):
+        if router.router_replay is None:
+            raise RuntimeError(f"MoE layer {number} was built without a routing-replay slot (TransformerConfig.moe_enable_routing_replay)")
+        _install_direction_hook(router)
+        slots.append(router.router_replay)
+    return slots
+
+
+def _install_direction_hook(router: torch.nn.Module) -> None:
+    """A replayed forward that runs again inside backward (activation recompute) must take the
+    routing of *its* micro-batch: Megatron keeps one queue per slot for that (REPLAY_BACKWARD pops
+    the targets in the order they were set, which is the order 1F1B runs backwards in). The hook
+    picks the direction from whether autograd is running a backward pass, and, when a
+    `RouterHealth` is comparing, counts the tokens whose own choice differs from the replayed one."""
+    if getattr(router, "_r1_replay_hook", False):
+        return
+
+    def choose(module, args):
+        slot = module.router_replay
+        if slot is None or slot.router_replay_action not in _REPLAYING:
+            return
+        in_backward = torch._C._current_graph_task_id() != -1
+        slot.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD if in_backward else RouterReplayAction.REPLAY_FORWARD)
+        tally = getattr(module, "_r1_tally", None)
+        if tally is not None and not in_backward and not torch.is_grad_enabled():
+            _count_disagreement(module, args[0], slot.target_topk_idx, tally)
+
+    router.register_forward_pre_hook(choose)
+    router._r1_replay_hook = True
+    router._r1_tally = None
+    router._r1_valid = None
+
+
+@torch.no_grad()
+def _count_disagreement(router: torch.nn.Module, hidden: Tensor, target: Tensor, tally: Tensor) -> None:
+    """Add (real tokens whose own top-k set differs from `target`, real tokens) to `tally`. Costs
+    one router GEMM: the experts never run twice."""
+    slot = router.router_replay
+    action, slot.router_replay_action = slot.router_replay_action, None  # the router's own choice
+    try:
+        _, own = router.routing(router.gating(hidden))  # [tokens, experts] bool
+    finally:
+        slot.router_replay_action = action
+    wanted = torch.zeros_like(own).scatter_(1, target.to(own.device), True)
+    differs = (own != wanted).any(-1)
+    valid = router._r1_valid
+    valid = torch.ones_like(differs) if valid is None else valid.to(differs.device)
+    tally += torch.tensor([float((differs & valid).sum()), float(valid.sum())], dtype=torch.float64)
+
+
+def _sequence_parallel(model: torch.nn.Module) -> bool:
+    from megatron.core.utils import get_model_config
+
+    return bool(get_model_config(model).sequence_parallel)
+
+
+def _local_tokens(per_sequence: Tensor, sequence_parallel: bool) -> Tensor:
+    """[b, S, ...] -> the `[S_local * b, ...]` rows this rank's router sees (sequence-major)."""
+    per_token = per_sequence.transpose(0, 1)  # [S, b, ...]
+    if sequence_parallel:
+        tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        per_token = per_token.chunk(tp, dim=0)[rank]
+    return per_token.reshape(-1, *per_token.shape[2:])
+
+
+def replay(model: torch.nn.Module, routing: Tensor, real_tokens: Tensor | None = None) -> None:
+    """Make the next forward of `model` (and its backward recompute) use `routing` `[b, S, L, k]`
+    (`real_tokens` `[b, S]` bool: the positions a disagreement count looks at; None: all)."""
+    slots, sp = _slots(model), _sequence_parallel(model)
+    if routing.shape[2] != len(slots):
+        raise ValueError(f"routing has {routing.shape[2]} MoE layers, this pipeline stage has {len(slots)}")
+    device = next(_unwrap(model).parameters()).device
+    valid = None if real_tokens is None else _local_tokens(real_tokens.bool(), sp).to(device)
+    for j, ((_, router), slot) in enumerate(zip(moe_routers(model), slots)):
+        slot.set_target_indices(_local_tokens(routing[:, :, j], sp).to(device, torch.long))
+        slot.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        router._r1_valid = valid
+
+
+def record(model: torch.nn.Module) -> None:
+    """Make the next forwards of `model` record their routing (read it with `recorded`)."""
+    for slot in _slots(model):
+        slot.set_router_replay_action(RouterReplayAction.RECORD)
+
+
+def recorded(model: torch.nn.Module, batch: int, seq_len: int) -> Tensor:
+    """The routing the last forward of `model` chose, `[b, S, L, k]` int16 on the host (all of the
+    sequence: the tensor-parallel slices of sequence parallelism are gathered)."""
+    sp, layers = _sequence_parallel(model), []
+    for slot in _slots(model):
+        rows = slot.get_recorded_indices()
+        if rows is None:
+            raise RuntimeError("no routing was recorded: call moe_routing.record before the forward")
+        per_token = rows.view(-1, batch, rows.shape[-1])  # [S_local, b, k]
+        if sp:
+            group = parallel_state.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(per_token) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, per_token.contiguous(), group=group)
+            per_token = torch.cat(parts, dim=0)
+        layers.append(per_token[:seq_len].transpose(0, 1).to("cpu", torch.int16))
+    return torch.stack(layers, dim=2)
+
+
+@contextlib.contextmanager
+def cleared_after(model: torch.nn.Module, replaying: bool = True) -> Iterator[None]:
+    """Within: passes may replay; after: the routers choose again and no index stays queued."""
+    try:
+        yield
+    finally:
+        if replaying:
+            stop(model)
+
+
+def stop(model: torch.nn.Module) -> None:
+    """Back to the routers' own choice; drop every recorded and queued index."""
+    for _, router in moe_routers(model):
+        slot = router.router_replay
+        if slot is not None:
+            slot.clear_router_replay_action()
+            slot.clear_indices()
+        router._r1_valid = None
+
+
+# --------------------------------------------------------------------------------------------
+# The engine's routing, in the trainer's layout.
+
+
+def pad_routes(k: int) -> Tensor:
+    """The routing given to positions no real token sees (right padding): experts 0..k-1."""
+    return torch.arange(k, dtype=torch.int16)
+
+
+def engine_routing_to_layers(routed: Tensor, num_layers: int, moe_layer_numbers: list[int]) -> Tensor:
+    """vLLM's `routed_experts` of one sequence `[T, layers, k]` -> `[T, L_moe, k]`, the model's MoE
+    layers in layer order. vLLM reports either every decoder layer (dense layers as filler rows) or
+    the MoE layers only; both are accepted, anything else is an error naming the sizes."""
+    if routed.dim() != 3:
+        raise ValueError(f"routed experts must be [tokens, layers, top-k], got shape {tuple(routed.shape)}")
+    if routed.shape[1] == len(moe_layer_numbers):
+        return routed
+    if routed.shape[1] == num_layers:
+        return routed[:, moe_layer_numbers]
+    raise ValueError(
+        f"the engine reported routing for {routed.shape[1]} layers; the model has {num_layers} layers, "
+        f"{len(moe_layer_numbers)} of them MoE"
+    )
+
+
+def stage_layers(routing: Tensor, moe_layer_numbers: list[int], stage_layer_numbers: list[int]) -> Tensor:
+    """`[B, S, L_moe, k]` over the whole model -> the MoE layers of this pipeline stage."""
+    index = [moe_layer_numbers.index(n) for n in stage_layer_numbers]
+    return routing[:, :, index]
+
+
+# --------------------------------------------------------------------------------------------
+# Health.
+
+
+class RouterHealth:
+    """Per-step MoE metrics of one model: expert load, the aux-loss-free bias, routing agreement.
+
+    Expert load: Megatron counts each router's tokens per expert in training forwards (padding
+    excluded when the forward gets a padding mask, as `train.step` gives it) and zeroes the counts when
+    it updates the bias inside `finalize_model_grads`; `wrap_finalize` adds them up first.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.routers = moe_routers(model)
+        self._load = [None] * len(self.routers)
+        self._bias_before = None
+        self._mismatch = torch.zeros(2, dtype=torch.float64)  # (token, layer) choices that differ, compared
+
+    @property
+    def active(self) -> bool:
+        return bool(self.routers)
+
+    def wrap_finalize(self, finalize):
+        """`finalize_model_grads` that keeps each router's token counts before Megatron resets them."""
+        health = self
+
+        def finalize_keeping_counts(*args, **kwargs):
+            for i, (_, router) in enumerate(health.routers):
+                counts = getattr(router, "local_tokens_per_expert", None)
+                if counts is not None:
+                    counts = counts.detach().double().cpu()
+                    health._load[i] = counts if health._load[i] is None else health._load[i] + counts
+            return finalize(*args, **kwargs)
+
+        return finalize_keeping_counts
+
+    def begin_step(self) -> None:
+        self._load = [None] * len(self.routers)
+        self._mismatch.zero_()
+        self._bias_before = [None if r.expert_bias is None else r.expert_bias.detach().double().cpu().clone() for _, r in self.routers]
+
+    @contextlib.contextmanager
+    def comparing(self) -> Iterator[None]:
+        """Within: forward-only passes that replay routing also count the tokens whose own top-k
+        (this model's routers, now) differs from the replayed one, per MoE layer."""
+        for _, router in self.routers:
+            _install_direction_hook(router)
+            router._r1_tally = self._mismatch
+        try:
+            yield
+        finally:
+            for _, router in self.routers:
+                router._r1_tally = None
+
+    def metrics(self) -> dict[str, float]:
+        """The step's metrics, the same on every rank (reduced over the data-parallel ranks and
+        gathered over pipeline stages)."""
+        local: dict[str, float] = {}
+        group = parallel_state.get_data_parallel_group()
+        for i, (number, router) in enumerate(self.routers):
+            if self._load[i] is not None:
+                load = self._load[i].clone()
+                if parallel_state.get_data_parallel_world_size() > 1:
+                    dist.all_reduce(load, group=group)
+                mean = load.mean().item()
+                local[f"moe/layer{number}/load_max_over_mean"] = load.max().item() / mean if mean > 0 else 0.0
+                local[f"moe/layer{number}/load_min_over_mean"] = load.min().item() / mean if mean > 0 else 0.0
+            if router.expert_bias is not None:
+                bias = router.expert_bias.detach().double().cpu()
+                local[f"moe/layer{number}/bias_norm"] = bias.norm().item()
+                if self._bias_before is not None and self._bias_before[i] is not None:
+                    local[f"moe/layer{number}/bias_change"] = (bias - self._bias_before[i]).norm().item()
+        mismatch = self._mismatch.clone()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(mismatch, group=group)
+        rows = [local]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            rows = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(rows, local, group=parallel_state.get_pipeline_model_parallel_group())
+            mismatch_all = mismatch.clone()
+            dist.all_reduce(mismatch_all, group=parallel_state.get_pipeline_model_parallel_group())
+            mismatch = mismatch_all
+        out: dict[str, float] = {}
+        for row in rows:
+            out.update(row)
+        for key in ("load_max_over_mean", "bias_change"):
+            values = [v for k, v in out.items() if k.endswith("/" + key)]
+            if values:
+                out[f"moe/{key}"] = max(values)  # the worst layer, for the plot and the guards
+        if mismatch[1] > 0:  # share of (real token, MoE layer) choices where the replayed top-k is not the trainer's own
+            out["moe/routing_mismatch"] = (mismatch[0] / mismatch[1]).item()
+        return out
