@@ -156,6 +156,9 @@ class RolloutConfig:
     probe_mean_threshold: float | None = None  # fail if mean |logprob_vllm - logprob_trainer| exceeds it (None: per dtype)
     probe_max_threshold: float | None = None  # fail if the max exceeds it (None: per dtype, see rollout/weight_sync.py)
     probe_prompts: int = 4  # prompts in the probe batch
+    # none | fp8: the engine's weights in blockwise FP8 (128 x 128 scales, as DeepSeek-V3 was trained),
+    # quantized by vLLM from the bf16 weights at start and again at every refit (GPU only; rollout/vllm_engine.py)
+    quantization: Literal["none", "fp8"] = "none"
 
     def engine_dtype(self, on_gpu: bool, mla: bool = False) -> str:
         """The dtype the engine runs in. ``auto``: float32 on CPU (AVX2 CPUs have no native bf16,
@@ -197,6 +200,10 @@ class GRPOConfig:
     mismatch_level: Literal["token", "sequence"] = "token"  # token | sequence (geometric mean of the sequence's token weights)
     mismatch_max: float = 2.0  # truncation cap (truncate) / upper bound (mask) of the weight
     mismatch_min: float = 0.5  # lower bound of the weight (mask)
+    # MoE routing replay (train/moe_routing.py): none | r2 (the updates replay the routing of the trainer's
+    # own old-logprob pass; needs updates_per_rollout > 1 to differ from none) | r3 (the logprob pass and the
+    # updates replay the routing the engine sampled with; vLLM returns it on GPU only)
+    routing_replay: Literal["none", "r2", "r3"] = "none"
 
 
 @dataclass
@@ -625,6 +632,8 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"rollout.sleep_level={cfg.rollout.sleep_level} must be 1 or 2")
     if cfg.grpo.clip_eps_low < 0 or cfg.grpo.clip_eps_high < 0:
         raise ConfigError("grpo.clip_eps_low and grpo.clip_eps_high must be >= 0")
+    if cfg.grpo.routing_replay == "r3" and cfg.rollout.engine_pipeline_parallel_size > 1:
+        raise ConfigError("grpo.routing_replay=r3: vLLM returns routed experts from engines without pipeline parallelism only; set rollout.engine_pipeline_parallel_size=1")
     if cfg.checkpoint.keep_last == 1 or cfg.checkpoint.keep_last < 0:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 2 (a damaged newest checkpoint falls back to the one before), or 0 to keep all")
     if p.timeout_minutes <= 0 or p.heartbeat_timeout_s < 0:

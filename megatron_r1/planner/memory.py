@@ -248,6 +248,12 @@ def _stage_memory(cfg: StageConfig, counts: ParamCounts, world: int, stage: int,
     return out
 
 
+# An FP8 engine (`rollout.quantization: fp8`): one byte per weight plus a float32 scale per 128 x 128
+# block (vLLM's blockwise online quantization, DeepSeek-V3's own format). The KV cache stays in the
+# engine dtype.
+FP8_BLOCK_BYTES_PER_PARAM = 1 + 4 / (128 * 128)
+
+
 def _engine_dtype(cfg: StageConfig) -> str:
     """The engine's dtype on a GPU; an explicit float32 that no CUDA backend runs (MLA) is planned
     as bfloat16 and reported by `layout_problems`."""
@@ -262,7 +268,8 @@ def _engine(cfg: StageConfig, counts: ParamCounts, gpu: Gpu) -> dict:
     r, m = cfg.rollout, cfg.model
     dtype = _engine_dtype(cfg)
     shards = r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size
-    weights = counts.total * BYTES[dtype] // shards  # MTP is not served (no speculative decoding)
+    per_param = FP8_BLOCK_BYTES_PER_PARAM if r.quantization == "fp8" else BYTES[dtype]
+    weights = int(counts.total * per_param) // shards  # MTP is not served (no speculative decoding)
     if m.multi_latent_attention:  # one latent per token and layer, replicated over the engine's TP ranks
         per_token = m.num_layers * (m.kv_lora_rank + m.qk_pos_emb_head_dim) * BYTES[dtype] // r.engine_pipeline_parallel_size
     else:
@@ -275,7 +282,11 @@ def _engine(cfg: StageConfig, counts: ParamCounts, gpu: Gpu) -> dict:
         "tensor_parallel": r.engine_tensor_parallel_size,
         "pipeline_parallel": r.engine_pipeline_parallel_size,
         "budget_bytes": budget,
+        "weight_bytes_per_param": per_param,
         "weights_bytes": weights,
+        # What a refit delivers to each engine GPU: the trainer's bf16 weights (an FP8 engine
+        # quantizes them itself, rollout/vllm_engine.py), its shard of them.
+        "refit_bytes": counts.total * BYTES[dtype] // shards,
         "kv_cache_bytes": kv,
         "kv_bytes_per_token": per_token,
         "kv_tokens": kv // per_token,

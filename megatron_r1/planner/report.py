@@ -67,13 +67,13 @@ def to_table(result: Plan) -> str:
         if eng:
             lines += [
                 f"  {'engine budget (gpu_memory_utilization)':<46}{_gib(eng['budget_bytes'])}"
-                f"   weights {eng['weights_bytes'] / GiB:.1f}, KV cache {eng['kv_cache_bytes'] / GiB:.1f}",
+                f"   weights {eng['weights_bytes'] / GiB:.1f}{' (FP8)' if eng['weight_bytes_per_param'] < 2 else ''}, KV cache {eng['kv_cache_bytes'] / GiB:.1f}",
                 f"  {'rollout peak (trainer state + engine)' if lay['stage_kind'] == 'rl' else 'engine peak':<46}{_gib(result.rollout_peak_bytes)}",
             ]
         lines.append(f"  {'GPU memory':<46}{_gib(result.capacity_bytes)}")
         if eng:
             lines.append(
-                f"engine: TP{eng['tensor_parallel']} PP{eng['pipeline_parallel']} {eng['dtype']}, {eng['kv_tokens']:,} KV tokens per engine "
+                f"engine: TP{eng['tensor_parallel']} PP{eng['pipeline_parallel']} {eng['dtype']}{' (FP8 weights)' if eng['weight_bytes_per_param'] < 2 else ''}, {eng['kv_tokens']:,} KV tokens per engine "
                 f"({eng['concurrent_sequences']} sequences of max_model_len at once)"
             )
         if result.host_bytes_per_node:

@@ -126,10 +126,11 @@ def step_time(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, worl
     decode_steps = max(generated / concurrency, lengths.response_max)
     batch = generated / decode_steps  # sequences running in an average decode step
     expert_bytes = sum(b.expert_tp_sharded + b.expert_replicated for b in counts.layers)
-    weight_bytes = counts.total * BYTES[engine["dtype"]]
-    dense_bytes = weight_bytes - expert_bytes * BYTES[engine["dtype"]]
+    per_param = engine["weight_bytes_per_param"]  # FP8 engines read half the bytes per decode step
+    weight_bytes = counts.total * per_param
+    dense_bytes = weight_bytes - expert_bytes * per_param
     micro = batch / epp  # each engine pipeline stage works on its part of the batch
-    touched = dense_bytes + expert_bytes * BYTES[engine["dtype"]] * expert_share_touched(cfg, micro)
+    touched = dense_bytes + expert_bytes * per_param * expert_share_touched(cfg, micro)
     context = lengths.prompt_mean + lengths.response_mean / 2
     kv_read = batch * context * engine["kv_bytes_per_token"] * engine_gpus / etp  # whole engine, per decode step
     bandwidth = engine_gpus * gpu.hbm_tb_s * 1e12 * eff.decode_bandwidth
@@ -163,7 +164,9 @@ def step_time(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, worl
     # Refit: over the slowest link the trainer's model-parallel group spans.
     model_parallel = layout["tp"] * pp * max(layout["ep"] if m.num_experts else 1, 1)
     link = gpu.nvlink_gb_s if model_parallel <= gpu.nvlink_domain else gpu.network_gb_s
-    refit_bytes = weight_bytes if cfg.plan.refit_transfer == "full_tensors" else engine["weights_bytes"]
+    # The trainer sends bf16 (an FP8 engine re-quantizes what it receives): every full tensor, or each
+    # engine GPU its shard.
+    refit_bytes = counts.total * BYTES[engine["dtype"]] if cfg.plan.refit_transfer == "full_tensors" else engine["refit_bytes"]
     refit = refit_bytes / (link * 1e9 * eff.network)
 
     swap = 2 * swap_bytes_per_gpu / (gpu.host_link_gb_s * 1e9 * eff.host_link)

@@ -36,6 +36,7 @@ class Sample:
     prompt: int  # position of its prompt in the step's batch of prompts
     engine: int  # the engine (vLLM data-parallel rank) that sampled it
     logprobs: list[float] | None = None  # the engine's log-probs of the response tokens (mismatch correction)
+    routing: Tensor | None = None  # [prompt + response - 1, MoE layers, top-k]: the engine's experts per token (R3)
 
 
 @dataclasses.dataclass
@@ -115,7 +116,7 @@ def collect_rollouts(cfg: StageConfig, engine, tokenizer, sampler, reward_fn, st
         part = lambda x, i: x[i * g : (i + 1) * g]  # noqa: E731  (prompt i's G responses)
         local = [
             ScoredGroup(
-                samples=[Sample(r.prompt_ids, r.response_ids, r.finish_reason, start + i, layout.engine_index, r.logprobs) for r in part(out, i)],
+                samples=[Sample(r.prompt_ids, r.response_ids, r.finish_reason, start + i, layout.engine_index, r.logprobs, r.routing) for r in part(out, i)],
                 rewards=part(rewards, i), lengths=part(lengths, i), components={k: part(v, i) for k, v in components.items()},
                 general=mine[i].source == "general", question=mine[i].question, texts=part(texts, i), penalty=part(penalty, i),
             )

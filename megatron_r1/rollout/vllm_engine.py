@@ -56,6 +56,9 @@ class Rollout:
     response_ids: list[int]  # includes the stop token when generation stopped on one
     logprobs: list[float]  # sampled tokens' logprobs under the raw (temperature 1, untruncated) policy
     finish_reason: str  # "stop" | "length"
+    # [prompt + response - 1, MoE layers, top-k] int16: the experts the engine routed each token to
+    # (R3; the last sampled token never ran through the model). None unless the engine returns routing.
+    routing: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +77,41 @@ def _uses_mla(model_dir: str) -> bool:
 def _is_moe(model_dir: str) -> bool:
     config = _hf_config(model_dir)
     return any(config.get(key) for key in ("n_routed_experts", "num_experts", "num_local_experts"))
+
+
+def _moe_layer_numbers(model_dir: str) -> tuple[int, list[int]]:
+    """(decoder layers, the MoE ones) of a DeepSeek-V3-style checkpoint, as its config lays them out."""
+    config = _hf_config(model_dir)
+    layers, first_dense, every = config["num_hidden_layers"], config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
+    return layers, [i for i in range(layers) if i >= first_dense and i % every == 0]
+
+
+def engine_routing_to_layers(routed: torch.Tensor, num_layers: int, moe_layer_numbers: list[int]) -> torch.Tensor:
+    """vLLM's `routed_experts` of one sequence `[T, layers, k]` -> `[T, L_moe, k]`, the model's MoE
+    layers in layer order. vLLM reports either every decoder layer (dense layers as filler rows) or
+    the MoE layers only; both are accepted, anything else is an error naming the sizes."""
+    if routed.dim() != 3:
+        raise ValueError(f"routed experts must be [tokens, layers, top-k], got shape {tuple(routed.shape)}")
+    if routed.shape[1] == len(moe_layer_numbers):
+        return routed
+    if routed.shape[1] == num_layers:
+        return routed[:, moe_layer_numbers]
+    raise ValueError(
+        f"the engine reported routing for {routed.shape[1]} layers; the model has {num_layers} layers, "
+        f"{len(moe_layer_numbers)} of them MoE"
+    )
+
+
+
+def check_engine_options(cfg: RolloutConfig, routing_replay: str = "none", on_gpu: bool | None = None) -> None:
+    """What only a GPU engine can do, refused in one line before anything loads."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if cfg.quantization == "fp8" and not on_gpu:
+        raise ConfigError("rollout.quantization=fp8 runs on GPU engines only (vLLM's CPU FP8 kernels need AMX, and the planner "
+                          "sizes GPU engines); set rollout.quantization=none here")
+    if routing_replay == "r3" and not on_gpu:
+        raise ConfigError("grpo.routing_replay=r3 needs the engine's routed experts, which vLLM returns only from Model Runner V2 "
+                          "(VLLM_USE_V2_MODEL_RUNNER=1, Triton: GPU only); use grpo.routing_replay=r2 or none on CPU")
 
 
 def _refresh_cpu_kernels(worker) -> dict[str, int]:
@@ -155,13 +193,19 @@ class VLLMEngine:
     `prompt_logprobs` and `shutdown` the same number of times.
     """
 
-    def __init__(self, cfg: RolloutConfig, model_dir: str) -> None:
+    def __init__(self, cfg: RolloutConfig, model_dir: str, return_routing: bool = False) -> None:
+        """`return_routing`: every sampled response carries the experts each token was routed to
+        (`Rollout.routing`, for R3 routing replay; MoE models on GPU)."""
         from megatron_r1.rollout.layout import EngineGroups, EngineLayout
 
         self.cfg = cfg
         self.model_dir = str(model_dir)
         check_rollout_weights(self.model_dir)  # FP8 checkpoints: convert to bf16 first (before any start-up cost)
         self.on_gpu = torch.cuda.is_available()
+        check_engine_options(cfg, "r3" if return_routing else "none", self.on_gpu)
+        if return_routing and not _is_moe(self.model_dir):
+            raise ConfigError(f"routing replay needs a mixture-of-experts model; {self.model_dir} is dense: set grpo.routing_replay=none")
+        self.return_routing = return_routing
         self.dtype = cfg.engine_dtype(self.on_gpu, mla=_uses_mla(self.model_dir))  # one-line error before any start-up cost
         distributed.ensure_process_group()  # vLLM joins the trainer's world (or a 1-rank one)
         self.layout = EngineLayout.from_config(cfg, dist.get_world_size(), dist.get_rank())
@@ -195,6 +239,15 @@ class VLLMEngine:
         )
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
+            if cfg.quantization == "fp8":
+                # Blockwise 128 x 128 online quantization of the bf16 weights. A refit goes through
+                # `reload_weights` in checkpoint format, which re-runs the quantization on what it receives.
+                kwargs["quantization"] = "fp8_per_block"
+            if return_routing:
+                # Routed experts come back through vLLM's aux-output connector: Model Runner V2 and
+                # prefix caching (it rebuilds cached prompt blocks' routing from a block-hash store).
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+                kwargs.update(enable_return_routed_experts=True, enable_prefix_caching=True)
         else:
             kwargs.update(self._cpu_kwargs())
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # external_launcher requires it
@@ -292,8 +345,18 @@ class VLLMEngine:
                     raise RuntimeError(f"vLLM finished a request with {sample.finish_reason!r} (prompt {i})")
                 ids = list(sample.token_ids)
                 logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, ids)]
-                rollouts.append(Rollout(i, list(out.prompt_token_ids), ids, logprobs, sample.finish_reason))
+                routing = self._routing(sample) if self.return_routing else None
+                rollouts.append(Rollout(i, list(out.prompt_token_ids), ids, logprobs, sample.finish_reason, routing))
         return rollouts
+
+    def _routing(self, sample) -> torch.Tensor:
+        """vLLM's `routed_experts` (`[prompt + response - 1, every decoder layer, top-k]`, dense layers
+        as rows of zeros) -> the MoE layers' rows, int16."""
+        if sample.routed_experts is None:
+            raise RuntimeError("the engine returned no routed experts: was it started with enable_return_routed_experts?")
+        layers, moe = _moe_layer_numbers(self.model_dir)
+        routed = torch.from_numpy(sample.routed_experts.astype("int16"))
+        return engine_routing_to_layers(routed, layers, moe).contiguous()
 
     def prompt_logprobs(
         self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None

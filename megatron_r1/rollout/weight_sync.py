@@ -148,6 +148,10 @@ PROBE_THRESHOLDS = {
     "bfloat16": (0.1, 1.0),
     "float16": (0.05, 0.5),
 }
+# FP8 engine weights (`rollout.quantization: fp8`) over a bf16 trainer: quantization error on top of the
+# kernel differences. Not measured here (FP8 needs a GPU): twice the bfloat16 defaults, loose enough for
+# a correct sync and still far below what a stale or misnamed tensor gives; measure and set your own.
+FP8_PROBE_THRESHOLDS = (0.2, 2.0)
 
 
 def probe_thresholds(cfg, engine_dtype: str | None = None) -> tuple[float, float]:
@@ -155,6 +159,8 @@ def probe_thresholds(cfg, engine_dtype: str | None = None) -> tuple[float, float
     dtype the engine runs in (`VLLMEngine.dtype`; `cfg.dtype` when that is explicit)."""
     dtype = engine_dtype or cfg.dtype
     mean, worst = PROBE_THRESHOLDS.get(dtype, PROBE_THRESHOLDS["bfloat16"])
+    if getattr(cfg, "quantization", "none") == "fp8":
+        mean, worst = FP8_PROBE_THRESHOLDS
     return (
         mean if cfg.probe_mean_threshold is None else cfg.probe_mean_threshold,
         worst if cfg.probe_max_threshold is None else cfg.probe_max_threshold,

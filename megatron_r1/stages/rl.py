@@ -23,18 +23,19 @@ from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.data.prompts import MixedSampler, load_general_prompts, load_prompts
 from megatron_r1.data.templates import TEMPLATES
 from megatron_r1.data.tokenizer import load_tokenizer
-from megatron_r1.models.build import build_model, num_parameters
-from megatron_r1.models.hf.base import load_hf
+from megatron_r1.models.build import build_model, moe_layers, num_parameters
+from megatron_r1.models.hf.base import load_hf, read_hf_config
 from megatron_r1.rewards.general import SCORERS as GENERAL_SCORERS
 from megatron_r1.rewards.general import GeneralReward
 from megatron_r1.rewards.reward_fn import RewardFn
 from megatron_r1.rollout.collect import RolloutBatch, Sample, collect_rollouts
 from megatron_r1.rollout.evaluation import evaluate
 from megatron_r1.rollout.layout import EngineLayout
-from megatron_r1.rollout.vllm_engine import VLLMEngine
+from megatron_r1.rollout.vllm_engine import VLLMEngine, check_engine_options
 from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds, refit
 from megatron_r1.stages.base_model import prepare_base_model
 from megatron_r1.train import checkpoint as ckpt
+from megatron_r1.train import moe_routing
 from megatron_r1.train.grpo_update import make_batch, update_phase
 from megatron_r1.train.loop import StepResult, Trainee, TrainingLoop, build_from_hf
 from megatron_r1.train.memory import TrainerSwap, release_fp8_weight_caches
@@ -49,9 +50,12 @@ def run(cfg: StageConfig) -> dict:
     (also written to summary.json) on rank 0."""
     distributed.init_distributed(cfg.parallel, cfg.seed)
     main = distributed.is_main()
+    check_engine_options(cfg.rollout, cfg.grpo.routing_replay)  # GPU-only engine options: one line, before anything loads
     hf_dir, base_seconds = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
+    _check_routing_replay(cfg, hf_dir)
     policy = build_from_hf(cfg, hf_dir, cfg.steps)
+    routing_layers = _routing_layers(cfg, policy)
     reference = _build_reference(cfg, policy)
     train_set = load_prompts(cfg.data, "train", tokenizer)
     eval_set = load_prompts(cfg.data, "eval", tokenizer)
@@ -69,7 +73,7 @@ def run(cfg: StageConfig) -> dict:
         swap = TrainerSwap(cfg.memory.swap_during_rollout, policy.ddp, policy.optimizer, reference)
         swap.offload_state()  # the engine claims its share of the device when it starts
         swap.offload_weights()
-        engine = VLLMEngine(cfg.rollout, str(hf_dir))  # one worker on every rank
+        engine = VLLMEngine(cfg.rollout, str(hf_dir), return_routing=cfg.grpo.routing_replay == "r3")  # one worker on every rank
         syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
         general = GeneralReward(cfg, engine, tokenizer) if general_set is not None else None
         if general is not None and main:
@@ -124,7 +128,7 @@ def run(cfg: StageConfig) -> dict:
             # 3. advantages, over whole groups; then this data-parallel rank's part of the batch
             advantages = group_advantages(rewards, cfg.rollout.n_samples_per_prompt, scale_by_std=cfg.grpo.scale_advantages_by_std)
             share = data_parallel_share(len(samples), "raise grpo.prompts_per_step or rollout.n_samples_per_prompt")
-            batch = make_batch(samples[share], advantages[share], tokenizer.pad_token_id)
+            batch = make_batch(samples[share], advantages[share], tokenizer.pad_token_id, routing_layers)
             if main and cfg.logging.save_rollouts:
                 _save_rollouts(loop.run_dir, i + 1, samples, rewards, advantages)
             # 4-5. logprobs and policy update, with the engine's device memory handed to the trainer
@@ -153,6 +157,23 @@ def run(cfg: StageConfig) -> dict:
     if main:
         _print_table(summary, loop.run_dir)
     return summary
+
+
+def _check_routing_replay(cfg: StageConfig, hf_dir: Path) -> None:
+    """Routing replay needs an MoE model (one line, before the model is built)."""
+    replay = cfg.grpo.routing_replay
+    if replay != "none" and not read_hf_config(hf_dir).num_experts:
+        raise ConfigError(f"grpo.routing_replay={replay} replays MoE routing, and {hf_dir} is a dense model; set grpo.routing_replay=none")
+    if replay == "r2" and cfg.grpo.updates_per_rollout == 1 and distributed.is_main():
+        log.info("grpo.routing_replay=r2 with one update per rollout: the update's own forward is the old-logprob pass, nothing to replay")
+
+
+def _routing_layers(cfg: StageConfig, policy: Trainee) -> list[int] | None:
+    """Which of the model's MoE layers this pipeline stage replays (None: no routing replay)."""
+    if cfg.grpo.routing_replay == "none":
+        return None
+    moe = [i for i, is_moe in enumerate(moe_layers(policy.model_cfg)) if is_moe]
+    return moe_routing.stage_moe_indices(moe, [n for n, _ in moe_routing.moe_routers(policy.model)])
 
 
 def _build_reference(cfg: StageConfig, policy: Trainee) -> torch.nn.Module | None:

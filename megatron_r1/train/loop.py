@@ -42,6 +42,7 @@ from megatron_r1.models.reward_model import build_reward_model, reward_model_con
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train.guards import RunGuard, TrainingHalted
 from megatron_r1.train.metrics import MetricsLogger, PhaseTimer
+from megatron_r1.train.moe_routing import RouterHealth
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.preemption import Preempted, PreemptionWatch
 
@@ -130,6 +131,11 @@ class TrainingLoop:
         self._prior_wall = 0.0
         self._wall_start = time.perf_counter()
         self._watch: PreemptionWatch | None = None
+        # MoE models: expert load, router bias and routing agreement in every step's row (train/moe_routing.py).
+        self.routers = RouterHealth(trainee.ddp)
+        if self.routers.active:
+            config = trainee.model.config
+            config.finalize_model_grads_func = self.routers.wrap_finalize(config.finalize_model_grads_func)
 
     # -- context: preemption signals are noted from here on ---------------------------------
 
@@ -189,10 +195,12 @@ class TrainingLoop:
         self.timer = PhaseTimer()  # set-up and the initial evaluation are not step time
         for i in bar:
             ckpt.finish_pending_saves()  # an asynchronous save written in the background: rename it now
-            out = step(i)
+            self.routers.begin_step()
+            with self.routers.comparing():
+                out = step(i)
             done = i + 1
             last = done == self.total_steps
-            row = out.row
+            row = {**out.row, **self.routers.metrics()}
             if evaluate is not None and (eval_every and done % eval_every == 0 or last):
                 with self.timer("eval"):
                     row.update(evaluate(done))

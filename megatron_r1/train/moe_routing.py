@@ -39,6 +39,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+from megatron_r1 import platform
+
 Tensor = torch.Tensor
 
 _REPLAYING = (RouterReplayAction.REPLAY_FORWARD, RouterReplayAction.REPLAY_BACKWARD)
@@ -91,7 +93,7 @@ def _install_direction_hook(router: torch.nn.Module) -> None:
         in_backward = torch._C._current_graph_task_id() != -1
         slot.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD if in_backward else RouterReplayAction.REPLAY_FORWARD)
         tally = getattr(module, "_r1_tally", None)
-        if tally is not None and not in_backward and not torch.is_grad_enabled():
+        if tally is not None and not in_backward:
             _count_disagreement(module, args[0], slot.target_topk_idx, tally)
 
     router.register_forward_pre_hook(choose)
@@ -191,7 +193,7 @@ def stop(model: torch.nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The engine's routing, in the trainer's layout.
+# The engine's routing (rollout/vllm_engine.py maps vLLM's layers to the MoE layers), in the trainer's layout.
 
 
 def pad_routes(k: int) -> Tensor:
@@ -199,26 +201,14 @@ def pad_routes(k: int) -> Tensor:
     return torch.arange(k, dtype=torch.int16)
 
 
-def engine_routing_to_layers(routed: Tensor, num_layers: int, moe_layer_numbers: list[int]) -> Tensor:
-    """vLLM's `routed_experts` of one sequence `[T, layers, k]` -> `[T, L_moe, k]`, the model's MoE
-    layers in layer order. vLLM reports either every decoder layer (dense layers as filler rows) or
-    the MoE layers only; both are accepted, anything else is an error naming the sizes."""
-    if routed.dim() != 3:
-        raise ValueError(f"routed experts must be [tokens, layers, top-k], got shape {tuple(routed.shape)}")
-    if routed.shape[1] == len(moe_layer_numbers):
-        return routed
-    if routed.shape[1] == num_layers:
-        return routed[:, moe_layer_numbers]
-    raise ValueError(
-        f"the engine reported routing for {routed.shape[1]} layers; the model has {num_layers} layers, "
-        f"{len(moe_layer_numbers)} of them MoE"
-    )
-
-
 def stage_layers(routing: Tensor, moe_layer_numbers: list[int], stage_layer_numbers: list[int]) -> Tensor:
     """`[B, S, L_moe, k]` over the whole model -> the MoE layers of this pipeline stage."""
-    index = [moe_layer_numbers.index(n) for n in stage_layer_numbers]
-    return routing[:, :, index]
+    return routing[:, :, stage_moe_indices(moe_layer_numbers, stage_layer_numbers)]
+
+
+def stage_moe_indices(moe_layer_numbers: list[int], stage_layer_numbers: list[int]) -> list[int]:
+    """Positions of this pipeline stage's MoE layers in the model's list of MoE layers."""
+    return [moe_layer_numbers.index(n) for n in stage_layer_numbers]
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,45 +218,53 @@ def stage_layers(routing: Tensor, moe_layer_numbers: list[int], stage_layer_numb
 class RouterHealth:
     """Per-step MoE metrics of one model: expert load, the aux-loss-free bias, routing agreement.
 
-    Expert load: Megatron counts each router's tokens per expert in training forwards (padding
-    excluded when the forward gets a padding mask, as `train.step` gives it) and zeroes the counts when
-    it updates the bias inside `finalize_model_grads`; `wrap_finalize` adds them up first.
+    Everything is read inside `finalize_model_grads` (`wrap_finalize`), where the model is on its
+    device whatever the memory swap does between rollouts: each router's token counts (Megatron
+    counts tokens per expert in training forwards, padding excluded when the forward gets a padding
+    mask as `train.step` gives it, and zeroes them there when it updates the bias) and the bias before
+    the step's first update and after its last.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
         self.routers = moe_routers(model)
-        self._load = [None] * len(self.routers)
-        self._bias_before = None
         self._mismatch = torch.zeros(2, dtype=torch.float64)  # (token, layer) choices that differ, compared
+        self.begin_step()
 
     @property
     def active(self) -> bool:
         return bool(self.routers)
 
+    def begin_step(self) -> None:
+        self._load: list[Tensor | None] = [None] * len(self.routers)
+        self._bias_before: list[Tensor | None] | None = None
+        self._bias_after: list[Tensor | None] | None = None
+        self._mismatch.zero_()
+
+    def _biases(self) -> list[Tensor | None]:
+        return [None if r.expert_bias is None else r.expert_bias.detach().double().cpu().clone() for _, r in self.routers]
+
     def wrap_finalize(self, finalize):
-        """`finalize_model_grads` that keeps each router's token counts before Megatron resets them."""
+        """`finalize_model_grads` that keeps each router's token counts and bias around Megatron's update."""
         health = self
 
         def finalize_keeping_counts(*args, **kwargs):
+            if health._bias_before is None:
+                health._bias_before = health._biases()
             for i, (_, router) in enumerate(health.routers):
                 counts = getattr(router, "local_tokens_per_expert", None)
                 if counts is not None:
                     counts = counts.detach().double().cpu()
                     health._load[i] = counts if health._load[i] is None else health._load[i] + counts
-            return finalize(*args, **kwargs)
+            out = finalize(*args, **kwargs)
+            health._bias_after = health._biases()
+            return out
 
         return finalize_keeping_counts
 
-    def begin_step(self) -> None:
-        self._load = [None] * len(self.routers)
-        self._mismatch.zero_()
-        self._bias_before = [None if r.expert_bias is None else r.expert_bias.detach().double().cpu().clone() for _, r in self.routers]
-
     @contextlib.contextmanager
     def comparing(self) -> Iterator[None]:
-        """Within: forward-only passes that replay routing also count the tokens whose own top-k
-        (this model's routers, now) differs from the replayed one, per MoE layer."""
+        """Within: forwards that replay routing also count the (real token, MoE layer) choices where
+        this model's own routers, now, would pick another top-k set."""
         for _, router in self.routers:
             _install_direction_hook(router)
             router._r1_tally = self._mismatch
@@ -278,32 +276,35 @@ class RouterHealth:
 
     def metrics(self) -> dict[str, float]:
         """The step's metrics, the same on every rank (reduced over the data-parallel ranks and
-        gathered over pipeline stages)."""
+        gathered over pipeline stages); empty for a dense model."""
+        if not self.active:
+            return {}
         local: dict[str, float] = {}
-        group = parallel_state.get_data_parallel_group()
+        dp_group, dp = parallel_state.get_data_parallel_group(), parallel_state.get_data_parallel_world_size()
         for i, (number, router) in enumerate(self.routers):
-            if self._load[i] is not None:
-                load = self._load[i].clone()
-                if parallel_state.get_data_parallel_world_size() > 1:
-                    dist.all_reduce(load, group=group)
-                mean = load.mean().item()
-                local[f"moe/layer{number}/load_max_over_mean"] = load.max().item() / mean if mean > 0 else 0.0
-                local[f"moe/layer{number}/load_min_over_mean"] = load.min().item() / mean if mean > 0 else 0.0
-            if router.expert_bias is not None:
-                bias = router.expert_bias.detach().double().cpu()
-                local[f"moe/layer{number}/bias_norm"] = bias.norm().item()
-                if self._bias_before is not None and self._bias_before[i] is not None:
-                    local[f"moe/layer{number}/bias_change"] = (bias - self._bias_before[i]).norm().item()
-        mismatch = self._mismatch.clone()
-        if parallel_state.get_data_parallel_world_size() > 1:
-            dist.all_reduce(mismatch, group=group)
+            load = self._load[i] if self._load[i] is not None else torch.zeros(router.config.num_moe_experts, dtype=torch.float64)
+            if dp > 1:  # counts are this rank's tokens: sum over the data-parallel ranks (on the collective's device)
+                load = load.to(platform.device())
+                dist.all_reduce(load, group=dp_group)
+                load = load.cpu()
+            mean = load.mean().item()
+            if mean > 0:
+                local[f"moe/layer{number}/load_max_over_mean"] = load.max().item() / mean
+                local[f"moe/layer{number}/load_min_over_mean"] = load.min().item() / mean
+            after = self._bias_after[i] if self._bias_after is not None else None
+            if after is not None:
+                local[f"moe/layer{number}/bias_norm"] = after.norm().item()
+                before = self._bias_before[i]
+                local[f"moe/layer{number}/bias_change"] = (after - before).norm().item()
+        mismatch = self._mismatch.to(platform.device())
+        if dp > 1:
+            dist.all_reduce(mismatch, group=dp_group)
         rows = [local]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            rows = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-            dist.all_gather_object(rows, local, group=parallel_state.get_pipeline_model_parallel_group())
-            mismatch_all = mismatch.clone()
-            dist.all_reduce(mismatch_all, group=parallel_state.get_pipeline_model_parallel_group())
-            mismatch = mismatch_all
+            group = parallel_state.get_pipeline_model_parallel_group()
+            rows = [None] * dist.get_world_size(group)
+            dist.all_gather_object(rows, local, group=group)
+            dist.all_reduce(mismatch, group=group)
         out: dict[str, float] = {}
         for row in rows:
             out.update(row)
@@ -311,6 +312,7 @@ class RouterHealth:
             values = [v for k, v in out.items() if k.endswith("/" + key)]
             if values:
                 out[f"moe/{key}"] = max(values)  # the worst layer, for the plot and the guards
+        mismatch = mismatch.cpu()
         if mismatch[1] > 0:  # share of (real token, MoE layer) choices where the replayed top-k is not the trainer's own
             out["moe/routing_mismatch"] = (mismatch[0] / mismatch[1]).item()
         return out

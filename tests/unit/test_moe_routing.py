@@ -19,6 +19,7 @@ from megatron_r1.config import ParallelConfig, load_config
 from megatron_r1.distributed import init_distributed
 from megatron_r1.models.build import build_model, moe_layers
 from megatron_r1.models.hf import load_hf
+from megatron_r1.rollout.vllm_engine import engine_routing_to_layers
 from megatron_r1.train import moe_routing
 from megatron_r1.train.optim import build_optimizer
 from megatron_r1.train.step import Batch, compute_logprobs, padding_after_last_target, train_step
@@ -144,11 +145,11 @@ def test_r3_trainer_replays_another_implementations_routing(cfg, hf_dir):
 def test_engine_routing_maps_to_the_trainers_layers():
     moe = [1, 3]  # a 4-layer model: layers 0 and 2 dense
     every_layer = torch.arange(5 * 4 * 2).view(5, 4, 2)
-    assert torch.equal(moe_routing.engine_routing_to_layers(every_layer, 4, moe), every_layer[:, [1, 3]])
+    assert torch.equal(engine_routing_to_layers(every_layer, 4, moe), every_layer[:, [1, 3]])
     only_moe = every_layer[:, [1, 3]]
-    assert torch.equal(moe_routing.engine_routing_to_layers(only_moe, 4, moe), only_moe)
+    assert torch.equal(engine_routing_to_layers(only_moe, 4, moe), only_moe)
     with pytest.raises(ValueError, match="reported routing for 3 layers; the model has 4 layers, 2 of them MoE"):
-        moe_routing.engine_routing_to_layers(every_layer[:, :3], 4, moe)
+        engine_routing_to_layers(every_layer[:, :3], 4, moe)
     # Pipeline stages: the second stage holds layer 3 only.
     batch = only_moe.unsqueeze(0)  # [1, T, L_moe, k]
     assert torch.equal(moe_routing.stage_layers(batch, moe, [3]), batch[:, :, [1]])
@@ -169,16 +170,38 @@ def test_health_reports_expert_load_bias_and_disagreement(cfg, hf_dir):
     mask = torch.zeros_like(tokens, dtype=torch.float32)
     mask[:, 4:14] = 1.0  # 14 real positions per row, 10 padding
     health.begin_step()
-    old, routing = compute_logprobs(ddp, tokens, 2, record_routing=True)
+    _, routing = compute_logprobs(ddp, tokens, 2, record_routing=True)
     _move_routing(model, seed=4)
-    with health.comparing():
-        compute_logprobs(ddp, tokens, 2, routing=routing, real_tokens=mask > 0)
     batch = Batch(tokens=tokens, loss_mask=mask, advantages=torch.ones(4), routing=routing)
-    train_step(ddp, optimizer, scheduler, batch, lambda lp, e, m: (-(lp * m.mask).sum() / m.num_tokens, {}), 2)
+    with health.comparing():
+        train_step(ddp, optimizer, scheduler, batch, lambda lp, e, m: (-(lp * m.mask).sum() / m.num_tokens, {}), 2)
     counted = sum(load.sum().item() for load in health._load)
     assert counted == 4 * 14 * cfg.model.moe_router_topk  # padding excluded from the load the bias balances
     metrics = health.metrics()
     assert metrics["moe/layer1/load_max_over_mean"] >= 1.0
     assert metrics["moe/layer1/bias_norm"] > 0 and metrics["moe/layer1/bias_change"] > 0
-    assert 0.0 < metrics["moe/routing_mismatch"] <= 1.0
+    assert 0.0 < metrics["moe/routing_mismatch"] <= 1.0  # the routers moved: their own choice differs from the replayed
     assert metrics["moe/load_max_over_mean"] == metrics["moe/layer1/load_max_over_mean"]
+    health.begin_step()
+    assert health.metrics() == {}  # a step without an update reports nothing
+
+
+def test_engine_routing_becomes_the_batch_routing():
+    """R3's batch: each sample's engine routing (prompt + response - 1 positions), this stage's MoE
+    layers, pad routes where the engine never ran a token."""
+    from megatron_r1.rollout.collect import Sample
+    from megatron_r1.train.grpo_update import make_batch
+
+    def sample(prompt, response, seed):
+        g = torch.Generator().manual_seed(seed)
+        routing = torch.randint(0, 8, (prompt + response - 1, 3, 2), generator=g, dtype=torch.int16)
+        return Sample(list(range(1, prompt + 1)), list(range(50, 50 + response)), "stop", 0, 0, [0.0] * response, routing)
+
+    samples = [sample(4, 3, 0), sample(2, 6, 1)]
+    batch = make_batch(samples, torch.zeros(2), 0, routing_layers=[0, 2])
+    assert batch.routing.shape == (2, 8, 2, 2)
+    assert torch.equal(batch.routing[0, :6], samples[0].routing[:, [0, 2]])
+    assert torch.equal(batch.routing[1, :7], samples[1].routing[:, [0, 2]])
+    pad = moe_routing.pad_routes(2)
+    assert all(torch.equal(batch.routing[0, t, j], pad) for t in (6, 7) for j in range(2))  # last token + padding
+    assert make_batch([sample(4, 3, 0), Sample([1, 2], [3], "stop", 0, 0, [0.0])], torch.zeros(2), 0).routing is None

@@ -142,3 +142,21 @@ def test_the_warning_is_logged_once_before_the_run(capsys, caplog, hf_dir, tmp_p
     warnings = [r.getMessage() for r in caplog.records if "no effect on this command" in r.getMessage()]
     assert warnings == ["sft: the config's grpo section has no effect on this command (read by: grpo by r1-zero, grpo)"]
     assert code == 2
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.quantization=fp8", "rollout.quantization=fp8 runs on GPU engines only"),
+    ("grpo.routing_replay=r3", "grpo.routing_replay=r3 needs the engine's routed experts"),
+])
+def test_gpu_only_engine_options_are_refused_on_cpu_before_anything_loads(capsys, tmp_path, override, expected):
+    """Nothing exists at checkpoint.load_hf: the refusal comes before the base model is looked for."""
+    code, line = run_cli(capsys, "--log-level", "WARNING", "r1-zero", "r1_zero_tiny_moe", f"checkpoint.load_hf={tmp_path / 'absent'}",
+                         "checkpoint.base_stage=", f"logging.run_dir={tmp_path}", override)
+    assert code == 2 and expected in line
+    assert not (tmp_path / "absent").exists()
+
+
+def test_routing_replay_on_a_dense_model_is_refused(capsys, hf_dir, tmp_path):
+    code, line = run_cli(capsys, "--log-level", "WARNING", "r1-zero", "r1_zero_tiny", f"checkpoint.load_hf={hf_dir}", f"logging.run_dir={tmp_path}",
+                         *SMALL, "grpo.routing_replay=r2")
+    assert code == 2 and "grpo.routing_replay=r2 replays MoE routing" in line and "dense model" in line
