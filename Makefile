@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow r1-zero r1-pipeline bench lint clean slurm-smoke gpu-check
+.PHONY: setup test test-slow r1-zero r1-zero-moe r1-pipeline bench lint clean slurm-smoke gpu-check
 
 setup: $(STAMP)
 
@@ -56,9 +56,15 @@ bench: setup
 	$(PY) benchmarks/rollout.py
 	$(PY) benchmarks/ranks.py
 	$(PY) benchmarks/peer_trl.py
+	$(PY) benchmarks/moe_routing.py
 
 r1-zero: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml
+
+# The same R1-Zero on the tiny DeepSeek-V3 (MLA + aux-loss-free MoE): pretrains runs/tiny_moe_base, then
+# GRPO into runs/r1_zero_moe_tiny/ (2 ranks, experts split: see the README's MoE section).
+r1-zero-moe: setup
+	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny_moe.yaml
 
 # Every DeepSeek-R1 stage on the tiny bilingual setting (runs/r1_tiny/<stage>/, table in pipeline.json).
 r1-pipeline: setup

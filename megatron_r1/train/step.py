@@ -261,10 +261,12 @@ def _sequence_multiple(config) -> int:
     return multiple
 
 
-def padded_to_multiple(batch: Batch, multiple: int) -> Batch:
-    """`batch` with trailing padding columns (token 0, loss mask 0) up to a multiple of `multiple`.
-    Causal attention never lets a real token see them, so logprobs and losses are unchanged."""
-    extra = (-batch.seq_len) % multiple
+def padded_to_multiple(batch: Batch, multiple: int, at_least: int = 0) -> Batch:
+    """`batch` with trailing padding columns (token 0, loss mask 0) up to a multiple of `multiple`
+    (and to at least `at_least` columns). Causal attention never lets a real token see them, so
+    logprobs and losses are unchanged."""
+    width = max(batch.seq_len, at_least)
+    extra = width - batch.seq_len + (-width) % multiple
     if extra == 0:
         return batch
 
@@ -286,6 +288,23 @@ def padded_to_multiple(batch: Batch, multiple: int) -> Batch:
         segment_ids=pad(batch.segment_ids),  # padding is document 0
         routing=routing,
     )
+
+
+def _expert_parallel_shape(batch: Batch) -> int:
+    """With expert parallelism every MoE layer exchanges tokens between the ranks of an expert group
+    (Megatron's dispatchers gather equal-sized token blocks), and those ranks hold different
+    data-parallel batches: they must run the same number of micro-batches of the same shape. Returns
+    the sequence width all of them pad to (the widest), after checking the row counts agree."""
+    if parallel_state.get_expert_model_parallel_world_size() <= 1:
+        return 0
+    shape = torch.tensor([batch.seq_len, batch.size, -batch.size], dtype=torch.long, device=platform.device())
+    dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    if shape[1] != -shape[2]:
+        raise ConfigError(
+            f"with expert parallelism every data-parallel rank needs the same number of sequences (here {-int(shape[2])} to {int(shape[1])}); "
+            "make the batch (grpo.prompts_per_step x rollout.n_samples_per_prompt) a multiple of the data-parallel size"
+        )
+    return int(shape[0])
 
 
 def packed_attention(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -371,7 +390,7 @@ def forward_backward(
         raise ValueError("parallel.context_parallel_size > 1 is not supported by the training step (the batch would need splitting along the sequence); set it to 1")
     if config.calculate_per_token_loss:
         raise ValueError("set calculate_per_token_loss=False: losses arrive already normalised (see module docstring)")
-    batch = padded_to_multiple(batch, _sequence_multiple(config))
+    batch = padded_to_multiple(batch, _sequence_multiple(config), _expert_parallel_shape(batch))
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
     micro_batch_size = min(micro_batch_size, batch.size)
     num_tokens, num_sequences = _dp_mean_denominators(batch)
@@ -473,7 +492,8 @@ def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
     `record_routing`, also the routing each micro-batch chose (see `compute_logprobs`)."""
     width = tokens.shape[1]
     mask = torch.zeros_like(tokens) if real_tokens is None else real_tokens.to(tokens.dtype)
-    batch = padded_to_multiple(Batch(tokens=tokens, loss_mask=mask, routing=routing), _sequence_multiple(get_model_config(model)))
+    batch = Batch(tokens=tokens, loss_mask=mask, routing=routing)
+    batch = padded_to_multiple(batch, _sequence_multiple(get_model_config(model)), _expert_parallel_shape(batch))
     num_microbatches = _num_microbatches(batch.size, micro_batch_size)
     micro_batch_size = min(micro_batch_size, batch.size)
     chosen: list[Tensor] = []
