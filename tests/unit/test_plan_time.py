@@ -43,12 +43,21 @@ def test_the_671b_recipe_swaps_its_trainer_out_and_predicts_its_step(one_rank, c
     assert out["refit_peak_bytes"] <= out["capacity_bytes"]
 
     # The same layout without the swap at the old utilization: what the issue measured.
-    old = _plan(RECIPE, ["memory.swap_during_rollout=none", "rollout.gpu_memory_utilization=0.6"])
+    old = _plan(RECIPE, ["memory.swap_during_rollout=none", "rollout.gpu_memory_utilization=0.6", "rollout.quantization=none"])
     assert old.fits and old.kv_cache_gib_per_gpu == pytest.approx(8.7, abs=0.05)
     assert old.trainer_leftover_gib_per_gpu == pytest.approx(24.5, abs=0.1)  # weights 6.1 + fp32 gradients 12.2 + reference 6.1
     # ... and the swap's room taken without the swap: the rollout peak breaks the GPU.
-    greedy = _plan(RECIPE, ["memory.swap_during_rollout=none"])
+    greedy = _plan(RECIPE, ["memory.swap_during_rollout=none", "rollout.quantization=none"])
     assert not greedy.fits and any(p.startswith("rollout:") for p in greedy.problems)
+
+
+def test_fp8_engine_weights_halve_and_the_kv_cache_and_step_gain():
+    fp8, bf16 = _plan(RECIPE), _plan(RECIPE, ["rollout.quantization=none"])
+    assert fp8.engine["weights_bytes"] == pytest.approx(bf16.engine["weights_bytes"] / 2, rel=1e-3)  # 1 byte + block scales vs 2
+    assert fp8.engine["refit_bytes"] == bf16.engine["refit_bytes"]  # the refit still sends bf16: the engine re-quantizes
+    assert fp8.kv_cache_gib_per_gpu == pytest.approx(bf16.kv_cache_gib_per_gpu + (bf16.engine["weights_bytes"] - fp8.engine["weights_bytes"]) / 2**30, rel=1e-3)
+    assert fp8.time["seconds"]["generation"] < bf16.time["seconds"]["generation"] and fp8.step_seconds < bf16.step_seconds
+    assert fp8.time["seconds"]["train"] == bf16.time["seconds"]["train"]
 
 
 def test_swap_pins_host_memory_and_a_small_host_is_refused(one_rank, capsys):
