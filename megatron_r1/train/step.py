@@ -346,7 +346,12 @@ def _forward(model: torch.nn.Module, tokens: Tensor, segment_ids: Tensor | None 
         if micro.routing is not None:
             moe_routing.replay(model, micro.routing, micro.loss_mask > 0)
         if training:
-            kwargs["padding_mask"] = padding_after_last_target(micro.loss_mask)
+            padding = padding_after_last_target(micro.loss_mask)
+            if get_model_config(model).sequence_parallel and not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+                # Megatron cuts the mask to this rank's sequence-parallel slice on the first stage only.
+                tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+                padding = padding.chunk(tp, dim=1)[rank].contiguous()
+            kwargs["padding_mask"] = padding
     if segment_ids is not None:
         if platform.has_transformer_engine():
             # TE's causal attention ignores a dense mask; packed rows there need THD `packed_seq_params`.

@@ -38,7 +38,8 @@ def _rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "train/loss" in r]
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+# The 2-rank run (EP2, engine TP2) covers the 1-rank path and more; the 1-rank run is in `make test-slow`.
+@pytest.mark.parametrize("ranks", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_moe_r1_zero_with_routing_replay(moe_base, tmp_path, ranks):
     run_dir = tmp_path / "run"
     layout = ["parallel.expert_model_parallel_size=2", "rollout.engine_tensor_parallel_size=2"] if ranks == 2 else []

@@ -229,3 +229,50 @@ def test_mla_engine_runs_bfloat16_on_cuda_by_default(one_gpu_rank, tmp_path):
     engine = VLLMEngine(RolloutConfig(gpu_memory_utilization=0.2, max_model_len=128), str(tmp_path))
     assert engine.dtype == "bfloat16"
     assert len(engine.generate([[1, 2, 3]], n=1, temperature=0.0, top_p=1.0, max_tokens=4)[0].response_ids) >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE rollout on CUDA: routed experts for R3, FP8 engine weights (GPU-only engine options).
+
+
+def test_engine_returns_routed_experts_for_r3(one_gpu_rank, tmp_path):
+    """vLLM's routed experts (Model Runner V2): `[prompt + response - 1, MoE layers, top-k]` global expert
+    ids, dense layers dropped, for every sample."""
+    pytest.importorskip("vllm")
+    from tests.unit.test_vllm_engine import tiny_deepseek_v3
+
+    from megatron_r1.rollout.vllm_engine import VLLMEngine
+
+    tiny_deepseek_v3(tmp_path)
+    engine = VLLMEngine(RolloutConfig(gpu_memory_utilization=0.2, max_model_len=128), str(tmp_path), return_routing=True)
+    out = engine.generate([[1, 2, 3, 4]], n=2, temperature=1.0, top_p=1.0, max_tokens=6)
+    for r in out:
+        assert r.routing.shape == (len(r.prompt_ids) + len(r.response_ids) - 1, 1, 2)
+        assert int(r.routing.min()) >= 0 and int(r.routing.max()) < 8
+        assert all(len(set(row.tolist())) == 2 for row in r.routing[:, 0])  # top-2 distinct experts per token
+
+
+def test_fp8_engine_quantizes_at_start_and_at_every_refit(one_gpu_rank, tmp_path):
+    """rollout.quantization=fp8: blockwise FP8 weights; a refit of bf16 weights is re-quantized (outputs move
+    with the new weights and come back with the old), and logprobs stay near the bf16 engine's."""
+    pytest.importorskip("vllm")
+    from safetensors.torch import load_file
+
+    from tests.unit.test_vllm_engine import tiny_deepseek_v3
+
+    from megatron_r1.rollout.vllm_engine import VLLMEngine
+
+    tiny_deepseek_v3(tmp_path)
+    base = load_file(tmp_path / "model.safetensors")
+    seq = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+    bf16 = VLLMEngine(RolloutConfig(gpu_memory_utilization=0.2, max_model_len=128), str(tmp_path))
+    reference = bf16.prompt_logprobs([seq])[0]
+    bf16.shutdown()
+    engine = VLLMEngine(RolloutConfig(gpu_memory_utilization=0.2, max_model_len=128, quantization="fp8"), str(tmp_path))
+    before = engine.prompt_logprobs([seq])[0]
+    assert (before - reference).abs().mean() < 0.2  # the FP8 probe threshold
+    engine.load_weights((k, (v + 0.05 * torch.randn_like(v)).to(torch.bfloat16)) for k, v in base.items())
+    assert (engine.prompt_logprobs([seq])[0] - before).abs().max() > 1e-2
+    engine.load_weights((k, v.to(torch.bfloat16)) for k, v in base.items())
+    assert torch.allclose(engine.prompt_logprobs([seq])[0], before, atol=1e-3)
+    engine.shutdown()
