@@ -260,7 +260,7 @@ def test_padding_to_a_multiple_changes_neither_logprobs_nor_loss_nor_grads(monke
     widths = []
     real_forward = step._forward
     monkeypatch.setattr(step, "_sequence_multiple", lambda config: 8)  # as sequence parallelism at TP 8 would
-    monkeypatch.setattr(step, "_forward", lambda model, tokens, segments=None: widths.append(tokens.shape[1]) or real_forward(model, tokens, segments))
+    monkeypatch.setattr(step, "_forward", lambda model, tokens, *args, **kw: widths.append(tokens.shape[1]) or real_forward(model, tokens, *args, **kw))
     padded_lp = compute_logprobs(ddp, batch.tokens, micro_batch_size=2)
     ddp.zero_grad_buffer()
     padded_loss = forward_backward(ddp, batch, lm_loss_fn, micro_batch_size=2)["loss"]
