@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,29 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from launch import base_model, run  # noqa: E402
 from results import append  # noqa: E402
 
 STAGE = ROOT / "conf/stages/r1_zero_tiny_moe.yaml"
 COLUMNS = ["time/logprob", "time/train", "time/step", "train/mismatch_kl", "moe/routing_mismatch", "train/clip_fraction"]
-
-
-def _run(cmd: list[str]) -> None:
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
-
-
-def _base_model(path: str | None, work: Path) -> Path:
-    if path:
-        return Path(path)
-    default = ROOT / "runs/tiny_moe_base/hf"
-    if (default / "config.json").exists():
-        return default
-    print("no base model at runs/tiny_moe_base/hf: pretraining one for 300 steps (speed and routing, not accuracy, are measured)")
-    _run([sys.executable, "-m", "megatron_r1.cli", "pretrain", "conf/stages/pretrain_tiny_moe.yaml", f"logging.run_dir={work / 'base'}",
-          "steps=300", "pretrain.probe_samples=0", "logging.progress_bar=false"])
-    return work / "base/hf"
 
 
 def main() -> None:
@@ -69,11 +50,11 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = _base_model(args.base, work)
+        base = base_model(args.base, work, "conf/stages/pretrain_tiny_moe.yaml", "runs/tiny_moe_base", 300)
         for mode in ("none", "r2"):
             run_dir = work / mode
             print(f"running routing_replay={mode} ...", flush=True)
-            _run([sys.executable, "-m", "megatron_r1.cli", "r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}",
+            run([sys.executable, "-m", "megatron_r1.cli", "r1-zero", str(STAGE), f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}",
                   "checkpoint.base_stage=", f"steps={args.steps}", f"grpo.routing_replay={mode}", f"grpo.updates_per_rollout={args.updates}",
                   f"grpo.prompts_per_step={args.prompts}", f"rollout.n_samples_per_prompt={args.samples}",
                   f"rollout.max_response_tokens={args.max_tokens}", "rollout.dtype=bfloat16", "rollout.probe_every=0",

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from launch import base_model, run  # noqa: E402
 from results import append  # noqa: E402
 STAGE = ROOT / "conf/stages/r1_zero_tiny.yaml"
 LAYOUTS = {
@@ -41,25 +41,6 @@ LAYOUTS = {
 }
 COLUMNS = ["time/rollout", "perf/tokens_per_s", "time/train", "time/sync", "time/step",
            "rollout/sequences_sampled_per_engine", "rollout/sequences_per_rank"]
-
-
-def _run(cmd: list[str]) -> None:
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
-
-
-def _base_model(path: str | None, work: Path) -> Path:
-    if path:
-        return Path(path)
-    default = ROOT / "runs/tiny_base/hf"
-    if (default / "config.json").exists():
-        return default
-    print("no base model at runs/tiny_base/hf: pretraining one for 200 steps (speed, not accuracy, is measured)")
-    _run([sys.executable, "-m", "megatron_r1.cli", "pretrain", "conf/stages/pretrain_tiny.yaml", f"logging.run_dir={work / 'base'}",
-          "steps=200", "pretrain.probe_samples=0", "logging.progress_bar=false"])
-    return work / "base/hf"
 
 
 def main() -> None:
@@ -73,7 +54,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = _base_model(args.base, work)
+        base = base_model(args.base, work, "conf/stages/pretrain_tiny.yaml", "runs/tiny_base", 200)
         results = {}
         for name, (ranks, extra) in LAYOUTS.items():
             run_dir = work / name.replace(" ", "_").replace(":", "")
@@ -85,7 +66,7 @@ def main() -> None:
             if ranks > 1:
                 launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "megatron_r1.cli"]
             print(f"running {name} ...", flush=True)
-            _run([*launcher, "r1-zero", str(STAGE), *overrides, *extra])
+            run([*launcher, "r1-zero", str(STAGE), *overrides, *extra])
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             rows = [r for r in rows if "train/loss" in r and 1 < r["step"] < args.steps]  # no first step, no final eval
             results[name] = {c: statistics.median(r[c] for r in rows) for c in COLUMNS}

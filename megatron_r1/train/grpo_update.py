@@ -114,11 +114,10 @@ def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch, timer:
         if cfg.grpo.kl_beta > 0:
             batch.ref_logprobs = compute_logprobs(reference, batch.tokens, mb)
         if cfg.grpo.updates_per_rollout > 1:  # later mini-batches are off-policy: keep the sampler's logprobs
-            real = batch.loss_mask > 0
             if replay == "r2":
                 batch.old_logprobs, batch.routing = compute_logprobs(ddp, batch.tokens, mb, record_routing=True)
             else:
-                batch.old_logprobs = compute_logprobs(ddp, batch.tokens, mb, routing=batch.routing, real_tokens=real)
+                batch.old_logprobs = compute_logprobs(ddp, batch.tokens, mb, routing=batch.routing, real_tokens=batch.loss_mask > 0)
     metrics: dict[str, float] = {}
     parts = batch.split(cfg.grpo.updates_per_rollout)
     with timer("train"):

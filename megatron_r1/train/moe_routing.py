@@ -37,7 +37,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+from megatron.core.utils import get_model_config
 
 from megatron_r1 import platform
 
@@ -67,14 +68,15 @@ def moe_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return routers
 
 
-def _slots(model: torch.nn.Module) -> list[RouterReplay]:
-    slots = []
+def _replaying_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """This stage's MoE routers, each with its replay slot and the direction hook installed."""
+    routers = []
     for number, router in moe_routers(model):
         if router.router_replay is None:
             raise RuntimeError(f"MoE layer {number} was built without a routing-replay slot (TransformerConfig.moe_enable_routing_replay)")
         _install_direction_hook(router)
-        slots.append(router.router_replay)
-    return slots
+        routers.append(router)
+    return routers
 
 
 def _install_direction_hook(router: torch.nn.Module) -> None:
@@ -120,8 +122,6 @@ def _count_disagreement(router: torch.nn.Module, hidden: Tensor, target: Tensor,
 
 
 def _sequence_parallel(model: torch.nn.Module) -> bool:
-    from megatron.core.utils import get_model_config
-
     return bool(get_model_config(model).sequence_parallel)
 
 
@@ -137,29 +137,29 @@ def _local_tokens(per_sequence: Tensor, sequence_parallel: bool) -> Tensor:
 def replay(model: torch.nn.Module, routing: Tensor, real_tokens: Tensor | None = None) -> None:
     """Make the next forward of `model` (and its backward recompute) use `routing` `[b, S, L, k]`
     (`real_tokens` `[b, S]` bool: the positions a disagreement count looks at; None: all)."""
-    slots, sp = _slots(model), _sequence_parallel(model)
-    if routing.shape[2] != len(slots):
-        raise ValueError(f"routing has {routing.shape[2]} MoE layers, this pipeline stage has {len(slots)}")
+    routers, sp = _replaying_routers(model), _sequence_parallel(model)
+    if routing.shape[2] != len(routers):
+        raise ValueError(f"routing has {routing.shape[2]} MoE layers, this pipeline stage has {len(routers)}")
     device = next(_unwrap(model).parameters()).device
     valid = None if real_tokens is None else _local_tokens(real_tokens.bool(), sp).to(device)
-    for j, ((_, router), slot) in enumerate(zip(moe_routers(model), slots)):
-        slot.set_target_indices(_local_tokens(routing[:, :, j], sp).to(device, torch.long))
-        slot.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    for j, router in enumerate(routers):
+        router.router_replay.set_target_indices(_local_tokens(routing[:, :, j], sp).to(device, torch.long))
+        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         router._r1_valid = valid
 
 
 def record(model: torch.nn.Module) -> None:
     """Make the next forwards of `model` record their routing (read it with `recorded`)."""
-    for slot in _slots(model):
-        slot.set_router_replay_action(RouterReplayAction.RECORD)
+    for router in _replaying_routers(model):
+        router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
 
 
 def recorded(model: torch.nn.Module, batch: int, seq_len: int) -> Tensor:
     """The routing the last forward of `model` chose, `[b, S, L, k]` int16 on the host (all of the
     sequence: the tensor-parallel slices of sequence parallelism are gathered)."""
     sp, layers = _sequence_parallel(model), []
-    for slot in _slots(model):
-        rows = slot.get_recorded_indices()
+    for router in _replaying_routers(model):
+        rows = router.router_replay.get_recorded_indices()
         if rows is None:
             raise RuntimeError("no routing was recorded: call moe_routing.record before the forward")
         per_token = rows.view(-1, batch, rows.shape[-1])  # [S_local, b, k]
@@ -199,11 +199,6 @@ def stop(model: torch.nn.Module) -> None:
 def pad_routes(k: int) -> Tensor:
     """The routing given to positions no real token sees (right padding): experts 0..k-1."""
     return torch.arange(k, dtype=torch.int16)
-
-
-def stage_layers(routing: Tensor, moe_layer_numbers: list[int], stage_layer_numbers: list[int]) -> Tensor:
-    """`[B, S, L_moe, k]` over the whole model -> the MoE layers of this pipeline stage."""
-    return routing[:, :, stage_moe_indices(moe_layer_numbers, stage_layer_numbers)]
 
 
 def stage_moe_indices(moe_layer_numbers: list[int], stage_layer_numbers: list[int]) -> list[int]:

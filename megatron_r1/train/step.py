@@ -519,19 +519,18 @@ def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
     was_training = model.training
     model.eval()
     try:
-        per_micro = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=_micro_batches(batch, micro_batch_size, 1.0, 1.0),
-            model=[model],
-            num_microbatches=num_microbatches,
-            seq_length=batch.seq_len,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+        with moe_routing.cleared_after(model, routing is not None or record_routing):
+            per_micro = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=_micro_batches(batch, micro_batch_size, 1.0, 1.0),
+                model=[model],
+                num_microbatches=num_microbatches,
+                seq_length=batch.seq_len,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
     finally:
         model.train(was_training)
-        if routing is not None or record_routing:
-            moe_routing.stop(model)
 
     out = torch.empty(batch.size, batch.seq_len - width_offset, dtype=torch.float32, device=platform.device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

@@ -152,7 +152,7 @@ def test_engine_routing_maps_to_the_trainers_layers():
         engine_routing_to_layers(every_layer[:, :3], 4, moe)
     # Pipeline stages: the second stage holds layer 3 only.
     batch = only_moe.unsqueeze(0)  # [1, T, L_moe, k]
-    assert torch.equal(moe_routing.stage_layers(batch, moe, [3]), batch[:, :, [1]])
+    assert torch.equal(batch[:, :, moe_routing.stage_moe_indices(moe, [3])], batch[:, :, [1]])
 
 
 def test_padding_is_what_follows_the_last_trained_token():
