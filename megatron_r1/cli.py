@@ -98,10 +98,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # config that sets one its command does not read gets one warning (the shared sections, model,
 # parallel, data, ..., and the commands that borrow a stage's config, evaluate and eval-checkpoints, are
 # not checked).
-STAGE_SECTIONS = ("rollout", "grpo", "sft", "reward_model", "rejection", "pretrain")
+STAGE_SECTIONS = ("rollout", "grpo", "async", "sft", "reward_model", "rejection", "pretrain")
 SECTIONS_READ = {
-    "r1-zero": ("rollout", "grpo"),
-    "grpo": ("rollout", "grpo"),
+    "r1-zero": ("rollout", "grpo", "async"),
+    "grpo": ("rollout", "grpo", "async"),
     "sft": ("sft",),
     "reward-model": ("reward_model",),
     "pretrain": ("pretrain", "rollout"),  # rollout: the base probe's engine
@@ -235,7 +235,9 @@ def _plan(argv: list[str]) -> int:
         p = cfg.parallel
         needed = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
         needed = max(needed, p.expert_model_parallel_size * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size) * p.pipeline_model_parallel_size)
-        needed = max(needed, cfg.rollout.engine_tensor_parallel_size * cfg.rollout.engine_pipeline_parallel_size)
+        engine = cfg.rollout.engine_tensor_parallel_size * cfg.rollout.engine_pipeline_parallel_size
+        # disaggregated: the trainer's GPUs and the engines' apart (`planner.memory.rollout_gpus`)
+        needed = needed + max(cfg.parallel.rollout_ranks, engine) if cfg.placement == "disaggregated" else max(needed, engine)
         nodes = -(-needed // gpu.per_node)
     if nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {nodes}")
@@ -316,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    if cfg.placement != "colocated" and args.command not in ("r1-zero", "grpo"):
+        _user_error("megatron-r1: config error: ", f"placement={cfg.placement} places rollout engines apart from the trainer, "
+                    f"which only the GRPO stages (r1-zero, grpo) have; set placement=colocated for {args.command}")
+        return 2
     ignored = unread_sections(args.command, cfg)
     if ignored and os.environ.get("RANK", "0") == "0":
         logging.getLogger("megatron_r1.cli").warning(

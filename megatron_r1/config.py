@@ -10,6 +10,7 @@ that names the bad key and the closest valid ones, or the field and the type it 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -95,6 +96,7 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto | nccl | gloo
     timeout_minutes: float = 30.0  # a collective waiting longer fails the job (longest expected imbalance between ranks, e.g. a slow rollout)
     heartbeat_timeout_s: float = 60.0  # a rank silent this long (dead, frozen) ends the job with a message naming it (0: off; distributed.py)
+    rollout_ranks: int = 1  # placement=disaggregated: how many of the job's ranks (the last ones) host only vLLM engines (placement.py)
 
     def layers_per_stage(self, num_layers: int) -> list[int]:
         """Decoder layers on each pipeline stage (Megatron's uneven split: first/last given, the rest even)."""
@@ -384,12 +386,20 @@ class PlanConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """Generation overlapping the update (placement=disaggregated; `rollout/bridge.py`). The YAML section is `async`."""
+
+    max_staleness: int = 0  # the engines sample batch t with the weights of step t - k at the oldest (0: synchronous, the same run as colocated)
+
+
+@dataclass
 class StageConfig:
     """One stage of the R1 pipeline, everything it needs."""
 
     name: str = "r1_zero"  # stage name (reported in summaries): r1_zero | pretrain | sft | cold_start_sft | reasoning_rl | reward_model | final_rl | distill
     seed: int = 1234  # global seed
     steps: int = 60  # RL / training steps
+    placement: Literal["colocated", "disaggregated"] = "colocated"  # GRPO: every rank trains and generates, or rollout ranks apart from trainer ranks (placement.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -405,6 +415,7 @@ class StageConfig:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)  # read by `megatron-r1 plan` only
+    async_: AsyncConfig = field(default_factory=AsyncConfig, metadata={"key": "async"})  # `async` is a Python keyword
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +519,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -516,8 +527,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
             raise ConfigError(_RETIRED_EXTRA)
         if key not in fields:
             raise ConfigError(_unknown_key(f"{where}.{key}" if where else key, key, fields))
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+        name = fields[key].name
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{key}" if where else key)
     return cls(**kwargs)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The name a field goes by in YAML (a keyword such as `async` cannot be an attribute)."""
+    return f.metadata.get("key", f.name)
 
 
 _RETIRED_EXTRA = (
@@ -638,6 +655,13 @@ def validate(cfg: StageConfig) -> None:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 2 (a damaged newest checkpoint falls back to the one before), or 0 to keep all")
     if p.timeout_minutes <= 0 or p.heartbeat_timeout_s < 0:
         raise ConfigError("parallel.timeout_minutes must be > 0 and parallel.heartbeat_timeout_s >= 0 (0 turns the heartbeat off)")
+    if cfg.async_.max_staleness < 0:
+        raise ConfigError(f"async.max_staleness={cfg.async_.max_staleness} must be >= 0 (0: synchronous)")
+    if cfg.async_.max_staleness > 0 and cfg.placement != "disaggregated":
+        raise ConfigError(f"async.max_staleness={cfg.async_.max_staleness} overlaps generation with the update, which needs engines "
+                          "apart from the trainer: set placement=disaggregated (and launch parallel.rollout_ranks more processes)")
+    if p.rollout_ranks < 1:
+        raise ConfigError(f"parallel.rollout_ranks={p.rollout_ranks} must be >= 1")
     sft = cfg.sft
     for name in ("epochs", "batch_size", "micro_batch_size"):
         if getattr(sft, name) < 1:
@@ -655,5 +679,9 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain-dict view (for summary.json, logs and checkpoints)."""
-    return dataclasses.asdict(cfg)
+    """Plain-dict view (for summary.json, logs and checkpoints), keyed as in YAML."""
+    return {_key(f): _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def _plain(value: Any) -> Any:
+    return to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)

@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_r1 import heartbeat, platform
+from megatron_r1 import heartbeat, placement, platform
 from megatron_r1.config import ConfigError, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def ensure_process_group(backend: str = "auto", env: DistEnv | None = None, time
             world_size=env.world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
-    launched = env.world_size == dist.get_world_size() and env.rank == dist.get_rank()
+    # One side of a disaggregated job is a world of its own, but its GPUs are still the launcher's.
+    launched = env.world_size == dist.get_world_size() and env.rank == dist.get_rank() or placement.current() is not None
     os.environ["RANK"] = str(dist.get_rank())
     # A group made by hand (tests, notebooks) on one machine: the local rank is the rank.
     os.environ["LOCAL_RANK"] = str(env.local_rank if launched else dist.get_rank())
@@ -115,7 +116,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: DistEnv | 
     """Initialise torch.distributed and Megatron's model-parallel groups; idempotent per process."""
     platform.setup()
     env = ensure_process_group(parallel.backend, env, parallel.timeout_minutes)
-    heartbeat.start(parallel.heartbeat_timeout_s)
+    heartbeat.start(parallel.heartbeat_timeout_s, placement.current())
     init_model_parallel(parallel, seed)
     return env
 
@@ -166,6 +167,7 @@ def destroy() -> None:
     if dist.is_initialized():
         heartbeat.stop()
         dist.barrier()  # every rank has stopped watching before any leaves: leaving is no failure
+        placement.leave()  # a disaggregated job: the other side too
         dist.destroy_process_group()
 
 

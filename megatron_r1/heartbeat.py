@@ -42,10 +42,10 @@ _VERDICT = "verdict"
 _current: "Heartbeat | None" = None
 
 
-def _store_client(timeout_s: float) -> dist.Store:
+def _store_client(timeout_s: float, store: dist.Store | None = None) -> dist.Store:
     """A connection of our own to the job's store, whose operations give up after `timeout_s`
     (the process group's connection waits as long as a collective may: far too long here)."""
-    store = dist.distributed_c10d._get_default_store()
+    store = store or dist.distributed_c10d._get_default_store()
     store = store.clone()
     store.set_timeout(timedelta(seconds=timeout_s))
     return dist.PrefixStore(_PREFIX, store)
@@ -69,6 +69,11 @@ class Heartbeat:
         self._thread.start()
 
     def stop(self) -> None:
+        if not self._stop.is_set():
+            try:  # a rank that finished is not a rank that died (disaggregated sides finish apart)
+                self.store.set(f"left/{self.rank}", "1")
+            except Exception:
+                pass
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=self.interval_s * 3)
@@ -107,7 +112,7 @@ class Heartbeat:
             last, since = seen[r]
             if value != last:
                 seen[r] = (value, now)
-            elif now - since > self.timeout_s:
+            elif now - since > self.timeout_s and not self.store.check([f"left/{r}"]):
                 return f"rank {r} stopped responding (last heartbeat {now - since:.0f}s ago); exiting"
         return None
 
@@ -131,22 +136,26 @@ class Heartbeat:
             time.sleep(self.interval_s / 2)
 
 
-def start(timeout_s: float) -> Heartbeat | None:
-    """Start this process's heartbeat for the default process group (collective; idempotent).
-    Nothing to watch on one rank, or with `timeout_s` 0."""
+def start(timeout_s: float, job=None) -> Heartbeat | None:
+    """Start this process's heartbeat for the job (collective; idempotent): the default process
+    group, or both sides of a disaggregated job (`job`: `placement.current()`; job ranks, the
+    job's store). Nothing to watch on one rank, or with `timeout_s` 0."""
     global _current
     if _current is not None and _current.running():
         return _current
-    world = dist.get_world_size()
+    rank, world = (job.role.job_rank, job.role.job_world) if job else (dist.get_rank(), dist.get_world_size())
     if world == 1 or timeout_s <= 0:
         return None
-    _current = Heartbeat(_store_client(timeout_s), dist.get_rank(), world, timeout_s)
+    _current = Heartbeat(_store_client(timeout_s, job.store if job else None), rank, world, timeout_s)
     _current.start()
     # A process that leaves without `distributed.destroy()` (a requeue exit, an error) must not
     # tear the interpreter down under a thread inside a store call: C++ would abort the process
     # ("terminate called without an active exception") and turn its exit status into 134.
     atexit.register(stop)
-    dist.barrier()  # every counter exists before any watcher reads it
+    if job:  # every counter exists before any watcher reads it
+        store_barrier(job.store, "megatron_r1/heartbeat_started", world)
+    else:
+        dist.barrier()
     _install_excepthook()
     return _current
 
@@ -181,3 +190,15 @@ def _install_excepthook() -> None:
 
     hook._megatron_r1_heartbeat = True
     sys.excepthook = hook
+
+
+def store_barrier(store: dist.Store, key: str, world: int, timeout_s: float = 600.0, add: bool = True) -> None:
+    """Wait until `world` processes have reached `key` (no process group needed; `add=False`: only
+    wait, this process counted itself already)."""
+    if add:
+        store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {store.add(key, 0)} of {world} ranks reached {key!r} within {timeout_s:.0f}s")
+        time.sleep(0.05)

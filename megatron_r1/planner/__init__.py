@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from megatron_r1.config import StageConfig
 from megatron_r1.planner.gpus import GPUS, Gpu
-from megatron_r1.planner.memory import Plan, plan, search_nodes
+from megatron_r1.planner.memory import Plan, compare_placements, plan, search_nodes
 from megatron_r1.planner.params import ParamCounts, active_parameters, count_parameters
 
 SEARCH_MAX_NODES = 1024  # --search tries 1 .. this many nodes
@@ -26,6 +26,7 @@ def plan_stage(cfg: StageConfig, nodes: int, gpu: Gpu, search: bool = False) -> 
     counts = count_parameters(cfg.model)
     active = active_parameters(counts, cfg.model)
     result = plan(cfg, counts, active, nodes, gpu)
+    result.placements = compare_placements(cfg, counts, active, nodes, gpu)
     if search:
         result.smallest_fitting_nodes = search_nodes(cfg, counts, active, gpu, max_nodes=SEARCH_MAX_NODES)
         result.searched_up_to = SEARCH_MAX_NODES

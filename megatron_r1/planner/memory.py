@@ -70,6 +70,7 @@ class Plan:
     step_seconds: float | None = None
     tokens_per_s_per_gpu: float | None = None
     time: dict | None = None
+    placements: list = field(default_factory=list)  # RL: the same job colocated and disaggregated (compare_placements)
 
 
 RL_STAGES = ("r1_zero", "reasoning_rl", "final_rl")
@@ -140,20 +141,29 @@ def _divides(a: int, b: int) -> bool:
 
 
 def layout_problems(cfg: StageConfig, world: int) -> list[str]:
-    """Why Megatron, vLLM or this trainer would refuse the layout on `world` GPUs (empty: none)."""
+    """Why Megatron, vLLM or this trainer would refuse the layout on `world` GPUs (empty: none).
+    A disaggregated RL layout: the trainer on the first `world - parallel.rollout_ranks` GPUs, the
+    engines on the rest."""
     p, m, r = cfg.parallel, cfg.model, cfg.rollout
     tp, pp, cp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size, p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
     wl = workload(cfg)
     out = []
+    engine_world = world
+    if rollout_gpus(cfg):
+        engine_world = rollout_gpus(cfg)
+        world = world - engine_world
+        if world < 1:
+            return [f"parallel.rollout_ranks={engine_world} leaves no GPU for the trainer on {world + engine_world} GPUs: lower it or add nodes"]
     if not _divides(tp * pp * cp, world):
         out.append(f"TP x PP x CP = {tp * pp * cp} does not divide {world} GPUs")
     if m.num_experts and not _divides(ep * etp * pp, world):
         out.append(f"EP x expert-TP x PP = {ep * etp * pp} does not divide {world} GPUs")
     if cp != 1:
         out.append("context parallelism is not supported by the training step (parallel.context_parallel_size must be 1)")
-    if wl.engine and not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, world):
-        out.append(f"an engine of {r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size} GPUs does not divide {world} GPUs")
+    if wl.engine and not _divides(r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size, engine_world):
+        out.append(f"an engine of {r.engine_tensor_parallel_size * r.engine_pipeline_parallel_size} GPUs does not divide {engine_world} "
+                   f"{'rollout ' if engine_world != world else ''}GPUs")
     try:
         p.layers_per_stage(m.num_layers)
     except ConfigError as err:
@@ -168,6 +178,11 @@ def layout_problems(cfg: StageConfig, world: int) -> list[str]:
     if wl.trains and dp and wl.sequences < dp:  # the trainer's rule (train/step.py data_parallel_share)
         out.append(f"a batch of {wl.sequences} sequences per update cannot feed {dp} data-parallel ranks")
     return out
+
+
+def rollout_gpus(cfg: StageConfig) -> int:
+    """GPUs that only generate (`placement: disaggregated` in an RL stage); 0: colocated."""
+    return cfg.parallel.rollout_ranks if cfg.placement == "disaggregated" and workload(cfg).kind == "rl" else 0
 
 
 def _nearest_split(parallel, num_layers: int):
@@ -298,6 +313,8 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     """The memory table and verdict for `cfg` on `nodes` nodes of `gpu`."""
     world = nodes * gpu.per_node
     problems = layout_problems(cfg, world)
+    apart = rollout_gpus(cfg)  # disaggregated: the trainer's GPUs hold no engine, the engines' no trainer
+    train_world = max(world - apart, 0)
     try:
         cfg.parallel.layers_per_stage(cfg.model.num_layers)
     except ConfigError:
@@ -316,7 +333,7 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         "ep": p.expert_model_parallel_size,
         "etp": p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         "cp": p.context_parallel_size,
-        "dp": world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size),
+        "dp": train_world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size),
         "sequence_parallel": p.sequence_parallel,
         "distributed_optimizer": p.use_distributed_optimizer,
         "recompute": cfg.memory.recompute,
@@ -324,24 +341,31 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
         "precision_aware_optimizer": cfg.memory.precision_aware_optimizer,
         "reference_model": wl.reference,
         "fp8": cfg.model.fp8_recipe,
+        "placement": "disaggregated" if apart else "colocated",
+        "trainer_gpus": train_world,
+        "rollout_gpus": apart or world if wl.engine else 0,
     }
     engine = _engine(cfg, counts, gpu) if wl.engine else None  # SFT-like stages start no engine
-    swap = cfg.memory.swap_during_rollout if wl.kind == "rl" else "none"
+    swap = cfg.memory.swap_during_rollout if wl.kind == "rl" and not apart else "none"  # disaggregated: nothing to make room for
     bucket = cfg.rollout.sync_bucket_mb * 2**20
     stages = []
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    ranks_split = _divides(tp * pp * cp, world) and (
-        not cfg.model.num_experts or _divides(p.expert_model_parallel_size * layout["etp"] * pp, world)
+    ranks_split = train_world > 0 and _divides(tp * pp * cp, train_world) and (
+        not cfg.model.num_experts or _divides(p.expert_model_parallel_size * layout["etp"] * pp, train_world)
     )
     if layout["layers_per_stage"] is not None and ranks_split:  # else no rank of this layout exists
         for stage in range(p.pipeline_model_parallel_size):
-            parts = _stage_memory(cfg, counts, world, stage, flash_attention)
+            parts = _stage_memory(cfg, counts, train_world, stage, flash_attention)
             resident = sum(v for k, v in parts.items() if k not in ("activations", "loss", "optimizer_on_host"))
             train = resident + parts["activations"] + parts["loss"] + reserve if wl.trains else 0
-            rollout = leftover_bytes(parts, swap) + engine["budget_bytes"] + reserve if engine else 0
-            # The refit streams the policy's weights (resident then, whatever the mode) into the woken engine weights.
-            refit = (leftover_bytes(parts, swap) + (parts["weights"] if swap == "all" else 0) + engine["weights_bytes"]
-                     + bucket + reserve) if engine and wl.trains else 0
+            if apart:  # an engine GPU holds the engine and one bucket of the stream; a trainer GPU its state and one bucket
+                rollout = engine["budget_bytes"] + bucket + reserve
+                refit = resident + bucket + reserve
+            else:
+                rollout = leftover_bytes(parts, swap) + engine["budget_bytes"] + reserve if engine else 0
+                # The refit streams the policy's weights (resident then, whatever the mode) into the woken engine weights.
+                refit = (leftover_bytes(parts, swap) + (parts["weights"] if swap == "all" else 0) + engine["weights_bytes"]
+                         + bucket + reserve) if engine and wl.trains else 0
             stages.append({"stage": stage, "layers": layout["layers_per_stage"][stage], **parts, "train_peak": train, "rollout_peak": rollout,
                            "refit_peak": refit, "leftover": {m: leftover_bytes(parts, m) for m in SWAPPED},
                            "pinned_host": pinned_host_bytes(parts, swap)})
@@ -374,15 +398,15 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     phases = {}
     if wl.trains:
         phases["train"] = (worst["train_peak"], RESIDENT + ("fp8_weight_copies", "activations", "loss"))
-    if engine:  # FP8 copies released before the engine wakes; the swap's share moved out
-        phases["rollout"] = (worst["rollout_peak"], resident + ("engine_budget",))
-    if engine and wl.trains:
-        phases["refit"] = (worst["refit_peak"], tuple(dict.fromkeys(resident + ("weights",))) + ("engine_weights",))
+    if engine:  # FP8 copies released before the engine wakes; the swap's share moved out (disaggregated: the engine GPUs hold nothing else)
+        phases["rollout"] = (worst["rollout_peak"], (() if apart else resident) + ("engine_budget",))
+    if engine and wl.trains:  # disaggregated: the trainer GPUs send, the engine's weights are elsewhere
+        phases["refit"] = (worst["refit_peak"], tuple(dict.fromkeys(resident + ("weights",))) + (() if apart else ("engine_weights",)))
     for phase, (peak, names) in phases.items():
         if peak > capacity:
             parts = {k: worst.get(k, 0) for k in names}
             parts["engine_budget"] = engine["budget_bytes"] if phase == "rollout" and engine else 0
-            parts["engine_weights"] = engine["weights_bytes"] if phase == "refit" else 0
+            parts["engine_weights"] = engine["weights_bytes"] if phase == "refit" and not apart else 0
             largest = max(parts, key=parts.get)
             problems.append(
                 f"{phase}: {peak / GiB:.1f} GiB on pipeline stage {worst['stage']} exceeds {capacity / GiB:.1f} GiB; "
@@ -403,13 +427,38 @@ def plan(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gp
     if engine and wl.kind == "rl":
         result.swap_mode = swap
         result.refit_peak_bytes = max(s["refit_peak"] for s in stages)
-        result.trainer_leftover_gib_per_gpu = round(leftover[swap] / GiB, 2)
+        result.trainer_leftover_gib_per_gpu = round(leftover[swap] / GiB, 2) if not apart else None
         result.kv_cache_gib_per_gpu = round(engine["kv_cache_bytes"] / GiB, 2)
-        result.swap_modes = {m: _with_swap(cfg, engine, leftover[m], gpu, world) for m in SWAPPED}
-        result.time = step_time(cfg, counts, active, gpu, world, layout, engine, pinned)
+        if not apart:
+            result.swap_modes = {m: _with_swap(cfg, engine, leftover[m], gpu, world) for m in SWAPPED}
+        result.time = step_time(cfg, counts, active, gpu, world, layout, engine, pinned, rollout_gpus=apart,
+                                max_staleness=cfg.async_.max_staleness)
         result.step_seconds = round(result.time["step_seconds"], 1)
         result.tokens_per_s_per_gpu = round(result.time["tokens_per_s_per_gpu"], 2)
     return result
+
+
+def compare_placements(cfg: StageConfig, counts: ParamCounts, active: int, nodes: int, gpu: Gpu, flash_attention: bool = True) -> list[dict]:
+    """The same RL job on the same GPUs colocated, and disaggregated synchronous and one step stale:
+    each one's predicted step, tokens/s/GPU and verdict. The rollout GPUs are the config's
+    `parallel.rollout_ranks` when it is disaggregated, else one node (half of a single node)."""
+    from megatron_r1.config import AsyncConfig
+
+    if workload(cfg).kind != "rl":
+        return []
+    apart = cfg.parallel.rollout_ranks if cfg.placement == "disaggregated" else gpu.per_node if nodes > 1 else max(gpu.per_node // 2, 1)
+    variants = [("colocated", "colocated", 0, 0), (f"disaggregated, {apart} rollout GPUs, k=0", "disaggregated", apart, 0),
+                (f"disaggregated, {apart} rollout GPUs, k=1", "disaggregated", apart, 1)]
+    out = []
+    for name, placement, rollout_ranks, k in variants:
+        variant = dataclasses.replace(cfg, placement=placement, async_=AsyncConfig(max_staleness=k),
+                                      parallel=dataclasses.replace(cfg.parallel, rollout_ranks=max(rollout_ranks, 1)))
+        result = plan(variant, counts, active, nodes, gpu, flash_attention)
+        current = placement == cfg.placement and (k == cfg.async_.max_staleness or placement == "colocated")
+        out.append({"name": name, "current": current, "fits": result.fits, "breaks": result.breaks, "step_seconds": result.step_seconds,
+                    "tokens_per_s_per_gpu": result.tokens_per_s_per_gpu,
+                    "idle": {side: result.time[f"{side}_idle_share"] for side in ("trainer", "rollout")} if result.time and "trainer_idle_share" in result.time else None})
+    return out
 
 
 def _with_swap(cfg: StageConfig, engine: dict, leftover: int, gpu: Gpu, world: int) -> dict:

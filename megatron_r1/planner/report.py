@@ -37,6 +37,7 @@ def count(n: float) -> str:
 
 
 _KINDS = {"rl": "training + colocated engine", "train": "training only, no engine", "generate": "engine only, no trainer"}
+_APART = "trainer and engines on separate GPUs"
 
 
 def to_table(result: Plan) -> str:
@@ -44,7 +45,7 @@ def to_table(result: Plan) -> str:
     lay = result.layout
     lines = [
         f"{result.nodes} node{'s' * (result.nodes > 1)} x {result.gpus // result.nodes} {result.gpu} = {result.gpus} GPU{'s' * (result.gpus > 1)}"
-        f" ({_KINDS[lay['stage_kind']]})",
+        f" ({_APART if lay.get('placement') == 'disaggregated' else _KINDS[lay['stage_kind']]})",
         f"model: {count(result.total_params)} parameters ({count(result.active_params)} active per token)"
         + (f", MTP {count(result.mtp_params)} apart" if result.mtp_params else ""),
     ]
@@ -53,6 +54,7 @@ def to_table(result: Plan) -> str:
             f"trainer: TP{lay['tp']} PP{lay['pp']} EP{lay['ep']} ETP{lay['etp']} CP{lay['cp']} DP{lay['dp']}"
             + (f", layers per stage {lay['layers_per_stage']}" if lay["layers_per_stage"] and lay["pp"] > 1 else "")
             + f", recompute {lay['recompute']}, optimizer offload {lay['optimizer_offload_fraction']:.0%}"
+            + (f"; on {lay['trainer_gpus']} GPUs, the engines on the other {lay['rollout_gpus']}" if lay.get("placement") == "disaggregated" else "")
         )
     if result.per_gpu_bytes:
         worst = max(result.stages, key=lambda s: (max(s["train_peak"], s["rollout_peak"], s["refit_peak"]), s["train_peak"]))  # as memory.plan picks it
@@ -68,7 +70,7 @@ def to_table(result: Plan) -> str:
             lines += [
                 f"  {'engine budget (gpu_memory_utilization)':<46}{_gib(eng['budget_bytes'])}"
                 f"   weights {eng['weights_bytes'] / GiB:.1f}{' (FP8)' if eng['weight_bytes_per_param'] < 2 else ''}, KV cache {eng['kv_cache_bytes'] / GiB:.1f}",
-                f"  {'rollout peak (trainer state + engine)' if lay['stage_kind'] == 'rl' else 'engine peak':<46}{_gib(result.rollout_peak_bytes)}",
+                f"  {_rollout_label(lay):<46}{_gib(result.rollout_peak_bytes)}",
             ]
         lines.append(f"  {'GPU memory':<46}{_gib(result.capacity_bytes)}")
         if eng:
@@ -90,6 +92,8 @@ def to_table(result: Plan) -> str:
             lines.append("  (KV cache and sequences at the largest gpu_memory_utilization each mode leaves room for; sequences of max_model_len)")
         if result.time:
             lines += ["", *time_lines(result.time)]
+        if result.placements:
+            lines += ["", *placement_lines(result.placements)]
     lines.append("")
     lines.append("fits" if result.fits else f"does not fit: {result.breaks}")
     lines += [f"  - {p}" for p in result.problems]
@@ -97,6 +101,25 @@ def to_table(result: Plan) -> str:
         lines.append(f"smallest node count that fits: {result.smallest_fitting_nodes}" if result.smallest_fitting_nodes is not None
                      else f"no node count up to {result.searched_up_to} fits")
     return "\n".join(lines)
+
+
+def _rollout_label(lay: dict) -> str:
+    if lay["stage_kind"] != "rl":
+        return "engine peak"
+    return "engine GPU peak (engine + one refit bucket)" if lay.get("placement") == "disaggregated" else "rollout peak (trainer state + engine)"
+
+
+def placement_lines(rows: list[dict]) -> list[str]:
+    """The same job colocated and disaggregated (memory.compare_placements)."""
+    lines = ["placements on these GPUs (* this config):", f"  {'placement':<44}{'step s':>10}{'tokens/s/GPU':>14}  idle trainer / rollout"]
+    for r in rows:
+        name = r["name"] + (" *" if r["current"] else "")
+        if r["step_seconds"] is None:
+            lines.append(f"  {name:<44}{'-':>10}{'-':>14}  does not fit: {r['breaks']}")
+            continue
+        idle = f"{100 * r['idle']['trainer']:.0f} % / {100 * r['idle']['rollout']:.0f} %" if r["idle"] else "(take turns)"
+        lines.append(f"  {name:<44}{r['step_seconds']:>10.1f}{r['tokens_per_s_per_gpu']:>14.2f}  {idle}" + ("" if r["fits"] else f"  does not fit: {r['breaks']}"))
+    return lines
 
 
 def time_lines(t: dict) -> list[str]:
@@ -109,6 +132,10 @@ def time_lines(t: dict) -> list[str]:
         f"  generation: {g['engines']} engines x {g['sequences_per_engine']} sequences, {g['concurrency']:.0f} at once, "
         f"{g['decode_steps']:,.0f} decode steps of {g['decode_step_ms']:.1f} ms; trainer: {t['logprob_passes']} logprob pass(es), "
         f"pipeline bubble {100 * t['pipeline_bubble']:.0f} %; refit {t['refit_gib_per_gpu']:.1f} GiB/GPU, swap {t['swap_gib_per_gpu']:.1f} GiB/GPU each way",
+        *([f"  disaggregated: trainer side (logprob + train + refit) {t['trainer_side_seconds']:.1f} s on {t['trainer_gpus']} GPUs, rollout side "
+             f"(generation + refit) {t['rollout_side_seconds']:.1f} s on {t['rollout_gpus']} GPUs; "
+             + ("they overlap (max_staleness " + str(t["max_staleness"]) + "): the step is the longer" if t["max_staleness"] else "synchronous: the step is their sum less one refit")]
+          if "trainer_side_seconds" in t else []),
         f"  assumptions: train MFU {t['assumptions']['train_mfu']:.4f} (fitted, see README), prefill MFU {t['assumptions']['prefill_mfu']}, "
         f"decode at {t['assumptions']['decode_bandwidth']:.0%} of HBM bandwidth; set the lengths under plan: in the config",
     ]

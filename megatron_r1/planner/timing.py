@@ -105,8 +105,11 @@ def _bubble(pp: int, micro_batches: float) -> float:
 
 
 def step_time(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, world: int, layout: dict, engine: dict,
-              swap_bytes_per_gpu: int, eff: Efficiency = EFFICIENCY) -> dict:
-    """Seconds per phase of one GRPO step on `world` GPUs, tokens/s/GPU and the shares."""
+              swap_bytes_per_gpu: int, eff: Efficiency = EFFICIENCY, rollout_gpus: int = 0, max_staleness: int = 0) -> dict:
+    """Seconds per phase of one GRPO step on `world` GPUs, tokens/s/GPU and the shares.
+
+    `rollout_gpus` > 0: disaggregated, the engines on that many GPUs and the trainer on the rest;
+    with `max_staleness` >= 1 the two sides overlap and a step takes the longer of the two."""
     r, g, m = cfg.rollout, cfg.grpo, cfg.model
     lengths = Lengths.of(cfg)
     sequences = g.prompts_per_step * r.n_samples_per_prompt
@@ -116,7 +119,7 @@ def step_time(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, worl
     # Generation, per engine.
     etp, epp = engine["tensor_parallel"], engine["pipeline_parallel"]
     engine_gpus = etp * epp
-    engines = max(1, world // engine_gpus)
+    engines = max(1, (rollout_gpus or world) // engine_gpus)
     per_engine = math.ceil(sequences / engines)
     prefill = 2.0 * active * per_engine * lengths.prompt_mean / (engine_gpus * peak * eff.prefill_mfu)
     resident = lengths.prompt_mean + lengths.response_mean
@@ -151,7 +154,7 @@ def step_time(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, worl
     pp = layout["pp"]
     seq_context = tokens_per_sequence / 2
     flops_fwd = sequences * tokens_per_sequence * forward_flops_per_token(cfg, active, seq_context)
-    job_peak = world * peak * eff.train_mfu
+    job_peak = max(world - rollout_gpus, 1) * peak * eff.train_mfu
     passes = cfg.plan.logprob_passes
     if passes is None:
         passes = int(g.kl_beta > 0) + int(g.updates_per_rollout > 1)
@@ -167,14 +170,26 @@ def step_time(cfg: StageConfig, counts: ParamCounts, active: int, gpu: Gpu, worl
     # The trainer sends bf16 (an FP8 engine re-quantizes what it receives): every full tensor, or each
     # engine GPU its shard.
     refit_bytes = counts.total * BYTES[engine["dtype"]] if cfg.plan.refit_transfer == "full_tensors" else engine["refit_bytes"]
+    if rollout_gpus:  # the bridge: one trainer GPU broadcasts every full tensor to the engine GPUs (other nodes unless all fit on one)
+        refit_bytes = counts.total * BYTES[engine["dtype"]]
+        link = gpu.nvlink_gb_s if world <= gpu.per_node else gpu.network_gb_s
     refit = refit_bytes / (link * 1e9 * eff.network)
 
     swap = 2 * swap_bytes_per_gpu / (gpu.host_link_gb_s * 1e9 * eff.host_link)
 
     phases = {"generation": generation, "logprob": logprob, "train": train, "refit": refit, "swap": swap}
     step = sum(phases.values())
+    overlap = {}
+    if rollout_gpus:
+        trainer_side, rollout_side = logprob + train + refit, generation + refit  # the refit holds both sides
+        if max_staleness >= 1:
+            step = max(trainer_side, rollout_side)
+        overlap = {"placement": "disaggregated", "max_staleness": max_staleness, "trainer_gpus": world - rollout_gpus, "rollout_gpus": rollout_gpus,
+                   "trainer_side_seconds": trainer_side, "rollout_side_seconds": rollout_side,
+                   "trainer_idle_share": 1 - trainer_side / step, "rollout_idle_share": 1 - rollout_side / step}
     return {
         "step_seconds": step,
+        **overlap,
         "tokens_per_s_per_gpu": sequences * tokens_per_sequence / step / world,  # prompt + response tokens, as NeMo-RL counts
         "seconds": phases,
         "share": {k: v / step for k, v in phases.items()},

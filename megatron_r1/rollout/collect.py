@@ -37,6 +37,7 @@ class Sample:
     engine: int  # the engine (vLLM data-parallel rank) that sampled it
     logprobs: list[float] | None = None  # the engine's log-probs of the response tokens (mismatch correction)
     routing: Tensor | None = None  # [prompt + response - 1, MoE layers, top-k]: the engine's experts per token (R3)
+    version: int = 0  # the policy version (updates applied) whose weights sampled it (placement=disaggregated)
 
 
 @dataclasses.dataclass

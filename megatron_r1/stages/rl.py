@@ -1,46 +1,49 @@
 """The GRPO loop (DeepSeek-R1-Zero): rollout -> reward -> advantages -> logprobs -> update -> sync.
 
-Read `run` top to bottom: it is the algorithm. Megatron-Core holds the policy (any TP/PP/EP/DP);
-every rank also hosts one vLLM worker (SPMD colocation, `rollout.vllm_engine`). Each engine samples
-and scores its share of a step's prompts; the scored groups are put back in order on every rank;
-each trainer data-parallel rank trains on its part of the batch; then every rank loads the new
-policy into its own worker.
+Read `_train` top to bottom: it is the algorithm. Megatron-Core holds the policy (any TP/PP/EP/DP);
+the engines sample and score a step's prompts, the scored groups are put back in order on every
+trainer rank, each trainer data-parallel rank trains on its part of the batch, and the new policy
+goes to the engines. Where the engines are is the placement (`placement.py`):
+
+* colocated (`rollout/colocated.py`): every rank also hosts one vLLM worker (SPMD), generation and
+  the update take turns on the same devices;
+* disaggregated (`rollout/remote.py` here, `rollout/serve.py` on the rollout ranks): the engines
+  run on ranks of their own and, with `async.max_staleness: k`, sample the next k batches while the
+  trainer updates.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megatron_r1 import distributed, platform
+from megatron_r1 import distributed, heartbeat, placement, platform
 from megatron_r1.algorithms import group_advantages
 from megatron_r1.config import ConfigError, StageConfig, to_dict
-from megatron_r1.data.prompts import MixedSampler, load_general_prompts, load_prompts
+from megatron_r1.data.prompts import load_general_prompts, load_prompts
 from megatron_r1.data.templates import TEMPLATES
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import build_model, moe_layers, num_parameters
 from megatron_r1.models.hf.base import load_hf, read_hf_config
 from megatron_r1.rewards.general import SCORERS as GENERAL_SCORERS
-from megatron_r1.rewards.general import GeneralReward
 from megatron_r1.rewards.reward_fn import RewardFn
-from megatron_r1.rollout.collect import RolloutBatch, Sample, collect_rollouts
-from megatron_r1.rollout.evaluation import evaluate
-from megatron_r1.rollout.layout import EngineLayout
-from megatron_r1.rollout.vllm_engine import VLLMEngine, check_engine_options
-from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds, refit
+from megatron_r1.rollout.bridge import Bridge, RemoteFailure
+from megatron_r1.rollout.colocated import ColocatedRollouts
+from megatron_r1.rollout.collect import RolloutBatch, Sample
+from megatron_r1.rollout.remote import RemoteRollouts
+from megatron_r1.rollout.serve import serve
+from megatron_r1.rollout.vllm_engine import check_engine_options
 from megatron_r1.stages.base_model import prepare_base_model
 from megatron_r1.train import checkpoint as ckpt
 from megatron_r1.train import moe_routing
 from megatron_r1.train.grpo_update import make_batch, update_phase
 from megatron_r1.train.loop import StepResult, Trainee, TrainingLoop, build_from_hf
-from megatron_r1.train.memory import TrainerSwap, release_fp8_weight_caches
 from megatron_r1.train.metrics import plot_run, read_metrics
-from megatron_r1.train.step import compute_logprobs, data_parallel_share
+from megatron_r1.train.preemption import REQUEUE_EXIT_CODE, Preempted
+from megatron_r1.train.step import data_parallel_share
 
 log = logging.getLogger(__name__)
 
@@ -48,65 +51,63 @@ log = logging.getLogger(__name__)
 def run(cfg: StageConfig) -> dict:
     """Run R1-Zero GRPO as configured (every rank of the job calls it); returns the summary
     (also written to summary.json) on rank 0."""
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    main = distributed.is_main()
     check_engine_options(cfg.rollout, cfg.grpo.routing_replay)  # GPU-only engine options: one line, before anything loads
+    _check_placement(cfg)
+    bridge = None
+    if cfg.placement == "disaggregated":  # two sides, each a world of its own (placement.py)
+        job = placement.init(distributed.read_env(), cfg.parallel.rollout_ranks, cfg.parallel.backend, cfg.parallel.timeout_minutes)
+        if job.role.side == placement.ROLLOUT:
+            summary = serve(cfg, job)
+            heartbeat.stop()  # finished, not dead: the trainer may still be saving
+            placement.leave()
+            return summary
+        bridge = Bridge(job, cfg.parallel.timeout_minutes * 60)
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    try:
+        summary = _train(cfg, bridge)
+    except BaseException as e:
+        if bridge is not None:  # the rollout side leaves too: saved and requeued, or failed
+            if isinstance(e, Preempted):
+                bridge.finish(REQUEUE_EXIT_CODE, str(e))
+            elif not isinstance(e, RemoteFailure):
+                bridge.fail(f"trainer rank {bridge.role.job_rank} failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        raise
+    if bridge is not None:
+        placement.leave()
+    return summary
+
+
+def _train(cfg: StageConfig, bridge: Bridge | None) -> dict:
+    """The trainer ranks' GRPO loop, over colocated engines or over the bridge to the rollout ranks."""
+    main = distributed.is_main()
     hf_dir, base_seconds = prepare_base_model(cfg)
+    if bridge is not None and main:
+        bridge.put("hf_dir", str(hf_dir))  # the rollout side starts its engines from it
     tokenizer = load_tokenizer(hf_dir)
     _check_routing_replay(cfg, hf_dir)
     policy = build_from_hf(cfg, hf_dir, cfg.steps)
     routing_layers = _routing_layers(cfg, policy)
     reference = _build_reference(cfg, policy)
-    train_set = load_prompts(cfg.data, "train", tokenizer)
     eval_set = load_prompts(cfg.data, "eval", tokenizer)
-    general_set = load_general_prompts(cfg.data, tokenizer) if cfg.data.general_share > 0 else None
-    sampler = MixedSampler(train_set, general_set, cfg.grpo.prompts_per_step, cfg.data.general_share, seed=cfg.seed)
-    reward_fn = RewardFn(cfg.reward)
 
     with TrainingLoop(cfg, policy, cfg.steps, "GRPO") as loop:  # pretraining the base is its own stage: the RL clock starts here
         saved = loop.resume()
-        if saved is not None:
-            sampler.load_state_dict(saved["sampler"])
         base_accuracy = saved.get("base_accuracy") if saved else None
         from_megatron = saved is None and _load_megatron_weights(cfg, policy, reference)
-        _check_batch_fits(cfg, EngineLayout.from_config(cfg.rollout, dist.get_world_size(), dist.get_rank()), len(eval_set.items))
-        swap = TrainerSwap(cfg.memory.swap_during_rollout, policy.ddp, policy.optimizer, reference)
-        swap.offload_state()  # the engine claims its share of the device when it starts
-        swap.offload_weights()
-        engine = VLLMEngine(cfg.rollout, str(hf_dir), return_routing=cfg.grpo.routing_replay == "r3")  # one worker on every rank
-        syncer = WeightSync(engine, cfg.rollout.sync_bucket_mb)
-        general = GeneralReward(cfg, engine, tokenizer) if general_set is not None else None
-        if general is not None and main:
-            log.info("general prompts: %d, %d per step, rewarded by the %s (weight %g)", len(general_set),
-                     sampler.general.batch_size, general.kind.replace("_", " "), general.weight)
+        if bridge is None:
+            train_set = load_prompts(cfg.data, "train", tokenizer)
+            general_set = load_general_prompts(cfg.data, tokenizer) if cfg.data.general_share > 0 else None
+            rollouts = ColocatedRollouts(cfg, policy, reference, tokenizer, train_set, eval_set, general_set, RewardFn(cfg.reward), loop)
+        else:
+            rollouts = RemoteRollouts(cfg, bridge, policy, tokenizer, loop)
+        _check_batch_fits(cfg, rollouts.num_engines, len(eval_set.items))
         if main:
-            log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), engine.layout.describe())
-        probe = _make_probe(cfg, engine, tokenizer, eval_set, policy.model)
-
-        def sync(step: int, probe_every: int = cfg.rollout.probe_every) -> dict:
-            return refit(engine, policy.model, policy.model_cfg, syncer, probe, step, probe_every, reference, swap, loop.timer)
-
-        @contextlib.contextmanager
-        def trainer_resident():
-            """A checkpoint between rollouts: the engine sleeps while the trainer's state is back,
-            then is refit (sleep level 2 drops its weights)."""
-            if not swap.swapped:
-                yield
-                return
-            engine.sleep()
-            with loop.timer("swap"):
-                swap.restore()
-            yield
-            sync(0, probe_every=0)
-
-        if saved is not None or from_megatron:  # the engines loaded the HF weights; bring them to the policy
-            engine.sleep()
-            sync(0)
+            log.info("policy: %s parameters on %s; %s", f"{num_parameters(policy.model):,}", platform.describe(), rollouts.describe())
+        rollouts.start(saved, weights_changed=saved is not None or from_megatron, evaluate_base=base_accuracy is None, step=loop.start_step)
         last = {"eval": None}
 
         def evaluate_now(step: int):
-            last["eval"] = evaluate(engine, tokenizer, eval_set.items, reward_fn, cfg.rollout.max_response_tokens,
-                                    cfg.logging.eval_samples, cfg.rollout.temperature, seed=cfg.seed + step, stop=cfg.rollout.stop)
+            last["eval"] = rollouts.evaluate(step)
             return last["eval"].metrics(cfg.logging.eval_samples)
 
         if base_accuracy is None:
@@ -118,12 +119,10 @@ def run(cfg: StageConfig) -> dict:
                          100 * base.accuracy, 100 * base.format_rate, base.length_mean, base.samples[0]["response"][:120])
 
         def step(i: int) -> StepResult:
-            # 1-2. rollout and reward: each engine its share of the prompts; whole groups on every rank
-            rollout = collect_rollouts(cfg, engine, tokenizer, sampler, reward_fn, i, general)
-            for phase, seconds in rollout.seconds.items():
-                loop.timer.seconds[phase] += seconds
+            # 1-2. rollout and reward: sampled and scored by the engines (here, or on the rollout ranks)
+            rollout, overlap = rollouts.batch(i)
             if not rollout.samples:  # dynamic sampling found no group with signal: nothing to learn
-                return StepResult(dict(rollout.stats))
+                return StepResult({**rollout.stats, **overlap})
             samples, rewards = rollout.samples, rollout.rewards
             # 3. advantages, over whole groups; then this data-parallel rank's part of the batch
             advantages = group_advantages(rewards, cfg.rollout.n_samples_per_prompt, scale_by_std=cfg.grpo.scale_advantages_by_std)
@@ -131,32 +130,43 @@ def run(cfg: StageConfig) -> dict:
             batch = make_batch(samples[share], advantages[share], tokenizer.pad_token_id, routing_layers)
             if main and cfg.logging.save_rollouts:
                 _save_rollouts(loop.run_dir, i + 1, samples, rewards, advantages)
-            # 4-5. logprobs and policy update, with the engine's device memory handed to the trainer
-            engine.sleep()
-            with loop.timer("swap"):
-                swap.restore()
+            # 4-5. logprobs and policy update (colocated: with the engine's device memory handed to the trainer)
+            rollouts.before_update()
             train = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, reference, batch, loop.timer)
-            # 6. every rank refits its own worker (the trainer's state leaves the device), then the parity probe
-            synced = sync(i + 1)
-            row = _step_row(rollout, share, train, synced)
-            return StepResult(row, nonfinite=train.get("nonfinite", 0.0), reward_failures=rollout.stats["reward/failures"], sequences=len(samples),
-                              postfix={"reward": f"{row['reward/mean']:.2f}", "acc": f"{row.get('reward/accuracy', 0):.2f}",
-                                       "len": f"{row['response/length_mean']:.0f}"})
+            # 6. the new weights to the engines, then the parity probe
+            synced = rollouts.publish(i + 1)
+            row = {**_step_row(rollout, share, train, synced), **overlap}
+            postfix = {"reward": f"{row['reward/mean']:.2f}", "acc": f"{row.get('reward/accuracy', 0):.2f}", "len": f"{row['response/length_mean']:.0f}"}
+            if "async/staleness_max" in overlap:
+                postfix["lag"] = f"{overlap['async/staleness_max']:.0f}"
+            return StepResult(row, nonfinite=train.get("nonfinite", 0.0), reward_failures=rollout.stats["reward/failures"],
+                              sequences=len(samples), postfix=postfix)
 
         # 7. metrics, evaluation, checkpoint: the shared loop
         loop.run(step, evaluate=evaluate_now, eval_every=cfg.logging.eval_every,
-                 state=lambda: {"sampler": sampler.state_dict(), "base_accuracy": base_accuracy}, resident=trainer_resident)
+                 state=lambda: {**rollouts.state(), "base_accuracy": base_accuracy}, resident=rollouts.resident)
         final = last["eval"]
         if final is None:  # resumed at the end: evaluate what we have
             evaluate_now(cfg.steps)
             final = last["eval"]
-        engine.shutdown()
-        swap.restore()  # the export reads the weights
+        rollouts.close()
         loop.export_hf()
-        summary = _summary(cfg, loop, base_accuracy, final, base_seconds, engine.layout, len(eval_set.items)) if main else {}
+        summary = _summary(cfg, loop, base_accuracy, final, base_seconds, rollouts.layout(), len(eval_set.items)) if main else {}
     if main:
         _print_table(summary, loop.run_dir)
     return summary
+
+
+def _check_placement(cfg: StageConfig) -> None:
+    """What the disaggregated placement does not do (yet), in one line before anything loads."""
+    if cfg.placement != "disaggregated":
+        return
+    if cfg.data.general_share > 0:
+        raise ConfigError("placement=disaggregated samples reasoning prompts only (general prompts are rewarded by a judge or "
+                          "reward model on the engine's side); set data.general_share=0 or placement=colocated")
+    if cfg.checkpoint.load_megatron:
+        raise ConfigError("placement=disaggregated starts from checkpoint.load_hf (the rollout ranks load it); convert the "
+                          "Megatron checkpoint with `megatron-r1 convert` or use placement=colocated")
 
 
 def _check_routing_replay(cfg: StageConfig, hf_dir: Path) -> None:
@@ -202,12 +212,12 @@ def _load_megatron_weights(cfg: StageConfig, policy: Trainee, reference: torch.n
     return True
 
 
-def _check_batch_fits(cfg: StageConfig, layout: EngineLayout, eval_prompts: int) -> None:
+def _check_batch_fits(cfg: StageConfig, engines: int, eval_prompts: int) -> None:
     """Every engine needs at least one prompt per step and per evaluation, every trainer
     data-parallel rank at least one sequence."""
     from megatron.core import parallel_state
 
-    engines, dp = layout.num_engines, parallel_state.get_data_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
     sequences = cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt
     if sequences < dp * cfg.grpo.updates_per_rollout:
         # Every data-parallel rank must take the same number of optimizer steps.
@@ -219,27 +229,6 @@ def _check_batch_fits(cfg: StageConfig, layout: EngineLayout, eval_prompts: int)
         raise ConfigError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} leaves some of the {engines} rollout engines without a prompt; raise it to at least {engines}")
     if eval_prompts < engines:
         raise ConfigError(f"{eval_prompts} held-out prompts leave some of the {engines} rollout engines without one; raise data.eval_size")
-
-
-def _make_probe(cfg, engine, tokenizer, eval_set, model):
-    """The logprob parity probe: a fixed batch scored by every engine and by the trainer after each sync."""
-    if not cfg.rollout.probe_every:
-        return None
-    prompts = [p.prompt_ids for p in eval_set.items[: cfg.rollout.probe_prompts]]
-
-    def trainer_logprobs(sequences):
-        width = max(len(s) for s in sequences)
-        tokens = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-        for i, s in enumerate(sequences):
-            tokens[i, : len(s)] = torch.tensor(s)
-        lp = compute_logprobs(model, tokens, cfg.grpo.micro_batch_size)
-        release_fp8_weight_caches(model)  # the engine is awake: this forward's FP8 caches must not stay
-        return [lp[i, : len(s) - 1] for i, s in enumerate(sequences)]
-
-    mean_threshold, max_threshold = probe_thresholds(cfg.rollout, engine.dtype)
-    probe = ParityProbe(engine, trainer_logprobs, prompts, mean_threshold, max_threshold)
-    probe.sequences()  # generated now, while the engine is awake: later checks find its KV cache asleep
-    return probe
 
 
 def _step_row(rollout: RolloutBatch, share: slice, train: dict, sync: dict) -> dict:
@@ -282,7 +271,7 @@ def _save_rollouts(run_dir: Path, step: int, samples: list[Sample], rewards, adv
             f.write(json.dumps(row) + "\n")
 
 
-def _summary(cfg: StageConfig, loop: TrainingLoop, base_accuracy: float, final, base_seconds: float, layout: EngineLayout, eval_size: int) -> dict:
+def _summary(cfg: StageConfig, loop: TrainingLoop, base_accuracy: float, final, base_seconds: float, layout: dict, eval_size: int) -> dict:
     """summary.json and plot.png (main rank)."""
     from megatron.core import parallel_state
 
@@ -306,7 +295,7 @@ def _summary(cfg: StageConfig, loop: TrainingLoop, base_accuracy: float, final, 
         "base_pretrain_seconds": round(base_seconds, 1),  # 0 unless this run pretrained the base
         "seconds_by_phase": {k: round(v, 1) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "task": task,
-        "layout": {**layout.as_dict(), "data_parallel_size": parallel_state.get_data_parallel_world_size()},
+        "layout": {**layout, "data_parallel_size": parallel_state.get_data_parallel_world_size()},
         "eval_size": eval_size,  # the held-out prompts used (jsonl files and dropped rows make it differ from data.eval_size)
         "prompt_template": TEMPLATES[cfg.data.template],
         "base_model": str(loop.trainee.hf_dir),
@@ -318,6 +307,14 @@ def _summary(cfg: StageConfig, loop: TrainingLoop, base_accuracy: float, final, 
     return summary
 
 
+def _describe_layout(layout: dict) -> str:
+    engines = "{rollout_engines} rollout engine(s) of TP {engine_tensor_parallel_size}".format(**layout)
+    if layout.get("placement") == "disaggregated":
+        return (f"{layout['world_size']} rank(s), disaggregated: {engines} on {layout['rollout_ranks']} rollout rank(s), "
+                f"trainer DP {layout['data_parallel_size']} on {layout['trainer_ranks']}, at most {layout['max_staleness']} step(s) stale")
+    return f"{layout['world_size']} rank(s): {engines}, trainer DP {layout['data_parallel_size']}"
+
+
 def _print_table(s: dict, run_dir: Path) -> None:
     lines = [
         "",
@@ -326,7 +323,7 @@ def _print_table(s: dict, run_dir: Path) -> None:
         f"  format rate         {100 * s['final_format_rate']:.1f} %",
         f"  response length     {s['final_response_length']:.1f} tokens",
         f"  steps               {s['steps']}",
-        "  layout              {world_size} rank(s): {rollout_engines} rollout engine(s) of TP {engine_tensor_parallel_size}, trainer DP {data_parallel_size}".format(**s["layout"]),
+        "  layout              " + _describe_layout(s["layout"]),
         f"  wall time           {s['wall_seconds']:.0f} s"
         + (f" (after {s['base_pretrain_seconds']:.0f} s pretraining the base model)" if s["base_pretrain_seconds"] else ""),
         "  time by phase       " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds_by_phase"].items()),

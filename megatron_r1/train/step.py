@@ -468,6 +468,17 @@ def _reduce_metrics(per_micro: list[dict[str, Tensor]]) -> dict[str, float]:
     return metrics
 
 
+def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, micro_batch_size: int) -> list[Tensor]:
+    """Per sequence, the logprob of every token given the ones before it (``len(seq) - 1`` values):
+    the trainer's side of the weight-sync parity probe (collective over the trainer's ranks)."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)] = torch.tensor(s)
+    lp = compute_logprobs(model, tokens, micro_batch_size)
+    return [lp[i, : len(s) - 1].cpu() for i, s in enumerate(sequences)]
+
+
 @torch.no_grad()
 def compute_logprobs(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int, routing: Tensor | None = None,
                      record_routing: bool = False, real_tokens: Tensor | None = None):

@@ -156,7 +156,7 @@ def test_two_ranks_sample_each_prompt_once_and_train_like_one(request, tmp_path,
     summary = json.loads((run_dir / "summary.json").read_text())
     dp = layout.startswith("engine_dp2")
     assert summary["layout"] == {
-        "world_size": 2, "rollout_engines": 2 if dp else 1, "engine_tensor_parallel_size": 1 if dp else 2,
+        "placement": "colocated", "world_size": 2, "rollout_engines": 2 if dp else 1, "engine_tensor_parallel_size": 1 if dp else 2,
         "engine_pipeline_parallel_size": 1, "data_parallel_size": 2 if dp else 1,
     }
 

@@ -42,3 +42,27 @@ def test_submitted_from_another_directory_with_r1_root(tmp_path):
     log = logs[0].read_text() if logs else ""
     assert out.returncode in (2, 143), f"{out.stdout}\n{out.stderr}\n{log[-3000:]}"
     assert "steps=-5 must be >= 1" in log and "common.sh" not in log and "requeueing" not in log
+
+
+@pytest.mark.slow  # ~1 minute
+def test_a_disaggregated_job_runs_under_the_slurm_script(base_model, tmp_path):
+    """The same script with `placement=disaggregated`: srun's last task becomes the rollout rank, the
+    first the trainer (Slurm's task ids, no torchrun; rank 0 hosts the job's store), one step stale."""
+    import os
+
+    from tests.e2e.test_r1_zero import TINY_RUN
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{ROOT / 'tools/slurm_local/bin'}:{os.environ['PATH']}", "R1_ROOT": str(ROOT),
+           "SLURM_LOCAL_STATE": str(tmp_path / "slurm_state"), "PYTHON": sys.executable}
+    out = subprocess.run(["sbatch", "--wait", "--job-name=apart", "--ntasks-per-node=2", str(ROOT / "slurm/r1_zero.sh"),
+                          "conf/stages/r1_zero_tiny.yaml", f"checkpoint.load_hf={base_model}", "checkpoint.base_stage=", *TINY_RUN,
+                          "steps=3", f"logging.run_dir={run_dir}", "placement=disaggregated", "async.max_staleness=1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs = list(tmp_path.glob("apart-*.out"))
+    log = logs[0].read_text() if logs else ""
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{log[-4000:]}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["layout"]["placement"], summary["layout"]["rollout_ranks"], summary["layout"]["max_staleness"]) == ("disaggregated", 1, 1)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["async/staleness_max"] for r in rows if "train/loss" in r] == [0.0, 1.0, 1.0]

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_r1"
 # Lowest first. A top-level module (megatron_r1/<name>.py) or subpackage (megatron_r1/<name>/).
 LAYERS = [
     {"platform", "heartbeat", "config"},  # the device, the liveness check, the config
+    {"placement"},  # which ranks train and which generate
     {"distributed"},  # process groups
     {"algorithms", "data"},  # pure math; prompts, corpora, tokenizers
     {"models"},  # Megatron models and their Hugging Face adapters

@@ -115,3 +115,36 @@ def test_stages_without_an_engine_get_no_time_and_tiny_rl_does(one_rank):
     assert sft.time is None and sft.step_seconds is None and sft.swap_modes == {}
     tiny = _plan(ROOT / "conf/stages/r1_zero_tiny.yaml", ["memory.swap_during_rollout=all"], nodes=1)
     assert tiny.step_seconds > 0 and tiny.trainer_leftover_gib_per_gpu == 0.0
+
+
+QWEN = ROOT / "conf/stages/r1_zero_qwen2.5_7b.yaml"
+
+
+def test_a_disaggregated_plan_splits_the_gpus_and_overlaps_its_two_sides(one_rank):
+    apart = ["placement=disaggregated", "parallel.rollout_ranks=8", "rollout.gpu_memory_utilization=0.9"]
+    sync, stale = _plan(QWEN, [*apart, "async.max_staleness=0"], nodes=2), _plan(QWEN, [*apart, "async.max_staleness=1"], nodes=2)
+    colocated = _plan(QWEN, nodes=2)
+    for p in (sync, stale):
+        assert p.fits and p.layout["placement"] == "disaggregated" and (p.layout["trainer_gpus"], p.layout["rollout_gpus"]) == (8, 8)
+        assert p.layout["dp"] == colocated.layout["dp"] // 2  # the trainer has half the GPUs
+        assert p.swap_modes == {} and p.trainer_leftover_gib_per_gpu is None  # nothing to make room for
+        # An engine GPU holds the engine and a bucket, not the trainer's state: a whole GPU's KV cache.
+        assert p.rollout_peak_bytes < p.engine["budget_bytes"] + 7 * 2**30 and p.kv_cache_gib_per_gpu > colocated.kv_cache_gib_per_gpu
+        t = p.time
+        assert t["trainer_side_seconds"] == pytest.approx(t["seconds"]["logprob"] + t["seconds"]["train"] + t["seconds"]["refit"])
+        assert t["rollout_side_seconds"] == pytest.approx(t["seconds"]["generation"] + t["seconds"]["refit"])
+        assert t["seconds"]["swap"] == 0
+    # Synchronous: the sides take turns; one step stale: the step is the longer side.
+    assert sync.time["step_seconds"] == pytest.approx(sync.time["trainer_side_seconds"] + sync.time["rollout_side_seconds"] - sync.time["seconds"]["refit"])
+    assert stale.time["step_seconds"] == pytest.approx(max(stale.time["trainer_side_seconds"], stale.time["rollout_side_seconds"]))
+    assert stale.step_seconds < sync.step_seconds
+    # The comparison the table prints: the same GPUs, three placements, this config's marked.
+    rows = {r["name"]: r for r in stale.placements}
+    assert list(rows) == ["colocated", "disaggregated, 8 rollout GPUs, k=0", "disaggregated, 8 rollout GPUs, k=1"]
+    assert rows["colocated"]["step_seconds"] == colocated.step_seconds and rows["disaggregated, 8 rollout GPUs, k=1"]["current"]
+    assert rows["disaggregated, 8 rollout GPUs, k=1"]["step_seconds"] == stale.step_seconds
+
+
+def test_a_disaggregated_plan_without_trainer_gpus_says_so(one_rank, capsys):
+    code, printed, _ = _cli(capsys, str(QWEN), "placement=disaggregated", "parallel.rollout_ranks=8", "--nodes", "1")
+    assert code == 1 and "parallel.rollout_ranks=8 leaves no GPU for the trainer on 8 GPUs" in printed

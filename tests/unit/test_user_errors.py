@@ -160,3 +160,15 @@ def test_routing_replay_on_a_dense_model_is_refused(capsys, hf_dir, tmp_path):
     code, line = run_cli(capsys, "--log-level", "WARNING", "r1-zero", "r1_zero_tiny", f"checkpoint.load_hf={hf_dir}", f"logging.run_dir={tmp_path}",
                          *SMALL, "grpo.routing_replay=r2")
     assert code == 2 and "grpo.routing_replay=r2 replays MoE routing" in line and "dense model" in line
+
+
+@pytest.mark.parametrize("command, overrides, expected", [
+    ("r1-zero", [], "leaves no trainer rank in a job of 1: launch more processes (e.g. torchrun --nproc-per-node 2)"),
+    ("r1-zero", ["data.general_share=0.3"], "set data.general_share=0 or placement=colocated"),
+    ("sft", [], "only the GRPO stages (r1-zero, grpo) have; set placement=colocated for sft"),
+])
+def test_a_disaggregated_run_that_cannot_work_is_refused_before_anything_starts(capsys, hf_dir, tmp_path, command, overrides, expected):
+    stage = {"r1-zero": "r1_zero_tiny", "sft": "sft_tiny"}[command]
+    code, line = run_cli(capsys, "--log-level", "WARNING", command, stage, f"checkpoint.load_hf={hf_dir}", f"logging.run_dir={tmp_path}",
+                         "placement=disaggregated", *overrides)
+    assert code == 2 and expected in line, line
