@@ -57,6 +57,7 @@ bench: setup
 	$(PY) benchmarks/ranks.py
 	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/moe_routing.py
+	$(PY) benchmarks/async_rl.py
 
 r1-zero: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml

@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/async_rl.py                               # 150 steps, seed 1234, three layouts
     .venv/bin/python benchmarks/async_rl.py --seeds 1234 1235 1236        # the spread over seeds
     .venv/bin/python benchmarks/async_rl.py --steps 30 --layouts colocated k1   # a quick look
+    .venv/bin/python benchmarks/async_rl.py --moe                         # the tiny DeepSeek-V3 (make r1-zero-moe's base)
 
 Runs `megatron-r1 r1-zero conf/stages/r1_zero_tiny.yaml` (its own steps, prompts, group size, lengths,
-evaluation every 10 steps) under `torchrun --nproc-per-node 2`, from the same base model, per seed:
+evaluation every 10 steps; `--moe`: conf/stages/r1_zero_tiny_moe.yaml) under `torchrun --nproc-per-node 2`,
+from the same base model, per seed:
 
-* colocated: engine DP 2 x trainer DP 2, generation and the update take turns on both ranks;
+* colocated: engine DP 2 x trainer DP 2 (MoE: one engine of TP 2, vLLM's CPU build has no
+  data-parallel MoE engines), generation and the update take turns on both ranks;
 * k0: disaggregated, rank 0 trains and rank 1 generates, synchronous (`async.max_staleness=0`);
 * k1, k2: the same one or two steps stale: the rollout rank samples the next batches while the
   trainer updates.
@@ -74,22 +77,29 @@ def main() -> None:
     parser.add_argument("--base", help="Hugging Face base model directory")
     parser.add_argument("--steps", type=int, help="RL steps (default: the stage's, 150)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    parser.add_argument("--moe", action="store_true", help="the tiny DeepSeek-V3 stage and base (runs/tiny_moe_base/hf, else a short pretraining)")
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["colocated", "k0", "k1"])
     args = parser.parse_args()
     layouts = {key: LAYOUTS[key] for key in args.layouts}
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = base_model(args.base, work, "conf/stages/pretrain_tiny.yaml", "runs/tiny_base", 200)
+        if args.moe:
+            stage = ROOT / "conf/stages/r1_zero_tiny_moe.yaml"
+            base = base_model(args.base, work, "conf/stages/pretrain_tiny_moe.yaml", "runs/tiny_moe_base", 200)
+        else:
+            stage = STAGE
+            base = base_model(args.base, work, "conf/stages/pretrain_tiny.yaml", "runs/tiny_base", 200)
         results: dict[str, list[dict]] = {key: [] for key in layouts}
         for seed in args.seeds:
             for key, (name, extra) in layouts.items():
                 run_dir = work / f"{key}_{seed}"
                 overrides = [f"logging.run_dir={run_dir}", f"checkpoint.load_hf={base}", "checkpoint.base_stage=", f"seed={seed}",
                              "checkpoint.save_every=0", "checkpoint.export_hf=false", "logging.progress_bar=false",
-                             *([f"steps={args.steps}"] if args.steps else [])]
+                             *([f"steps={args.steps}"] if args.steps else []),
+                             *(["rollout.engine_tensor_parallel_size=2"] if args.moe and key == "colocated" else [])]
                 print(f"running {name}, seed {seed} ...", flush=True)
-                run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_r1.cli", "r1-zero", str(STAGE), *overrides, *extra])
+                run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_r1.cli", "r1-zero", str(stage), *overrides, *extra])
                 results[key].append(_measure(run_dir))
                 r = results[key][-1]
                 print(f"  step {r['step_s']:.2f} s, wall {r['wall_s']:.0f} s, held-out {100 * r['base']:.1f} -> {100 * r['final']:.1f} %", flush=True)
@@ -109,7 +119,7 @@ def main() -> None:
         lines.append(f"| {name} | {med(key, 'step_s'):.2f} | {med(first, 'step_s') / med(key, 'step_s'):.2f} | "
                      f"{100 * med(key, 'trainer_wait'):.0f} % | {100 * med(key, 'rollout_wait'):.0f} % | {med(key, 'staleness'):.2f} | "
                      f"{med(key, 'wall_s'):.0f} | {finals} % | {', '.join(reached)} |")
-    lines += ["", f"conf/stages/r1_zero_tiny.yaml{f' steps={args.steps}' if args.steps else ''}, base held-out "
+    lines += ["", f"{stage.relative_to(ROOT)}{f' steps={args.steps}' if args.steps else ''}, base held-out "
               f"{100 * statistics.median(r['base'] for rs in results.values() for r in rs):.1f} %; seeds {' '.join(map(str, args.seeds))} "
               f"(medians over seeds; final accuracy and time-to-target per seed, in seed order); step s: median over steps "
               f"without an evaluation; waits: median share of the step; {os.cpu_count()} CPU cores shared by the 2 ranks. "

@@ -8,6 +8,10 @@
 #   sbatch slurm/r1_zero.sh                                    # Qwen2.5-7B recipe, 1 node
 #   sbatch --nodes=32 slurm/r1_zero.sh conf/stages/r1_zero_deepseek_v3.yaml
 #   sbatch slurm/r1_zero.sh conf/stages/r1_zero_qwen2.5_7b.yaml optimizer.lr=5e-7   # overrides
+#   sbatch --nodes=2 slurm/r1_zero.sh conf/stages/r1_zero_qwen2.5_7b.yaml placement=disaggregated \
+#       parallel.rollout_ranks=8 async.max_staleness=1 rollout.gpu_memory_utilization=0.9
+#     (the last node's 8 ranks only generate, the first node's only train, one step stale; README,
+#      "Rollout ranks apart from the trainer")
 #
 #SBATCH --job-name=r1-zero
 #SBATCH --nodes=1

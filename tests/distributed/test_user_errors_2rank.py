@@ -34,8 +34,8 @@ def test_under_torchrun_the_line_reaches_the_console_whichever_rank_exits_first(
     """torchrun stops the other ranks as soon as one exits: the rank that prints must not be the one
     stopped first. The first local rank prints at once; the others wait before exiting."""
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_r1.cli",
-                          "r1-zero", "conf/stages/r1_zero_tiny.yaml", "placement=x"],
+                          "r1-zero", "conf/stages/r1_zero_tiny.yaml", "nonsense=x"],
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=240)
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("megatron-r1: config error:")]
-    assert len(lines) == 1 and "unknown config key 'placement'" in lines[0], out.stdout[-2000:] + out.stderr[-3000:]
+    assert len(lines) == 1 and "unknown config key 'nonsense'" in lines[0], out.stdout[-2000:] + out.stderr[-3000:]
     assert out.returncode != 0

@@ -6,7 +6,8 @@
 * `async.max_staleness=1` (slow): batch t is sampled with the weights of step t-1 while the trainer
   updates; a preemption signal mid-run saves (with the batch the rollout rank already sampled),
   both sides leave with the requeue status, and the rerun ends bit-for-bit where an uninterrupted
-  run ends.
+  run ends;
+* a rollout rank that freezes (slow) ends the job within the heartbeat timeout, its rank named.
 """
 
 from __future__ import annotations
@@ -110,3 +111,49 @@ def test_one_step_stale_rollouts_resume_exactly_after_a_preemption(base_model, t
     assert "resumed from" in again.stdout + again.stderr
     assert _steady(_rows(preempted)) == _steady(rows)  # every step once, every number as uninterrupted
     assert (preempted / "hf/model.safetensors").read_bytes() == (straight / "hf/model.safetensors").read_bytes()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _launch_rank(pid: int) -> int:
+    """The RANK torchrun gave a worker (its environment at start, before it joins a side's world)."""
+    env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    return int(env["RANK"])
+
+
+@pytest.mark.slow  # ~1.5 minutes
+def test_a_frozen_rollout_rank_ends_the_job_with_its_rank_named(base_model, tmp_path):
+    """SIGSTOP on the rollout rank (alive to the launcher, silent to the job): the trainer's heartbeat
+    names job rank 1 and exits 76 within the timeout, instead of waiting for a batch forever."""
+    import signal
+    import time
+
+    run_dir, log_path = tmp_path / "run", tmp_path / "log.txt"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "megatron_r1.cli",
+              *_args(base_model, run_dir, "steps=200", "placement=disaggregated", "async.max_staleness=1", "parallel.heartbeat_timeout_s=10")]
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(launch, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or '"step": 1,' not in (run_dir / "metrics.jsonl").read_text():
+            assert job.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        ranks = {_launch_rank(pid): pid for pid in _children(job.pid)}
+        assert sorted(ranks) == [0, 1], ranks
+        rollout = ranks[1]  # the last rank is the rollout rank
+        os.kill(rollout, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while "stopped responding" not in log_path.read_text():
+            assert time.monotonic() - stopped < 90, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        noticed = time.monotonic() - stopped
+        os.kill(rollout, signal.SIGKILL)  # a stopped process would hold the launcher's shutdown for its grace period
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    log = log_path.read_text()
+    assert "megatron-r1 [rank 0]: rank 1 stopped responding" in log and "exitcode  : 76" in log, log[-4000:]
+    assert noticed < 10 + 30  # the timeout, plus the watcher's check interval and the step in progress
