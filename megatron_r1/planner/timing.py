@@ -1,4 +1,4 @@
-"""How long a colocated GRPO step takes on a layout, and where the time goes, before the allocation.
+"""How long a GRPO step takes on a layout (colocated or disaggregated), and where the time goes, before the allocation.
 
 A roofline per phase, from the layout the memory plan already holds, the GPU table (`planner/gpus.py`)
 and the step's length distribution (`plan:` in the config, `PlanConfig`):
@@ -23,6 +23,10 @@ and the step's length distribution (`plan:` in the config, `PlanConfig`):
   layout spans (the network once the trainer's model-parallel group leaves an NVLink domain).
 * swap: `memory.swap_during_rollout`'s bytes out and back over the host link (gradients are released,
   not copied).
+* disaggregated (`placement: disaggregated`): generation on the `parallel.rollout_ranks` engine GPUs,
+  the passes on the rest, the refit one trainer GPU's broadcast of every full tensor (over the network
+  unless the job fits one node), no swap; with `async.max_staleness >= 1` the two sides overlap and
+  the step is the longer side (each with the refit, which holds both).
 
 The efficiency constants are stated assumptions, except `train_mfu`, fitted once on NeMo-RL's
 published 256-H100 DeepSeek-V3 run (`conf/reference/nemo_rl_deepseek_v3_256.yaml`; the README's
