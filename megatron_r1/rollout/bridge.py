@@ -88,16 +88,10 @@ class Bridge:
     def put(self, key: str, value: Any) -> None:
         self.store.set(key, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
-    def ready(self, key: str) -> bool:
-        return self.store.check([key])
-
-    def get(self, key: str, what: str, delete: bool = False) -> Any:
+    def get(self, key: str, what: str) -> Any:
         """The value posted under `key`, waiting for it (`what` names it in errors)."""
         self.wait_for(key, what)
-        value = pickle.loads(self.store.get(key))
-        if delete:
-            self.store.delete_key(key)
-        return value
+        return pickle.loads(self.store.get(key))
 
     def wait_for(self, key: str, what: str) -> None:
         """Wait until `key` is posted; RemoteFailure when the other side failed or finished first."""
