@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow r1-zero r1-zero-moe r1-pipeline bench lint clean slurm-smoke gpu-check
+.PHONY: setup test test-slow r1-zero r1-zero-moe r1-pipeline tiny-base tiny-moe-base bench lint clean slurm-smoke gpu-check
 
 setup: $(STAMP)
 
@@ -59,11 +59,23 @@ bench: setup
 	$(PY) benchmarks/moe_routing.py
 	$(PY) benchmarks/async_rl.py
 
+# R1-Zero GRPO from the shipped tiny base (assets/tiny_base) into runs/r1_zero_tiny/.
 r1-zero: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny.yaml
 
-# The same R1-Zero on the tiny DeepSeek-V3 (MLA + aux-loss-free MoE): pretrains runs/tiny_moe_base, then
-# GRPO into runs/r1_zero_moe_tiny/ (2 ranks, experts split: see the README's MoE section).
+# Rebuild a shipped tiny base (7-11 / 10-13 minutes on 2 cores) into runs/, then say whether it is
+# byte-identical to the one in assets/ (it is on the machine that built it; another CPU rounds
+# differently). Start a stage from the rebuilt one with checkpoint.load_hf=runs/tiny_base/hf.
+tiny-base: setup
+	$(PY) -m megatron_r1.cli pretrain conf/stages/pretrain_tiny.yaml
+	-$(PY) tools/ship_base.py compare runs/tiny_base assets/tiny_base
+
+tiny-moe-base: setup
+	$(PY) -m megatron_r1.cli pretrain conf/stages/pretrain_tiny_moe.yaml
+	-$(PY) tools/ship_base.py compare runs/tiny_moe_base assets/tiny_moe_base
+
+# The same R1-Zero on the tiny DeepSeek-V3 (MLA + aux-loss-free MoE) from the shipped assets/tiny_moe_base,
+# GRPO into runs/r1_zero_moe_tiny/ (see the README's MoE section).
 r1-zero-moe: setup
 	$(PY) -m megatron_r1.cli r1-zero conf/stages/r1_zero_tiny_moe.yaml
 

@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--base", help="Hugging Face base model directory")
     parser.add_argument("--steps", type=int, help="RL steps (default: the stage's, 150)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
-    parser.add_argument("--moe", action="store_true", help="the tiny DeepSeek-V3 stage and base (runs/tiny_moe_base/hf, else a short pretraining)")
+    parser.add_argument("--moe", action="store_true", help="the tiny DeepSeek-V3 stage and base (assets/tiny_moe_base)")
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=["colocated", "k0", "k1"])
     args = parser.parse_args()
     layouts = {key: LAYOUTS[key] for key in args.layouts}
@@ -86,10 +86,10 @@ def main() -> None:
         work = Path(tmp)
         if args.moe:
             stage = ROOT / "conf/stages/r1_zero_tiny_moe.yaml"
-            base = base_model(args.base, work, "conf/stages/pretrain_tiny_moe.yaml", "runs/tiny_moe_base", 200)
+            base = base_model(args.base, "assets/tiny_moe_base")
         else:
             stage = STAGE
-            base = base_model(args.base, work, "conf/stages/pretrain_tiny.yaml", "runs/tiny_base", 200)
+            base = base_model(args.base)
         results: dict[str, list[dict]] = {key: [] for key in layouts}
         for seed in args.seeds:
             for key, (name, extra) in layouts.items():

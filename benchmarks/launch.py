@@ -19,14 +19,7 @@ def run(cmd: list[str]) -> None:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
 
 
-def base_model(path: str | None, work: Path, pretrain_stage: str, default_run_dir: str, steps: int) -> Path:
-    """`path` if given; else `<default_run_dir>/hf` when it exists; else `pretrain_stage` for `steps` steps into `work`."""
-    if path:
-        return Path(path)
-    default = ROOT / default_run_dir / "hf"
-    if (default / "config.json").exists():
-        return default
-    print(f"no base model at {default_run_dir}/hf: pretraining one for {steps} steps (speed, not accuracy, is measured)")
-    run([sys.executable, "-m", "megatron_r1.cli", "pretrain", pretrain_stage, f"logging.run_dir={work / 'base'}",
-         f"steps={steps}", "pretrain.probe_samples=0", "logging.progress_bar=false"])
-    return work / "base/hf"
+def base_model(path: str | None, shipped: str = "assets/tiny_base") -> Path:
+    """`path` if given, else the shipped tiny base (`assets/tiny_base` or `assets/tiny_moe_base`): every
+    machine measures from the same weights."""
+    return Path(path) if path else ROOT / shipped

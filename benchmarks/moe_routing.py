@@ -1,6 +1,6 @@
 """MoE routing replay on the tiny DeepSeek-V3: what R2 costs and what it changes, with a bf16 engine.
 
-    .venv/bin/python benchmarks/moe_routing.py              # base: runs/tiny_moe_base/hf (else a short one)
+    .venv/bin/python benchmarks/moe_routing.py              # base: the shipped assets/tiny_moe_base
     .venv/bin/python benchmarks/moe_routing.py --steps 8 --updates 4
 
 Runs `megatron-r1 r1-zero conf/stages/r1_zero_tiny_moe.yaml` twice from the same base, prompts and
@@ -50,7 +50,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = base_model(args.base, work, "conf/stages/pretrain_tiny_moe.yaml", "runs/tiny_moe_base", 300)
+        base = base_model(args.base, "assets/tiny_moe_base")
         for mode in ("none", "r2"):
             run_dir = work / mode
             print(f"running routing_replay={mode} ...", flush=True)

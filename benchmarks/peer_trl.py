@@ -6,7 +6,7 @@
 
 Three model sizes, each trained by both trainers from identical weights with identical settings:
 
-* tiny (0.6M, `tiny_dense`): the pretrained base `runs/tiny_base/hf` (`make r1-zero` prepares it),
+* tiny (0.6M, `tiny_dense`): the shipped pretrained base `assets/tiny_base`,
   16 prompts x 8 samples, 96 response tokens, lr 5e-5, 40 steps, then the held-out evaluation;
 * 25M (`bench_25m`) and 100M (`bench_100m`): no time to pretrain them, so each is built randomly
   initialised by megatron-r1's own model builder and exported with `save_hf` together with the tiny
@@ -51,9 +51,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/results.py
 from results import append  # noqa: E402
 
+from megatron_r1.checksums import verify_checksums  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = "conf/stages/r1_zero_tiny.yaml"
-TINY_BASE = ROOT / "runs/tiny_base/hf"
+TINY_BASE = ROOT / "assets/tiny_base"
 WORKER = ROOT / "benchmarks/_trl_worker.py"
 MAX_MODEL_LEN = 384  # prompt (under 100 tokens with the tiny tokenizer) + up to 256 response tokens
 
@@ -338,9 +340,7 @@ def main() -> None:
     names = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if unknown := [n for n in names if n not in SIZES]:
         sys.exit(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
-    if not (TINY_BASE / "config.json").exists():  # the tiny base, and the tokenizer of every size
-        sys.exit(f"no tiny base model at {TINY_BASE.relative_to(ROOT)}: run `make r1-zero` (it pretrains it first), or "
-                 "`.venv/bin/megatron-r1 pretrain conf/stages/pretrain_tiny.yaml` (7-11 minutes on 2 cores)")
+    verify_checksums(TINY_BASE)  # the tiny base, and the tokenizer of every size
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peer_trl_") as tmp:

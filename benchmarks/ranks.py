@@ -1,6 +1,6 @@
 """One rank against two: the R1-Zero step with SPMD colocated engines, as users launch it.
 
-    .venv/bin/python benchmarks/ranks.py                       # base: runs/tiny_base/hf (else a 30 s one)
+    .venv/bin/python benchmarks/ranks.py                       # base: the shipped assets/tiny_base
     .venv/bin/python benchmarks/ranks.py --steps 10 --prompts 16 --samples 8
 
 Runs `megatron-r1 r1-zero conf/stages/r1_zero_tiny.yaml` for `--steps` steps in three layouts, under
@@ -54,7 +54,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = base_model(args.base, work, "conf/stages/pretrain_tiny.yaml", "runs/tiny_base", 200)
+        base = base_model(args.base)
         results = {}
         for name, (ranks, extra) in LAYOUTS.items():
             run_dir = work / name.replace(" ", "_").replace(":", "")

@@ -1,26 +1,38 @@
-"""The Megatron-Core training step beside a plain Hugging Face one: tokens per second, same model,
-same weights, same batch, same micro-batching, same optimizer settings.
+"""The GRPO update, megatron-r1 beside plain Hugging Face transformers: real tokens per second on batches with
+an R1-Zero length spread, same model, same weights, same batch, same objective, same optimizer settings.
 
-    .venv/bin/python benchmarks/train_throughput.py                 # tiny (0.6M) and ~25M, on CPU
+    .venv/bin/python benchmarks/train_throughput.py                      # tiny (0.6M), 25M, 100M on CPU
     .venv/bin/python benchmarks/train_throughput.py --sizes tiny --repeats 10
 
-megatron-r1: `train_step` (Megatron DDP with its contiguous gradient buffer, Megatron's Adam with
-gradient clipping, the lr schedule) on the model `models.build` makes, the loss through
-`forward_backward` as GRPO and SFT use it. Hugging Face: the same weights exported with `save_hf`
-and loaded by `AutoModelForCausalLM`, `torch.optim.AdamW` and `clip_grad_norm_`, the same
-token-mean loss over the same micro-batches. Reported: median seconds and tokens/s over the timed
-repeats (the first is warm-up), and the ratio.
+The batch: prompts of 20-30 tokens and responses drawn as R1-Zero makes them late in training (seven in
+ten short, three in ten up to the response cap), built into a trainer batch by the GRPO stage's own
+`make_batch`. Three ways to run one update on it (median seconds over the timed repeats, the first is a
+warm-up; tokens/s counts real tokens only, prompt + response, never padding):
+
+* megatron-r1, padded: `train_step` with `grpo.micro_batch_size` rows per micro-batch, each as wide as
+  the batch's longest row (what the trainer did before `memory.max_tokens_per_microbatch`);
+* megatron-r1, token budget: `memory.max_tokens_per_microbatch` = micro-batch rows x the longest row (the
+  same activation memory bound as the padded path): rows sorted longest first, each micro-batch cut to
+  its own longest row;
+* transformers: the same weights exported with `save_hf`, loaded by `AutoModelForCausalLM`, micro-batches of
+  the same rows right-padded to the batch's longest with an attention mask (as TRL's GRPOTrainer feeds its
+  model), the same clipped surrogate (token mean over the whole batch), the entropy for the log, `AdamW`
+  and `clip_grad_norm_`.
+
+The padding share of each is the part of the positions the model ran on that are not real tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -30,85 +42,116 @@ os.environ.setdefault("MEGATRON_R1_LOG_LEVEL", "WARNING")
 
 from results import append  # noqa: E402
 
-# name -> (model overrides of the tiny stage, sequences, tokens per sequence, micro-batch)
+# name -> (model preset, sequences per update, response cap, micro-batch rows)
 SIZES = {
-    "tiny": ([], 128, 128, 64),
-    "25m": (["model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_layers=8", "model.num_attention_heads=8",
-             "model.num_query_groups=8"], 32, 256, 8),
+    "tiny": ("tiny_dense", 128, 96, 64),  # the r1_zero_tiny step: 16 prompts x 8 samples
+    "25m": ("bench_25m", 16, 256, 8),
+    "100m": ("bench_100m", 8, 256, 4),
 }
 STAGE = ROOT / "conf/stages/r1_zero_tiny.yaml"
 
 
-def megatron_side(cfg, tokens: torch.Tensor, micro: int, repeats: int, hf_dir: Path) -> tuple[list[float], int]:
+def grpo_samples(n: int, max_response: int, vocab: int, seed: int = 0) -> list:
+    """Prompts of 20-30 tokens; responses: 70 % from 5 to a third of the cap, 30 % from half the cap to the cap."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(20, 30))]
+        length = rng.randint(5, max_response // 3) if rng.random() < 0.7 else rng.randint(max_response // 2, max_response)
+        samples.append(SimpleNamespace(prompt_ids=prompt, response_ids=[rng.randrange(1, vocab) for _ in range(length)], logprobs=None))
+    return samples
+
+
+def megatron_side(cfg, batch, micro: int, max_tokens: int, repeats: int, hf_dir: Path | None) -> tuple[list[float], float, int]:
     from megatron_r1.models.build import build_model, num_parameters
     from megatron_r1.models.hf.base import save_hf
+    from megatron_r1.train.grpo_update import grpo_loss_fn
     from megatron_r1.train.optim import build_optimizer
-    from megatron_r1.train.step import Batch, lm_loss_fn, train_step
+    from megatron_r1.train.step import train_step
 
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.parallel, cfg.memory)
-    save_hf(model, cfg.model, hf_dir)  # the Hugging Face side starts from these very weights
+    if hf_dir is not None:
+        save_hf(model, cfg.model, hf_dir)  # the Hugging Face side starts from these very weights
     ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, repeats + 1, cfg.memory)
-    batch = Batch(tokens=tokens, loss_mask=torch.ones_like(tokens))
-    seconds = []
+    seconds, padding = [], 0.0
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        train_step(ddp, optimizer, scheduler, batch, lm_loss_fn, micro)
+        out = train_step(ddp, optimizer, scheduler, batch, grpo_loss_fn(cfg), micro, with_entropy=True, max_tokens=max_tokens)
         seconds.append(time.perf_counter() - start)
-    return seconds[1:], num_parameters(model)
+        padding = out["padding_share"]
+    return seconds[1:], padding, num_parameters(model)
 
 
-def hf_side(hf_dir: Path, tokens: torch.Tensor, micro: int, repeats: int, lr: float, clip: float) -> list[float]:
+def hf_side(hf_dir: Path, batch, micro: int, repeats: int, lr: float, clip: float, eps: float) -> tuple[list[float], float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    targets = tokens[:, 1:].numel()
+    tokens, mask = batch.tokens, batch.loss_mask[:, 1:]
+    lengths = (batch.loss_mask.flip(1).argmax(1) * -1 + batch.seq_len)  # last trained position + 1
+    attention = (torch.arange(batch.seq_len)[None] < lengths[:, None]).long()
+    total = mask.sum()
     seconds = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        for chunk in tokens.split(micro):
-            logits = model(input_ids=chunk).logits[:, :-1].float()
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
-            (-logprobs.sum() / targets).backward()
+        for rows in torch.arange(batch.size).split(micro):
+            logits = model(input_ids=tokens[rows], attention_mask=attention[rows]).logits[:, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[rows, 1:, None]).squeeze(-1)
+            ratio = torch.exp(logprobs - logprobs.detach())
+            adv = batch.advantages[rows, None]
+            per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+            (per_token * mask[rows]).sum().div(total).backward()
+            with torch.no_grad():  # the entropy TRL logs
+                probs = torch.softmax(logits, dim=-1)
+                _ = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+    return seconds[1:], 1.0 - float(lengths.sum()) / tokens.numel()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    p.add_argument("--repeats", type=int, default=5, help="timed training steps per side (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=5, help="timed updates per side (after one warm-up)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
     args = p.parse_args()
 
     from megatron_r1 import distributed
     from megatron_r1.config import load_config
+    from megatron_r1.train.grpo_update import make_batch
+    from megatron_r1.train.step import needed_widths
 
-    lines = ["| model | params | batch (seqs x tokens, micro) | megatron-r1 s/step | tok/s | HF s/step | tok/s | megatron-r1 / HF |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | params | batch (seqs, response cap, micro rows) | padded: s/update | real tok/s | padding | "
+             "token budget: s/update | real tok/s | padding | transformers: s/update | real tok/s | padding | "
+             "budget / padded | budget / transformers |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.sizes:
-        overrides, seqs, length, micro = SIZES[name]
-        cfg = load_config(STAGE, overrides)
+        preset, seqs, cap, micro = SIZES[name]
+        cfg = load_config(STAGE, [f"model={preset}", f"rollout.max_response_tokens={cap}", "rollout.max_model_len=512"])
         distributed.init_distributed(cfg.parallel, cfg.seed)
-        tokens = torch.randint(0, cfg.model.vocab_size, (seqs, length), generator=torch.Generator().manual_seed(0))
+        samples = grpo_samples(seqs, cap, cfg.model.vocab_size)
+        batch = make_batch(samples, torch.randn(seqs, generator=torch.Generator().manual_seed(0)), pad_id=0)
+        real = float(needed_widths(batch.loss_mask).sum())
+        budget = micro * batch.seq_len  # the padded path's activation bound
         with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
-            mcore_s, params = megatron_side(cfg, tokens, micro, args.repeats, Path(tmp))
-            hf_s = hf_side(Path(tmp), tokens, micro, args.repeats, cfg.optimizer.lr, cfg.optimizer.clip_grad)
-        m, h = statistics.median(mcore_s), statistics.median(hf_s)
-        n = tokens.numel()
-        lines.append(f"| {name} | {params / 1e6:.1f}M | {seqs} x {length}, {micro} | {m:.3f} | {n / m:,.0f} | {h:.3f} | {n / h:,.0f} | {h / m:.2f}x |")
+            padded_s, padded_pad, params = megatron_side(cfg, batch, micro, 0, args.repeats, Path(tmp))
+            budget_s, budget_pad, _ = megatron_side(cfg, batch, micro, budget, args.repeats, None)
+            hf_s, hf_pad = hf_side(Path(tmp), batch, micro, args.repeats, cfg.optimizer.lr, cfg.optimizer.clip_grad, cfg.grpo.clip_eps_high)
+        a, b, h = statistics.median(padded_s), statistics.median(budget_s), statistics.median(hf_s)
+        lines.append(f"| {name} | {params / 1e6:.1f}M | {seqs}, {cap}, {micro} | {a:.3f} | {real / a:,.0f} | {padded_pad:.0%} | "
+                     f"{b:.3f} | {real / b:,.0f} | {budget_pad:.0%} | {h:.3f} | {real / h:,.0f} | {hf_pad:.0%} | "
+                     f"{a / b:.2f}x | {h / b:.2f}x |")
         print(lines[-1], flush=True)
     lines.append("")
-    lines.append(f"Median of {args.repeats} steps after one warm-up, {torch.get_num_threads()} threads, fp32. "
-                 "The last column is the speed ratio (above 1: megatron-r1 is faster).")
+    lines.append(f"Median of {args.repeats} updates after one warm-up, {torch.get_num_threads()} threads, fp32; real tokens = "
+                 "prompt + response, no padding. The ratio columns are speed ratios (above 1: the token-budget update is faster).")
     text = "\n".join(lines)
     print("\n" + text + "\n")
     if not args.no_record:
-        print("appended to", append("Training step: Megatron-Core vs Hugging Face", text))
+        print("appended to", append("GRPO update: padded and token-budget micro-batches vs transformers", text))
 
 
 if __name__ == "__main__":

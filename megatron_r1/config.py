@@ -132,6 +132,10 @@ class MemoryConfig:
     # none | except_weights: gradients released, optimizer state + reference model to pinned host memory |
     # all: also the policy's weights, after the refit has copied them into the engine
     swap_during_rollout: Literal["none", "except_weights", "all"] = "none"
+    # Training micro-batches by a token budget instead of *.micro_batch_size rows (train/step.py): rows sorted
+    # longest first, grouped while rows x width <= this, each micro-batch cut to its longest row, so the
+    # forward/backward runs on little padding; the gradient is the same. 0: off (fixed rows per micro-batch).
+    max_tokens_per_microbatch: int = 0
 
 
 @dataclass
@@ -662,6 +666,12 @@ def validate(cfg: StageConfig) -> None:
                           "apart from the trainer: set placement=disaggregated (and launch parallel.rollout_ranks more processes)")
     if p.rollout_ranks < 1:
         raise ConfigError(f"parallel.rollout_ranks={p.rollout_ranks} must be >= 1")
+    budget = cfg.memory.max_tokens_per_microbatch
+    if budget < 0:
+        raise ConfigError(f"memory.max_tokens_per_microbatch={budget} must be >= 0 (0: micro-batches of *.micro_batch_size rows)")
+    if budget and (p.pipeline_model_parallel_size > 1 or p.expert_model_parallel_size > 1):
+        raise ConfigError("memory.max_tokens_per_microbatch needs pipeline_model_parallel_size=1 and expert_model_parallel_size=1 in this "
+                          "version (pipeline stages and expert groups exchange micro-batches of one shape); set it to 0")
     sft = cfg.sft
     for name in ("epochs", "batch_size", "micro_batch_size"):
         if getattr(sft, name) < 1:

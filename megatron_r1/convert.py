@@ -1,7 +1,7 @@
 """Checkpoint conversion: Megatron `dist_checkpointing` checkpoints <-> Hugging Face directories.
 
     megatron-r1 convert to-hf --checkpoint runs/r1_zero_tiny/checkpoints [--step N] --out /tmp/hf
-    megatron-r1 convert from-hf --hf runs/tiny_base/hf --stage conf/stages/r1_zero_tiny.yaml \
+    megatron-r1 convert from-hf --hf assets/tiny_base --stage conf/stages/r1_zero_tiny.yaml \
         [parallel.tensor_model_parallel_size=2 ...] --out /tmp/ckpt
     megatron-r1 convert fp8-to-bf16 checkpoints/DeepSeek-V3-Base checkpoints/DeepSeek-V3-Base-bf16
 

@@ -99,7 +99,18 @@ class Workload:
 
 
 def workload(cfg: StageConfig) -> Workload:
-    """The stage's step shape (`cfg.name` says which stage: see `StageConfig.name`)."""
+    """The stage's step shape (`cfg.name` says which stage: see `StageConfig.name`). Under a token budget
+    (`memory.max_tokens_per_microbatch`) a micro-batch holds at most that many positions, or one
+    sequence: activations are sized for its worst case, every row at the full length."""
+    shape = _workload(cfg)
+    budget = cfg.memory.max_tokens_per_microbatch
+    if budget and shape.trains:
+        unit = 2 if cfg.name == "reward_model" else 1  # a pair stays in one micro-batch
+        shape = dataclasses.replace(shape, micro_batch=max(unit, budget // shape.seq_len // unit * unit))
+    return shape
+
+
+def _workload(cfg: StageConfig) -> Workload:
     if cfg.name in TRAIN_STAGES:
         if cfg.name == "pretrain":
             p = cfg.pretrain

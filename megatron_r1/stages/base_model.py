@@ -1,5 +1,6 @@
-"""The Hugging Face model a stage starts from (`checkpoint.load_hf`), pretrained first when a stage names
-how to make it (`checkpoint.base_stage`: the tiny base of the CPU runs)."""
+"""The Hugging Face model a stage starts from (`checkpoint.load_hf`): a shipped model checked against its
+`SHA256SUMS` (the tiny bases in `assets/`), or one pretrained first when a stage names how to make it
+(`checkpoint.base_stage`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_r1 import distributed
+from megatron_r1.checksums import verify_checksums
 from megatron_r1.config import ConfigError, StageConfig, load_config
 from megatron_r1.stages import pretrain
 
@@ -74,4 +76,6 @@ def prepare_base_model(cfg: StageConfig) -> tuple[Path, float]:
         distributed.init_model_parallel(cfg.parallel, cfg.seed)  # back to this stage's layout
     if not (hf_dir / "config.json").exists():
         raise ConfigError(f"no Hugging Face model at {hf_dir} (config.json missing): set checkpoint.load_hf to a model directory")
+    verify_checksums(hf_dir)
     return hf_dir, seconds
+

@@ -109,7 +109,8 @@ def run(cfg: StageConfig) -> Path:
 
         def step(i: int) -> StepResult:
             batch = _pad(_encode_examples(tokenizer, stream, batch_size, seq_len), tokenizer.pad_token_id)
-            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, batch, lm_loss_fn, micro_batch_size=batch_size)
+            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, batch, lm_loss_fn, micro_batch_size=batch_size,
+                             max_tokens=cfg.memory.max_tokens_per_microbatch)
             last["loss"] = float(out["loss"])
             elapsed = time.perf_counter() - warn["start"]
             if warn["after"] is not None and elapsed > warn["after"]:

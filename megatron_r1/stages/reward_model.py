@@ -171,10 +171,11 @@ def run(cfg: StageConfig) -> dict:
         def step(i: int) -> StepResult:
             pairs = plan[i]
             mine = pairs[data_parallel_share(len(pairs), "raise reward_model.batch_size")]
-            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, pair_batch(mine, pad_id), bradley_terry_loss_fn, mb_rows, head="value")
+            out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, pair_batch(mine, pad_id), bradley_terry_loss_fn, mb_rows, head="value",
+                             max_tokens=cfg.memory.max_tokens_per_microbatch, rows_per_unit=2)  # a pair stays in one micro-batch
             row = {"train/loss": out["loss"], "train/accuracy": out["accuracy"], "train/margin": out["margin"],
                    "train/reward_chosen": out["reward_chosen"], "train/reward_rejected": out["reward_rejected"],
-                   "train/grad_norm": out["grad_norm"], "train/lr": out["lr"]}
+                   "train/grad_norm": out["grad_norm"], "train/lr": out["lr"], "train/padding_share": out["padding_share"]}
             return StepResult(row, nonfinite=out.get("nonfinite", 0.0), sequences=2 * len(pairs),
                               postfix={"loss": f"{out['loss']:.3f}", "acc": f"{out['accuracy']:.2f}"})
 

@@ -82,7 +82,8 @@ def eval_loss(ddp, data: SFTDataset, cfg: StageConfig, pad_id: int, dp: int) -> 
     if len(chunks) > 1 and len(chunks[-1]) < dp:  # every rank needs a row: fold a short tail into the batch before
         chunks[-2:] = [chunks[-2] + chunks[-1]]
     for chunk in chunks:
-        out = forward_backward(ddp, collate(_my_rows(chunk), pad_id, s.packing), lm_loss_fn, s.micro_batch_size, forward_only=True)
+        out = forward_backward(ddp, collate(_my_rows(chunk), pad_id, s.packing), lm_loss_fn, s.micro_batch_size, forward_only=True,
+                               max_tokens=cfg.memory.max_tokens_per_microbatch)
         total += out["loss"] * out["num_tokens"]
         tokens += out["num_tokens"]
     return total / max(tokens, 1.0)
@@ -135,10 +136,11 @@ def run(cfg: StageConfig) -> dict:
         def step(i: int) -> StepResult:
             rows = plan[i]
             out = train_step(trainee.ddp, trainee.optimizer, trainee.scheduler, collate(_my_rows(rows), pad_id, cfg.sft.packing),
-                             lm_loss_fn, cfg.sft.micro_batch_size)
+                             lm_loss_fn, cfg.sft.micro_batch_size, max_tokens=cfg.memory.max_tokens_per_microbatch)
             row = {"train/loss": out["loss"], "train/grad_norm": out["grad_norm"], "train/lr": out["lr"],
                    "train/response_tokens": out["num_tokens"], "train/rows": float(len(rows)),
-                   "train/fill": sum(len(r.ids) for r in rows) / (len(rows) * cfg.sft.max_seq_len)}
+                   "train/fill": sum(len(r.ids) for r in rows) / (len(rows) * cfg.sft.max_seq_len),
+                   "train/padding_share": out["padding_share"]}
             postfix = {"loss": f"{out['loss']:.3f}", **({"eval": f"{last['eval']:.3f}"} if last["eval"] is not None else {})}
             return StepResult(row, nonfinite=out.get("nonfinite", 0.0), sequences=len(rows), postfix=postfix)
 

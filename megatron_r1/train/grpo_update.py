@@ -7,6 +7,8 @@ optional entropy bonus, aggregated as `grpo.loss_agg` says.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from megatron.core.utils import get_model_config
 
@@ -120,11 +122,16 @@ def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch, timer:
                 batch.old_logprobs = compute_logprobs(ddp, batch.tokens, mb, routing=batch.routing, real_tokens=batch.loss_mask > 0)
     metrics: dict[str, float] = {}
     parts = batch.split(cfg.grpo.updates_per_rollout)
+    tokens, start = 0.0, time.perf_counter()
     with timer("train"):
         for part in parts:
-            out = train_step(ddp, optimizer, scheduler, part, grpo_loss_fn(cfg), mb, with_entropy=True)
+            out = train_step(ddp, optimizer, scheduler, part, grpo_loss_fn(cfg), mb, with_entropy=True,
+                             max_tokens=cfg.memory.max_tokens_per_microbatch)
+            tokens += out["sequence_tokens"]
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(parts)
+    # Real tokens (prompt + response, no padding) the update trained on per second, all trainer ranks.
+    metrics["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
     if get_model_config(ddp).num_moe_experts:
         metrics["routing_replay"] = float(replay != "none")
     return metrics

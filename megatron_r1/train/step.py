@@ -103,8 +103,8 @@ class Batch:
         named.update({f"extras[{k!r}]": v for k, v in self.extras.items()})
         return {k: v for k, v in named.items() if v is not None}
 
-    def rows(self, index: slice) -> Batch:
-        """The sequences `index` selects, with everything that belongs to them."""
+    def rows(self, index: slice | Tensor) -> Batch:
+        """The sequences `index` (a slice or a tensor of row numbers) selects, with everything that belongs to them."""
 
         def pick(value):
             return None if value is None else value[index]
@@ -119,6 +119,29 @@ class Batch:
             extras={k: v[index] for k, v in self.extras.items()},
             segment_ids=pick(self.segment_ids),
             routing=pick(self.routing),
+        )
+
+    def columns(self, width: int) -> Batch:
+        """The first `width` positions of every row (per-token tensors cut alike: token-aligned to
+        `width`, target-aligned to `width - 1`; per-sequence ones untouched)."""
+        if width >= self.seq_len:
+            return self
+        S = self.seq_len
+
+        def cut(value):
+            if value is None or value.dim() < 2:
+                return value
+            return value[:, : width - (S - value.shape[1])]
+
+        return replace(
+            self,
+            tokens=self.tokens[:, :width],
+            loss_mask=self.loss_mask[:, :width],
+            old_logprobs=cut(self.old_logprobs),
+            ref_logprobs=cut(self.ref_logprobs),
+            extras={k: cut(v) for k, v in self.extras.items()},
+            segment_ids=cut(self.segment_ids),
+            routing=cut(self.routing),
         )
 
     def split(self, parts: int) -> list[Batch]:
@@ -232,10 +255,10 @@ def _to_targets(value: Tensor | None, seq_len: int, device: torch.device) -> Ten
     return value.to(device)
 
 
-def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_sequences: float) -> Iterator[MicroBatch]:
-    device, S = platform.device(), batch.seq_len
-    for start in range(0, batch.size, micro_batch_size):
-        part = batch.rows(slice(start, start + micro_batch_size))
+def _micro_batches(parts: list[Batch], num_tokens: float, num_sequences: float) -> Iterator[MicroBatch]:
+    device = platform.device()
+    for part in parts:
+        S = part.seq_len
         yield MicroBatch(
             tokens=part.tokens.to(device, torch.long),
             loss_mask=part.loss_mask.to(device),
@@ -248,6 +271,80 @@ def _micro_batches(batch: Batch, micro_batch_size: int, num_tokens: float, num_s
             num_tokens=num_tokens,
             num_sequences=num_sequences,
         )
+
+
+def _fixed_parts(batch: Batch, micro_batch_size: int) -> list[Batch]:
+    """Consecutive micro-batches of `micro_batch_size` rows, each as wide as the whole batch."""
+    return [batch.rows(slice(start, start + micro_batch_size)) for start in range(0, batch.size, micro_batch_size)]
+
+
+def needed_widths(loss_mask: Tensor) -> Tensor:
+    """[B] int: the columns each row needs for its loss, its last trained position + 1 (at least 2).
+    Causal attention never lets a trained token see a later position, so everything after it can
+    be cut without changing a logprob, a value or a gradient."""
+    last, any_trained = _last_trained(loss_mask)
+    return torch.where(any_trained, last + 1, torch.full_like(last, 2)).clamp(min=2)
+
+
+def _last_trained(loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """[b] index of each row's last trained position (0 when it has none), [b] whether it has one."""
+    trained = loss_mask > 0
+    return trained.shape[1] - 1 - trained.flip(1).int().argmax(dim=1), trained.any(dim=1)
+
+
+def token_budget_plan(widths: list[int], max_tokens: int, rows_per_unit: int = 1, multiple: int = 1) -> list[list[int]]:
+    """Row indices of each micro-batch under a token budget. Units of `rows_per_unit` consecutive rows
+    (a reward model's chosen/rejected pair stays together) are sorted longest first and cut into runs;
+    a run is one micro-batch, as wide as its first unit (rounded up to `multiple`), and holds at most
+    `max_tokens` positions (a unit wider than that gets one of its own). Of all such cuts, the one with
+    the fewest positions is chosen, counting each micro-batch as `_MICRO_BATCH_COST` of the budget
+    more (its fixed cost: launches, the weights read once more): long rows do not carry short ones
+    at their width, and short rows are not split into needlessly many micro-batches."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if len(widths) % rows_per_unit:
+        raise ValueError(f"{len(widths)} rows do not form units of {rows_per_unit}")
+    units = [list(range(i, i + rows_per_unit)) for i in range(0, len(widths), rows_per_unit)]
+    order = sorted(range(len(units)), key=lambda u: -max(widths[r] for r in units[u]))  # stable for equal widths
+    width = [-(-max(widths[r] for r in units[u]) // multiple) * multiple for u in order]
+    overhead = _MICRO_BATCH_COST * max_tokens
+    # cost[j]: the cheapest cut of the first j units; start[j]: where its last run begins.
+    n = len(order)
+    cost, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for i in range(n):  # a run starting at unit i, as wide as it
+        fit = max(1, max_tokens // (width[i] * rows_per_unit))
+        for j in range(i + 1, min(n, i + fit) + 1):
+            c = cost[i] + (j - i) * rows_per_unit * width[i] + overhead
+            if c < cost[j]:
+                cost[j], start[j] = c, i
+    plan, j = [], n
+    while j > 0:
+        i = start[j]
+        plan.append([r for u in order[i:j] for r in units[u]])
+        j = i
+    return plan[::-1]
+
+
+# The fixed cost of one more micro-batch, as a share of the token budget (`token_budget_plan`).
+_MICRO_BATCH_COST = 0.1
+
+
+def _budget_parts(batch: Batch, max_tokens: int, rows_per_unit: int, multiple: int) -> list[Batch]:
+    """Micro-batches under a token budget (`token_budget_plan`), each cut to the columns its rows need."""
+    widths = needed_widths(batch.loss_mask).tolist()
+    parts = []
+    for rows in token_budget_plan(widths, max_tokens, rows_per_unit, multiple):
+        width = min(batch.seq_len, -(-max(widths[r] for r in rows) // multiple) * multiple)
+        parts.append(batch.rows(torch.tensor(rows)).columns(width))
+    return parts
+
+
+def _check_token_budget(max_tokens: int) -> None:
+    """Micro-batches of varying shape: pipeline stages and expert groups exchange one fixed shape
+    (the config refuses the combination at load; this guards direct callers)."""
+    if max_tokens > 0 and (parallel_state.get_pipeline_model_parallel_world_size() > 1
+                           or parallel_state.get_expert_model_parallel_world_size() > 1):
+        raise ValueError("a token budget per micro-batch needs pipeline and expert parallel size 1")
 
 
 def _sequence_multiple(config) -> int:
@@ -328,10 +425,8 @@ def packed_attention(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
 def padding_after_last_target(loss_mask: Tensor) -> Tensor:
     """[b, S] True on the positions after a row's last trained token: right padding, which no
     trained token sees (a row with no trained token keeps every position)."""
-    trained = loss_mask > 0
-    S = trained.shape[1]
-    last = S - 1 - trained.flip(1).int().argmax(dim=1)
-    return (torch.arange(S, device=trained.device) > last.unsqueeze(1)) & trained.any(dim=1, keepdim=True)
+    last, any_trained = _last_trained(loss_mask)
+    return (torch.arange(loss_mask.shape[1], device=loss_mask.device) > last.unsqueeze(1)) & any_trained.unsqueeze(1)
 
 
 def _forward(model: torch.nn.Module, tokens: Tensor, segment_ids: Tensor | None = None, micro: MicroBatch | None = None,
@@ -377,8 +472,16 @@ def forward_backward(
     forward_only: bool = False,
     with_entropy: bool = False,
     head: str = "lm",
+    max_tokens: int = 0,
+    rows_per_unit: int = 1,
 ) -> dict[str, float]:
     """Run `loss_fn` over `batch` in micro-batches; accumulate gradients (unless `forward_only`).
+
+    Micro-batches: `micro_batch_size` consecutive rows each, as wide as the batch; or, with
+    `max_tokens > 0` (`memory.max_tokens_per_microbatch`), rows sorted longest first and grouped
+    under that many tokens, each micro-batch cut to its longest row (`token_budget_plan`; units of
+    `rows_per_unit` rows stay together). The losses divide by whole-batch denominators, so the
+    gradient is the same either way; only the padding the forward and backward run on differs.
 
     `head="lm"`: the loss_fn gets target log-probabilities `[b, S-1]` (the contract above).
     `head="value"`: a reward model's per-token scalars `[b, S]` instead (`models.reward_model`),
@@ -388,17 +491,27 @@ def forward_backward(
     micro-batch, so call this once per optimizer step (after `zero_grad_buffer`), as `train_step` does.
     `with_entropy` computes the per-target entropy for the loss (bonus or metric); else it is None.
     Returns the loss_fn's metrics (token-weighted means over the batch and DP ranks), `loss` (the
-    whole-batch loss) and `num_tokens` (masked targets over all DP ranks).
+    whole-batch loss), `num_tokens` (masked targets over all DP ranks), `sequence_tokens` (positions up
+    to each row's last trained token, over all DP ranks: the real tokens) and `padding_share` (the share
+    of the positions the model ran on that are not real tokens).
     """
     config = get_model_config(ddp_model)
     if parallel_state.get_context_parallel_world_size() != 1:
         raise ValueError("parallel.context_parallel_size > 1 is not supported by the training step (the batch would need splitting along the sequence); set it to 1")
     if config.calculate_per_token_loss:
         raise ValueError("set calculate_per_token_loss=False: losses arrive already normalised (see module docstring)")
-    batch = padded_to_multiple(batch, _sequence_multiple(config), _expert_parallel_shape(batch))
-    num_microbatches = _num_microbatches(batch.size, micro_batch_size)
-    micro_batch_size = min(micro_batch_size, batch.size)
+    _check_token_budget(max_tokens)
+    multiple = _sequence_multiple(config)
+    batch = padded_to_multiple(batch, multiple, _expert_parallel_shape(batch))
+    if max_tokens > 0:
+        parts = _budget_parts(batch, max_tokens, rows_per_unit, multiple)
+    else:
+        micro_batch_size = min(micro_batch_size, batch.size)
+        _num_microbatches(batch.size, micro_batch_size)  # checks the split
+        parts = _fixed_parts(batch, micro_batch_size)
+    num_microbatches = len(parts)
     num_tokens, num_sequences = _dp_mean_denominators(batch)
+    real_tokens, held_tokens = _token_counts(batch, parts)
 
     if head not in ("lm", "value"):
         raise ValueError(f"head must be 'lm' or 'value', got {head!r}")
@@ -427,16 +540,28 @@ def forward_backward(
     with torch.no_grad() if forward_only else torch.enable_grad(), moe_routing.cleared_after(ddp_model, batch.routing is not None):
         per_micro = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=_micro_batches(batch, micro_batch_size, num_tokens, num_sequences),
+            data_iterator=_micro_batches(parts, num_tokens, num_sequences),
             model=[ddp_model],
             num_microbatches=num_microbatches,
-            seq_length=batch.seq_len,
-            micro_batch_size=micro_batch_size,
+            seq_length=parts[0].seq_len,  # used by pipeline schedules only, where every part has the batch's shape
+            micro_batch_size=parts[0].size,
             forward_only=forward_only,
         )
     metrics = _reduce_metrics(per_micro)
     metrics["num_tokens"] = num_tokens * parallel_state.get_data_parallel_world_size()
+    metrics["sequence_tokens"] = real_tokens
+    metrics["padding_share"] = 1.0 - real_tokens / held_tokens if held_tokens > 0 else 0.0
     return metrics
+
+
+def _token_counts(batch: Batch, parts: list[Batch]) -> tuple[float, float]:
+    """(positions up to each row's last trained token, positions the micro-batches hold), summed over
+    DP ranks: the real tokens of the step, and what the forward and backward actually ran on."""
+    counts = torch.tensor([float(needed_widths(batch.loss_mask).sum()), float(sum(p.size * p.seq_len for p in parts))],
+                          dtype=torch.float64, device=platform.device())
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return counts[0].item(), counts[1].item()
 
 
 def _reduce_metrics(per_micro: list[dict[str, Tensor]]) -> dict[str, float]:
@@ -533,7 +658,7 @@ def _forward_only(model: torch.nn.Module, tokens: Tensor, micro_batch_size: int,
         with moe_routing.cleared_after(model, routing is not None or record_routing):
             per_micro = get_forward_backward_func()(
                 forward_step_func=forward_step,
-                data_iterator=_micro_batches(batch, micro_batch_size, 1.0, 1.0),
+                data_iterator=_micro_batches(_fixed_parts(batch, micro_batch_size), 1.0, 1.0),
                 model=[model],
                 num_microbatches=num_microbatches,
                 seq_length=batch.seq_len,
@@ -571,8 +696,11 @@ def train_step(
     micro_batch_size: int,
     with_entropy: bool = False,
     head: str = "lm",
+    max_tokens: int = 0,
+    rows_per_unit: int = 1,
 ) -> dict[str, float]:
-    """zero grads -> forward/backward over micro-batches -> clip + Adam step -> advance the lr schedule.
+    """zero grads -> forward/backward over micro-batches (`forward_backward`: `micro_batch_size` rows
+    each, or a token budget `max_tokens`) -> clip + Adam step -> advance the lr schedule.
 
     Metrics: everything `forward_backward` returns, plus `grad_norm` (before clipping), `lr` (the
     rate this step used), `update_successful` (0 when fp16 loss scaling skipped the step; the
@@ -583,7 +711,8 @@ def train_step(
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     lr = current_lr(optimizer)
-    metrics = forward_backward(ddp_model, batch, loss_fn, micro_batch_size, with_entropy=with_entropy, head=head)
+    metrics = forward_backward(ddp_model, batch, loss_fn, micro_batch_size, with_entropy=with_entropy, head=head,
+                               max_tokens=max_tokens, rows_per_unit=rows_per_unit)
     if not _all_finite(ddp_model, metrics["loss"]):
         # Adam would carry a single nan into every weight; skip the step on every rank alike.
         ddp_model.zero_grad_buffer()

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_r1"
 # Lowest first. A top-level module (megatron_r1/<name>.py) or subpackage (megatron_r1/<name>/).
 LAYERS = [
     {"platform", "heartbeat", "config"},  # the device, the liveness check, the config
-    {"placement"},  # which ranks train and which generate
+    {"placement", "checksums"},  # which ranks train and which generate; SHA256SUMS of shipped models
     {"distributed"},  # process groups
     {"algorithms", "data"},  # pure math; prompts, corpora, tokenizers
     {"models"},  # Megatron models and their Hugging Face adapters

@@ -11,7 +11,7 @@
 
 Prints a table and writes <workdir>/smoke.json; exits 1 on a failed check.
     python tools/slurm_local/smoke.py [--base HF_DIR] [--workdir DIR] [--straight RUN_DIR OVERRIDE ...]
-Without --base (and no runs/tiny_base/hf) it first pretrains a tiny base quickly, as tests/e2e do.
+Without --base it starts from the shipped tiny base (assets/tiny_base).
 """
 
 from __future__ import annotations
@@ -44,17 +44,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def quick_base(workdir: Path) -> Path:
-    """The tiny base model as tests/e2e/conftest.py makes it: the real pretraining, 150 steps."""
-    run_dir = workdir / "tiny_base"
-    if not (run_dir / "pretrain_done.json").exists():
-        print(f"pretraining a quick tiny base model in {run_dir} (about a minute)", flush=True)
-        subprocess.run([sys.executable, "-m", "megatron_r1.cli", "pretrain", "conf/stages/pretrain_tiny.yaml",
-                        f"logging.run_dir={run_dir}", "steps=150", "logging.progress_bar=false", "data.eval_size=16",
-                        "pretrain.probe_samples=2", "rollout.max_response_tokens=48"], cwd=ROOT, check=True)
-    return run_dir / "hf"
-
-
 def submit(env: dict, workdir: Path, name: str, run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """`sbatch --wait` of the real script, from the repository root (the submit directory)."""
     argv = ["sbatch", "--wait", f"--job-name={name}", f"--ntasks-per-node={RANKS}", f"--output={workdir}/%x-%j.out",
@@ -79,7 +68,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, help="tiny base model (HF directory); default: runs/tiny_base/hf, else a quick pretraining")
+    p.add_argument("--base", type=Path, help="tiny base model (HF directory); default: the shipped assets/tiny_base")
     p.add_argument("--workdir", type=Path, help="where runs, logs and Slurm state go (default: a fresh temporary directory)")
     p.add_argument("--straight", type=Path, help="an uninterrupted 2-rank run of OVERRIDES to compare with, instead of a straight job")
     p.add_argument("overrides", nargs="*", help=f"{STAGE} overrides, checkpoint.load_hf included (default: the base and a 2-step tiny run)")
@@ -90,9 +79,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = args.overrides
     if not overrides:
-        base = args.base or ROOT / "runs/tiny_base/hf"
-        if not (base / "config.json").exists():
-            base = quick_base(workdir)
+        base = args.base or ROOT / "assets/tiny_base"
         overrides = [f"checkpoint.load_hf={base.resolve()}", *TINY]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SLURM_LOCAL_STATE": str(workdir / "slurm_state"),
            "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
