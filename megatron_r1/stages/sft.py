@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_r1 import distributed, platform
+from megatron_r1 import distributed
 from megatron_r1.config import ConfigError, StageConfig, to_dict
 from megatron_r1.data.sft import Row, SFTDataError, SFTDataset, epoch_rows, load_sft_dataset
 from megatron_r1.data.tokenizer import load_tokenizer
@@ -101,9 +101,6 @@ def run(cfg: StageConfig) -> dict:
     from megatron.core import parallel_state
 
     main = distributed.is_main()
-    if cfg.sft.packing and platform.has_transformer_engine():
-        # Packed rows use a per-document mask, which TE's fused causal attention would ignore.
-        raise ConfigError("sft.packing=true needs the local attention (CPU) in this version; set sft.packing=false with Transformer Engine")
     hf_dir, _ = prepare_base_model(cfg)
     tokenizer = load_tokenizer(hf_dir)
     try:

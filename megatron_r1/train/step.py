@@ -48,6 +48,7 @@ from megatron_r1 import platform
 from megatron_r1.distributed import even_bounds
 from megatron_r1.config import ConfigError
 from megatron_r1.train import moe_routing
+from megatron_r1.train.packed import PackedRows, pack_rows
 from megatron_r1.train.optim import current_lr
 
 Tensor = torch.Tensor
@@ -160,6 +161,7 @@ class MicroBatch(Batch):
 
     num_tokens: float = 1.0  # masked targets in the whole batch (summed over DP ranks, / DP size)
     num_sequences: float = 1.0  # sequences in the whole batch (summed over DP ranks, / DP size)
+    thd: PackedRows | None = None  # the same rows packed end to end for TE's fused attention (GPU; train/packed.py)
 
     @property
     def targets(self) -> Tensor:
@@ -255,10 +257,15 @@ def _to_targets(value: Tensor | None, seq_len: int, device: torch.device) -> Ten
     return value.to(device)
 
 
-def _micro_batches(parts: list[Batch], num_tokens: float, num_sequences: float) -> Iterator[MicroBatch]:
+def _micro_batches(parts: list[Batch], num_tokens: float, num_sequences: float, thd_multiple: int = 0) -> Iterator[MicroBatch]:
+    """The parts on the compute device; with `thd_multiple`, each also packed (`train/packed.py`, padded to that multiple)."""
     device = platform.device()
     for part in parts:
         S = part.seq_len
+        thd = None
+        if thd_multiple:
+            segments = None if part.segment_ids is None else part.segment_ids.to(device)
+            thd = pack_rows(part.tokens.to(device, torch.long), needed_widths(part.loss_mask), segments, thd_multiple)
         yield MicroBatch(
             tokens=part.tokens.to(device, torch.long),
             loss_mask=part.loss_mask.to(device),
@@ -270,7 +277,16 @@ def _micro_batches(parts: list[Batch], num_tokens: float, num_sequences: float) 
             routing=part.routing,  # stays on the host: `moe_routing.replay` cuts this rank's tokens out of it
             num_tokens=num_tokens,
             num_sequences=num_sequences,
+            thd=thd,
         )
+
+
+def packs_sequences(batch: Batch, max_tokens: int) -> bool:
+    """Whether the training step packs micro-batches (`thd`): with Transformer Engine on a GPU, for a token
+    budget or rows that hold several documents (SFT packing), unless MoE routing is replayed (its
+    `[b, S, layers, k]` routes follow the bucketed layout). Elsewhere the rows stay bucketed."""
+    return (platform.has_transformer_engine() and platform.device().type == "cuda" and batch.routing is None
+            and (max_tokens > 0 or batch.segment_ids is not None))
 
 
 def _fixed_parts(batch: Batch, micro_batch_size: int) -> list[Batch]:
@@ -437,20 +453,23 @@ def _forward(model: torch.nn.Module, tokens: Tensor, segment_ids: Tensor | None 
     tells the routers which positions are padding, so that the expert load the aux-loss-free bias
     balances counts real tokens only."""
     kwargs = {}
+    packed = micro.thd if micro is not None else None
     if micro is not None and get_model_config(model).num_moe_experts:
         if micro.routing is not None:
             moe_routing.replay(model, micro.routing, micro.loss_mask > 0)
         if training:
-            padding = padding_after_last_target(micro.loss_mask)
+            padding = padding_after_last_target(micro.loss_mask) if packed is None else packed.padding
             if get_model_config(model).sequence_parallel and not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
                 # Megatron cuts the mask to this rank's sequence-parallel slice on the first stage only.
                 tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
                 padding = padding.chunk(tp, dim=1)[rank].contiguous()
             kwargs["padding_mask"] = padding
+    if packed is not None:  # one row of sequences end to end; TE's attention keeps each to itself
+        return model(packed.tokens, packed.position_ids, attention_mask=None, packed_seq_params=packed.params, **kwargs)
     if segment_ids is not None:
         if platform.has_transformer_engine():
             # TE's causal attention ignores a dense mask; packed rows there need THD `packed_seq_params`.
-            raise ConfigError("packed sequences need the local attention in this version; set sft.packing=false with Transformer Engine")
+            raise ConfigError("packed rows with Transformer Engine go through the thd layout (train/packed.py), which this call did not use")
         position_ids, mask = packed_attention(segment_ids)
         return model(tokens, position_ids, attention_mask=mask, **kwargs)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -511,18 +530,25 @@ def forward_backward(
         parts = _fixed_parts(batch, micro_batch_size)
     num_microbatches = len(parts)
     num_tokens, num_sequences = _dp_mean_denominators(batch)
-    real_tokens, held_tokens = _token_counts(batch, parts)
+    thd_multiple = multiple if packs_sequences(batch, max_tokens) else 0
+    real_tokens, held_tokens = _token_counts(batch, parts, thd_multiple)
 
     if head not in ("lm", "value"):
         raise ValueError(f"head must be 'lm' or 'value', got {head!r}")
 
     def loss_closure(micro: MicroBatch, logits: Tensor) -> tuple[Tensor, dict]:
+        packed = micro.thd
         if head == "value":
-            loss, metrics = loss_fn(logits[..., 0].float(), None, micro)
+            values = logits[..., 0].float()
+            loss, metrics = loss_fn(values if packed is None else packed.unpack(values, micro.seq_len), None, micro)
         else:
             logits = logits[:, :-1]  # the last position predicts past the sequence
-            logprobs = token_logprobs(logits, micro.targets)
+            targets = micro.targets if packed is None else packed.tokens[:, 1:]
+            logprobs = token_logprobs(logits, targets)
             entropy = token_entropy(logits) if with_entropy else None
+            if packed is not None:  # back to the rows' layout [b, S-1] the loss functions read
+                logprobs = packed.unpack(logprobs, micro.seq_len - 1)
+                entropy = None if entropy is None else packed.unpack(entropy, micro.seq_len - 1)
             loss, metrics = loss_fn(logprobs, entropy, micro)
         # Metrics are weighted by this micro-batch's masked targets; kept as tensors (no device sync
         # per micro-batch) and reduced once in _reduce_metrics.
@@ -540,7 +566,7 @@ def forward_backward(
     with torch.no_grad() if forward_only else torch.enable_grad(), moe_routing.cleared_after(ddp_model, batch.routing is not None):
         per_micro = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=_micro_batches(parts, num_tokens, num_sequences),
+            data_iterator=_micro_batches(parts, num_tokens, num_sequences, thd_multiple),
             model=[ddp_model],
             num_microbatches=num_microbatches,
             seq_length=parts[0].seq_len,  # used by pipeline schedules only, where every part has the batch's shape
@@ -554,11 +580,15 @@ def forward_backward(
     return metrics
 
 
-def _token_counts(batch: Batch, parts: list[Batch]) -> tuple[float, float]:
+def _token_counts(batch: Batch, parts: list[Batch], thd_multiple: int = 0) -> tuple[float, float]:
     """(positions up to each row's last trained token, positions the micro-batches hold), summed over
-    DP ranks: the real tokens of the step, and what the forward and backward actually ran on."""
-    counts = torch.tensor([float(needed_widths(batch.loss_mask).sum()), float(sum(p.size * p.seq_len for p in parts))],
-                          dtype=torch.float64, device=platform.device())
+    DP ranks: the real tokens of the step, and what the forward and backward actually ran on (packed:
+    each micro-batch's real tokens rounded up to `thd_multiple`)."""
+    if thd_multiple:
+        held = sum(-(-int(needed_widths(p.loss_mask).sum()) // thd_multiple) * thd_multiple for p in parts)
+    else:
+        held = sum(p.size * p.seq_len for p in parts)
+    counts = torch.tensor([float(needed_widths(batch.loss_mask).sum()), float(held)], dtype=torch.float64, device=platform.device())
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts[0].item(), counts[1].item()

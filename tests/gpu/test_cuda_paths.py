@@ -276,3 +276,35 @@ def test_fp8_engine_quantizes_at_start_and_at_every_refit(one_gpu_rank, tmp_path
     engine.load_weights((k, v.to(torch.bfloat16)) for k, v in base.items())
     assert torch.allclose(engine.prompt_logprobs([seq])[0], before, atol=1e-3)
     engine.shutdown()
+
+
+@needs_te
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_packed_thd_micro_batches_equal_the_padded_ones(one_gpu_rank, loss_agg):
+    """The token budget on a GPU packs each micro-batch (`thd`, TE's fused attention, train/packed.py): the
+    loss, the per-token logprob metrics and the gradients equal the padded bucketed micro-batches' (bf16)."""
+    from megatron_r1.config import StageConfig
+    from megatron_r1.models.build import build_model
+    from megatron_r1.distributed import init_distributed
+    from megatron_r1.train.grpo_update import grpo_loss_fn, make_batch
+    from megatron_r1.train.optim import build_optimizer
+    from megatron_r1.train.step import forward_backward, packs_sequences
+    from tests.unit.test_token_budget import skewed_samples
+
+    cfg = StageConfig()
+    cfg.grpo.loss_agg, cfg.rollout.max_response_tokens = loss_agg, 96
+    batch = make_batch(skewed_samples(24), torch.randn(24, generator=torch.Generator().manual_seed(0)), 0)
+    assert packs_sequences(batch, 512)
+    grads, outs = [], []
+    for max_tokens in (0, 512):
+        init_distributed(ParallelConfig(), seed=1234)  # the same weights for both
+        ddp = build_optimizer(build_model(dataclasses.replace(TINY, params_dtype="bfloat16"), ParallelConfig()),
+                              OptimizerConfig(lr=1e-3), ParallelConfig(), 10)[0]
+        ddp.zero_grad_buffer()
+        outs.append(forward_backward(ddp, batch, grpo_loss_fn(cfg), 4, with_entropy=True, max_tokens=max_tokens))
+        grads.append(torch.cat([p.main_grad.detach().float().flatten() for p in ddp.parameters()]))
+    padded, packed = outs
+    assert packed["padding_share"] < 0.05 < padded["padding_share"]
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=2e-3, rel=2e-2)
+    assert packed["entropy"] == pytest.approx(padded["entropy"], rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
