@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
 
 # vLLM's CPU build sizes its KV cache from this; 1 GiB is what megatron-r1's engine gets
@@ -162,12 +163,45 @@ def r1_zero_reward(cfg, tokenizer, drawn: list, phases: Phases):
     return phases.timed("reward", r1_zero_reward)
 
 
+def vllm_on_cpu_at_our_dtype(dtype: str) -> None:
+    """TRL 1.16 + vLLM 0.32's CPU build, made to run: two adapters applied from outside TRL's code.
+
+    * dtype: TRL's colocate mode builds `vllm.LLM(...)` with no dtype and GRPOConfig has no field for one;
+      vLLM's "auto" turns an fp32 checkpoint into bf16. The name `LLM` in TRL's module is bound to vLLM's
+      class with our `rollout.dtype`, so both trainers' engines run the same precision.
+    * weight sync: TRL loads one parameter per `model.load_weights` call into the live model, but vLLM's
+      CPU linear layers swapped their weights for plain empty Parameters after the first load (the packed
+      GEMM copy lives in `layer.cpu_linear`), so TRL's sync fails with "'Parameter' object has no
+      attribute 'weight_loader'" (`bind_weight_sync` below replaces it with vLLM's supported path)."""
+    import vllm
+    import trl.generation.vllm_generation as trl_vllm
+
+    trl_vllm.LLM = functools.partial(vllm.LLM, dtype=dtype)
+
+
+def bind_weight_sync(engine) -> None:
+    """TRL's `sync_weights` as vLLM 0.32 supports it on CPU: every parameter in one `reload_weights` call
+    (which rebuilds fused layers and re-packs the CPU GEMMs), then the tied LM head re-packed (the reload
+    gives it no tensor of its own, so it would keep the old embedding) — the same two calls megatron-r1's
+    engine makes (`rollout.vllm_engine.VllmEngine.load_weights`). TRL's own parameter naming is kept."""
+    from megatron_r1.rollout.vllm_engine import _refresh_cpu_kernels
+
+    def sync_weights(self):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params()})
+        self.llm.collective_rpc(_refresh_cpu_kernels)
+        self.llm.reset_prefix_cache()
+
+    engine.sync_weights = types.MethodType(sync_weights, engine)
+
+
 def time_phases(trainer: GRPOTrainer, phases: Phases) -> None:
     """Time generation (the call itself, as megatron-r1's rollout time is), the weight sync into
     vLLM, and the extra no-grad log-prob pass TRL makes for importance sampling against vLLM."""
     phases.trainer = trainer
     if trainer.use_vllm:
         engine = trainer.vllm_generation
+        if not torch.cuda.is_available():
+            bind_weight_sync(engine)
         engine.generate = phases.timed("generation", engine.generate)
         engine.sync_weights = phases.timed("sync", engine.sync_weights)
     else:
@@ -196,6 +230,8 @@ def main() -> None:
     phases = Phases()
     clock = StepClock()
     use_vllm = args.generation == "vllm"
+    if use_vllm and not torch.cuda.is_available():
+        vllm_on_cpu_at_our_dtype(cfg.rollout.engine_dtype(on_gpu=False, mla=False))
 
     start = time.perf_counter()
     trainer = GRPOTrainer(
@@ -216,7 +252,7 @@ def main() -> None:
             shutil.copyfile(Path(args.model) / name, out / "hf" / name)
     result = {
         "generation": args.generation,
-        # vLLM's "auto" dtype (TRL passes none) may run an fp32 checkpoint in bf16: report what it chose.
+        # The engine's dtype as vLLM reports it (ours on CPU: `vllm_on_cpu_at_our_dtype`).
         "engine_dtype": str(trainer.vllm_generation.llm.llm_engine.model_config.dtype) if use_vllm else str(trainer.model.dtype),
         "trainer_dtype": str(trainer.model.dtype),
         "setup_seconds": setup_seconds,

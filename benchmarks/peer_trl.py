@@ -58,6 +58,9 @@ STAGE = "conf/stages/r1_zero_tiny.yaml"
 TINY_BASE = ROOT / "assets/tiny_base"
 WORKER = ROOT / "benchmarks/_trl_worker.py"
 MAX_MODEL_LEN = 384  # prompt (under 100 tokens with the tiny tokenizer) + up to 256 response tokens
+# megatron-r1's update in micro-batches of at most this many positions, cut to their longest row (its own
+# setting: the same gradient as the padded micro-batches both trainers otherwise share).
+TOKEN_BUDGET = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +160,8 @@ def run_megatron(size: Size, base: Path, work: Path) -> Numbers:
     run_dir = work / "megatron_r1"
     cmd = [sys.executable, "-m", "megatron_r1.cli", "r1-zero", STAGE, *overrides(size),
            f"checkpoint.load_hf={base}", "checkpoint.base_stage=", f"logging.run_dir={run_dir}", "checkpoint.save_every=0",
-           "checkpoint.export_hf=false", "logging.eval_every=0", "logging.progress_bar=false", "logging.tensorboard=false"]
+           "checkpoint.export_hf=false", "logging.eval_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
+           f"memory.max_tokens_per_microbatch={TOKEN_BUDGET}"]
     run(cmd, work / "megatron_r1.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steady = [r for r in rows if "time/step" in r and r["step"] > 1]
@@ -300,8 +304,13 @@ def body(results: dict, minutes: float) -> str:
         "the last step (`megatron-r1 evaluate` for TRL's final model). The 25M and 100M models are randomly initialised: "
         "their rows measure speed only.",
         "",
-        "Differences the numbers include: TRL 1.16 passes vLLM no dtype, so its colocated engine runs the dtype vLLM's "
-        "\"auto\" picks for the fp32 checkpoint (last column), megatron-r1's engine `rollout.dtype` (fp32); TRL makes an "
+        "Differences the numbers include: on CPU TRL's colocated vLLM engine is built with megatron-r1's engine dtype "
+        "(fp32; TRL 1.16 passes vLLM none and \"auto\" would pick bf16) and its weight sync goes through vLLM's "
+        "`reload_weights` (TRL's own per-parameter `load_weights` fails on vLLM 0.32's CPU linears), both set by "
+        "`_trl_worker.py` from outside TRL's code (last column: the dtype each engine ran); megatron-r1 trains in "
+        f"micro-batches of at most {TOKEN_BUDGET} positions cut to their longest row (`memory.max_tokens_per_microbatch`), "
+        "TRL in micro-batches padded to the batch's longest; megatron-r1 refits directly into the live parameters "
+        "(`rollout.weight_loading=auto`); TRL makes an "
         "extra no-grad log-prob pass per step for its importance sampling against vLLM (only with vLLM generation), "
         "megatron-r1 takes the on-policy old log-probs from the update's own forward; megatron-r1 checks engine/trainer "
         "log-prob parity after every weight sync (inside its sync time); TRL divides advantages by the Bessel-corrected "

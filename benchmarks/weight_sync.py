@@ -6,8 +6,10 @@
 
 Both numbers come from the same run on the same tensors:
 * memcpy: `Tensor.copy_` of every tensor into a preallocated twin (the floor any in-memory sync pays);
-* sync:   `WeightSync.sync` of the Hugging Face-named tensors into the engine (vLLM's layer-by-layer
-          reload, its kernel repacking on CPU, and the prefix-cache reset).
+* sync:   `WeightSync.sync` of the Hugging Face-named tensors into the engine, by each refit path:
+          `direct` (the model's loaders straight into the live parameters, then the CPU GEMM re-pack;
+          rollout/direct_refit.py) and `reload` (vLLM's layer-by-layer reload, its re-pack on CPU, our
+          tied-head refresh), each followed by the prefix-cache reset.
 The producer hands out the trainer's tensors as they are, so the adapters' gathers are not timed.
 
 `--profile` runs one more sync under cProfile and splits it into the parts of vLLM's in-place
@@ -61,50 +63,54 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="weight-sync bucket size")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--modes", nargs="+", choices=["direct", "reload"], default=["direct", "reload"],
+                        help="refit paths to measure (rollout.weight_loading), one engine after the other")
     parser.add_argument("--profile", action="store_true", help="profile one more sync: where inside vLLM the time goes")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    profile = None
 
+    rows, profiles = [], []
     with tempfile.TemporaryDirectory() as path:
         model = build_model(args, path)
-        engine = VLLMEngine(RolloutConfig(max_model_len=128), path)
         tensors = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]  # tied head
         nbytes = sum(tensor_bytes(v) for _, v in tensors)
         twins = [torch.empty_like(v) for _, v in tensors]
-        sync = WeightSync(engine, args.bucket_mb)
-
-        copy_s, sync_s = [], []
-        for _ in range(args.repeats + 1):  # the first round warms caches and allocators
-            start = time.perf_counter()
-            for dst, (_, src) in zip(twins, tensors):
-                dst.copy_(src)
-            copy_s.append(time.perf_counter() - start)
-            sync_s.append(sync.sync(iter(tensors)).seconds)
-        copy_gbs = nbytes / statistics.median(copy_s[1:]) / 1e9
-        sync_gbs = nbytes / statistics.median(sync_s[1:]) / 1e9
-        if args.profile:
-            profiler = cProfile.Profile()
-            profiler.enable()
-            total = sync.sync(iter(tensors)).seconds
-            profiler.disable()
-            profile = (total, pstats.Stats(profiler))
-        engine.shutdown()
+        for mode in args.modes:  # one engine at a time (vLLM keeps one per process)
+            engine = VLLMEngine(RolloutConfig(max_model_len=128, weight_loading=mode), path)
+            sync = WeightSync(engine, args.bucket_mb)
+            copy_s, sync_s = [], []
+            for _ in range(args.repeats + 1):  # the first round warms caches and allocators
+                start = time.perf_counter()
+                for dst, (_, src) in zip(twins, tensors):
+                    dst.copy_(src)
+                copy_s.append(time.perf_counter() - start)
+                sync_s.append(sync.sync(iter(tensors)).seconds)
+            copy_gbs = nbytes / statistics.median(copy_s[1:]) / 1e9
+            sync_gbs = nbytes / statistics.median(sync_s[1:]) / 1e9
+            rows.append((mode, copy_gbs, sync_gbs, statistics.median(sync_s[1:])))
+            if args.profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                total = sync.sync(iter(tensors)).seconds
+                profiler.disable()
+                profiles.append((mode, total, pstats.Stats(profiler), nbytes / copy_gbs / 1e9))
+            engine.shutdown()
 
     params = sum(v.numel() for _, v in tensors)
     print(f"model: {params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB fp32, {len(tensors)} tensors; "
           f"bucket {args.bucket_mb:g} MiB; {torch.get_num_threads()} threads")
-    print(f"memcpy (Tensor.copy_)   {copy_gbs:8.2f} GB/s")
-    print(f"WeightSync -> vLLM      {sync_gbs:8.2f} GB/s   ({statistics.median(sync_s[1:]) * 1e3:.0f} ms per sync)")
-    print(f"ratio sync / memcpy     {sync_gbs / copy_gbs:8.3f}")
     lines = [
-        "| model | bucket | memcpy GB/s | sync GB/s | sync ms | sync / memcpy |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| {params / 1e6:.1f}M fp32, {len(tensors)} tensors | {args.bucket_mb:g} MiB | {copy_gbs:.2f} | {sync_gbs:.2f} | "
-        f"{statistics.median(sync_s[1:]) * 1e3:.0f} | {sync_gbs / copy_gbs:.3f} |",
+        "| model | refit (`rollout.weight_loading`) | bucket | memcpy GB/s | sync GB/s | sync ms | sync / memcpy |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    if profile is not None:
-        lines += ["", *profile_table(*profile, memcpy_s=nbytes / copy_gbs / 1e9)]
+    for mode, copy_gbs, sync_gbs, seconds in rows:
+        lines.append(f"| {params / 1e6:.1f}M fp32, {len(tensors)} tensors | {mode} | {args.bucket_mb:g} MiB | {copy_gbs:.2f} | "
+                     f"{sync_gbs:.2f} | {seconds * 1e3:.0f} | {sync_gbs / copy_gbs:.3f} |")
+    if {mode for mode, *_ in rows} == {"direct", "reload"}:
+        seconds = {mode: s for mode, _, _, s in rows}
+        lines += ["", f"direct refit {seconds['reload'] / seconds['direct']:.2f}x the speed of the reload (sync seconds, reload over direct)"]
+    for mode, total, stats, memcpy_s in profiles:
+        lines += ["", f"Where one `{mode}` sync's time goes:", "", *profile_table(total, stats, memcpy_s, PROFILE_PARTS[mode])]
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_record:
@@ -115,7 +121,7 @@ def main() -> None:
 
 # Parts of one sync, by the function whose cumulative time measures it (vLLM 0.32's in-place reload),
 # as (label, function name, file fragment); indented labels are inside the one above them.
-PROFILE_PARTS = [
+PROFILE_PARTS = {"reload": [
     ("vLLM `reload_weights` (all of the engine's side of the reload)", "reload_weights", "reload/inplace.py"),
     ("&nbsp;&nbsp;model `load_weights`: names, q/k/v + gate/up fusing, per-layer processing", "load_weights", "models/"),
     ("&nbsp;&nbsp;&nbsp;&nbsp;layer rebuilt in fresh memory (`materialize_layer`)", "materialize_layer", "reload/"),
@@ -123,20 +129,26 @@ PROFILE_PARTS = [
     ("&nbsp;&nbsp;&nbsp;&nbsp;copy back into the engine's original tensors", "_copy_and_restore_kernel_tensors", "reload/layerwise.py"),
     ("tied LM head / MoE re-pack (our CPU refresh after the reload)", "_refresh_cpu_kernels", "vllm_engine.py"),
     ("prefix-cache reset", "reset_prefix_cache", "vllm_engine.py"),
-]
+], "direct": [
+    ("`direct_refit` (all of the engine's side: the model's loaders into the live parameters)", "direct_refit", "direct_refit.py"),
+    ("&nbsp;&nbsp;model `load_weights`: names, q/k/v + gate/up fusing, the one copy", "load_weights", "models/"),
+    ("&nbsp;&nbsp;`process_weights_after_loading`: CPU GEMM re-pack (oneDNN)", "process_weights_after_loading", "layers/linear.py"),
+    ("prefix-cache reset", "reset_prefix_cache", "vllm_engine.py"),
+]}
 
 
-def profile_table(total: float, stats: pstats.Stats, memcpy_s: float) -> list[str]:
+def profile_table(total: float, stats: pstats.Stats, memcpy_s: float, parts: list[tuple[str, str, str]]) -> list[str]:
     """Seconds per part of one profiled sync (cumulative times of the outermost call of each part)."""
     cumulative: dict[str, float] = {}
     for (filename, _line, name), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():
-        for _label, fn, where in PROFILE_PARTS:
+        for _label, fn, where in parts:
             if name == fn and where in filename:
                 cumulative[fn] = max(cumulative.get(fn, 0.0), ct)
     rows = ["| part of one sync (cProfile; profiling slows it) | s | share |", "|---|---:|---:|"]
-    for label, fn, _where in PROFILE_PARTS:
+    for label, fn, _where in parts:
         rows.append(f"| {label} | {cumulative.get(fn, 0.0):.3f} | {100 * cumulative.get(fn, 0.0) / total:.0f} % |")
-    outside = total - sum(cumulative.get(fn, 0.0) for fn in ("reload_weights", "_refresh_cpu_kernels", "reset_prefix_cache"))
+    top_level = [fn for label, fn, _where in parts if not label.startswith("&nbsp;")]
+    outside = total - sum(cumulative.get(fn, 0.0) for fn in top_level)
     rows.append(f"| the rest: our bucketing and RPC, outside vLLM | {outside:.3f} | {100 * outside / total:.0f} % |")
     rows.append(f"| whole sync (profiled) | {total:.3f} | 100 % |")
     rows.append(f"| a plain memcpy of the same bytes (unprofiled) | {memcpy_s:.3f} | {100 * memcpy_s / total:.0f} % |")
@@ -146,6 +158,7 @@ def profile_table(total: float, stats: pstats.Stats, memcpy_s: float) -> list[st
         where = filename.split("site-packages/")[-1] if "site-packages/" in filename else filename.rsplit("/", 2)[-1]
         rows.append(f"| `{name}` ({where}:{line}) | {calls} | {own:.3f} |")
     return rows
+
 
 if __name__ == "__main__":
     main()

@@ -165,6 +165,10 @@ class RolloutConfig:
     # none | fp8: the engine's weights in blockwise FP8 (128 x 128 scales, as DeepSeek-V3 was trained),
     # quantized by vLLM from the bf16 weights at start and again at every refit (GPU only; rollout/vllm_engine.py)
     quantization: Literal["none", "fp8"] = "none"
+    # How a refit gets the new weights into the engine: direct (the model's own weight loaders, straight into the
+    # live parameters: one copy; CPU re-packs its GEMMs; rollout/direct_refit.py) | reload (vLLM's layer-wise
+    # reload_weights) | auto: direct for unquantized dense models, reload for the rest (quantized, MoE, MLA)
+    weight_loading: Literal["auto", "direct", "reload"] = "auto"
 
     def engine_dtype(self, on_gpu: bool, mla: bool = False) -> str:
         """The dtype the engine runs in. ``auto``: float32 on CPU (AVX2 CPUs have no native bf16,

@@ -142,6 +142,18 @@ def _refresh_cpu_kernels(worker) -> dict[str, int]:
     return refreshed
 
 
+def _direct_refit(cfg: RolloutConfig, model_dir: str) -> bool:
+    """Whether refits load straight into the live parameters (`rollout.weight_loading`): only where the
+    engine keeps the weights as the checkpoint has them, up to fusing and sharding (unquantized dense
+    models); quantized engines re-quantize in the reload, and MoE experts and MLA derive tensors there."""
+    mode = cfg.weight_loading
+    eligible = cfg.quantization == "none" and not _is_moe(model_dir) and not _uses_mla(model_dir)
+    if mode == "direct" and not eligible:
+        raise ConfigError("rollout.weight_loading=direct loads unquantized dense models only (quantized engines, MoE experts "
+                          "and MLA rebuild tensors in vLLM's reload); set rollout.weight_loading=auto or reload")
+    return mode == "direct" or (mode == "auto" and eligible)
+
+
 def _forget_previous_engine() -> None:
     """vLLM keeps its process groups in module globals: a second engine in this process would reuse
     the first one's, built for another layout. Destroy vLLM's groups (not the trainer's world, which
@@ -206,6 +218,8 @@ class VLLMEngine:
         if return_routing and not _is_moe(self.model_dir):
             raise ConfigError(f"routing replay needs a mixture-of-experts model; {self.model_dir} is dense: set grpo.routing_replay=none")
         self.return_routing = return_routing
+        self.direct_refit = _direct_refit(cfg, self.model_dir)
+        self._refit_pool: dict = {}  # CPU staging buffers of the direct refit, kept between refits
         self.dtype = cfg.engine_dtype(self.on_gpu, mla=_uses_mla(self.model_dir))  # one-line error before any start-up cost
         distributed.ensure_process_group()  # vLLM joins the trainer's world (or a 1-rank one)
         self.layout = EngineLayout.from_config(cfg, dist.get_world_size(), dist.get_rank())
@@ -276,7 +290,8 @@ class VLLMEngine:
         self.groups = EngineGroups(self.layout)
         self._sleep_noted = False
         if self.layout.rank == 0:
-            log.info("vLLM engines ready: %s (%s; %s)", self.model_dir, "GPU" if self.on_gpu else "CPU", self.layout.describe())
+            log.info("vLLM engines ready: %s (%s; %s; refits %s)", self.model_dir, "GPU" if self.on_gpu else "CPU", self.layout.describe(),
+                     "direct into the live parameters" if self.direct_refit else "through vLLM's reload_weights")
 
     def _cpu_kwargs(self) -> dict:
         gb = self.cfg.cpu_kvcache_space_gb
@@ -415,9 +430,14 @@ class VLLMEngine:
         left partly uninitialised (and on CPU the MoE experts are re-packed after every call, which
         assumes they were all loaded).
         """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        if not self.on_gpu:
-            self.llm.collective_rpc(_refresh_cpu_kernels)
+        if self.direct_refit:  # straight into the live parameters (rollout/direct_refit.py)
+            from megatron_r1.rollout.direct_refit import direct_refit
+
+            self.llm.collective_rpc(direct_refit, args=(iter(named_tensors), self._refit_pool))
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+            if not self.on_gpu:
+                self.llm.collective_rpc(_refresh_cpu_kernels)
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:

@@ -122,7 +122,9 @@ def sgd_steps(model, steps: int = 3, lr: float = 0.5, seed: int = 1) -> None:
 def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2")
     model = tiny_qwen2(path)
-    engine = VLLMEngine(RolloutConfig(max_model_len=256), str(path))
+    # vLLM's reload: a refit that leaves a tensor out leaves it stale, which the probe must catch (the direct
+    # refit refuses such a refit itself: tests/unit/test_direct_refit.py).
+    engine = VLLMEngine(RolloutConfig(max_model_len=256, weight_loading="reload"), str(path))
     yield model, engine
     engine.shutdown()
 
@@ -284,7 +286,7 @@ def _two_rank_worker(rank: int, port: int, model_dir: str, engine_tp: int, resul
     platform.setup()
     dist.init_process_group("gloo", rank=rank, world_size=2)
     model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir).eval()  # same weights on both ranks
-    engine = VLLMEngine(RolloutConfig(max_model_len=128, engine_tensor_parallel_size=engine_tp), model_dir)
+    engine = VLLMEngine(RolloutConfig(max_model_len=128, engine_tensor_parallel_size=engine_tp, weight_loading="reload"), model_dir)
     local = trainer_logprobs(model)
 
     def collective_logprobs(sequences):  # the trainer side is a collective in Megatron
