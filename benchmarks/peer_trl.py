@@ -61,6 +61,7 @@ MAX_MODEL_LEN = 384  # prompt (under 100 tokens with the tiny tokenizer) + up to
 # megatron-r1's update in micro-batches of at most this many positions, cut to their longest row (its own
 # setting: the same gradient as the padded micro-batches both trainers otherwise share).
 TOKEN_BUDGET = 2048
+SEED = 1234  # both trainers' seed (prompt order, sampling, initialisation of the random bases); --seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,7 @@ PHASES = {
 def overrides(size: Size) -> list[str]:
     """The stage overrides both trainers get (megatron-r1 on its command line, TRL via the worker)."""
     return [
-        f"model={size.model}", f"steps={size.steps}", f"grpo.prompts_per_step={size.prompts}",
+        f"seed={SEED}", f"model={size.model}", f"steps={size.steps}", f"grpo.prompts_per_step={size.prompts}",
         f"rollout.n_samples_per_prompt={size.samples}", f"rollout.max_response_tokens={size.max_tokens}",
         f"rollout.max_model_len={MAX_MODEL_LEN}", f"optimizer.lr={size.lr}", "optimizer.lr_decay_style=constant",
         f"data.eval_size={size.eval_size}", "logging.eval_samples=1",  # greedy pass@1 only; no maj@k sampling
@@ -291,7 +292,7 @@ def where_slower(results: dict) -> str:
 
 
 def title(results: dict) -> str:
-    return f"R1-Zero GRPO: TRL GRPOTrainer vs megatron-r1, sizes {', '.join(results)}"
+    return f"R1-Zero GRPO: TRL GRPOTrainer vs megatron-r1, sizes {', '.join(results)}, seed {SEED}"
 
 
 def body(results: dict, minutes: float) -> str:
@@ -334,11 +335,13 @@ def body(results: dict, minutes: float) -> str:
 
 
 def main() -> None:
+    global SEED
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,25m,100m", help=f"comma-separated, of: {', '.join(SIZES)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer prompts, tokens and steps; nothing appended to RESULTS.md")
     parser.add_argument("--trl-generation", choices=["auto", "vllm", "transformers"], default="auto",
                         help="TRL's generation backend (auto: vLLM colocate, transformers if that fails)")
+    parser.add_argument("--seed", type=int, default=SEED, help="both trainers' seed (run several to see the spread of the tiny accuracy)")
     parser.add_argument("--work", help="keep the runs (logs, metrics, models) in this directory (default: a temporary one)")
     parser.add_argument("--make-base", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)  # internal: one subprocess per base
     args = parser.parse_args()
@@ -346,6 +349,7 @@ def main() -> None:
         make_random_base(args.make_base[0], Path(args.make_base[1]))
         return
 
+    SEED = args.seed
     names = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if unknown := [n for n in names if n not in SIZES]:
         sys.exit(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")

@@ -308,14 +308,16 @@ def _last_trained(loss_mask: Tensor) -> tuple[Tensor, Tensor]:
     return trained.shape[1] - 1 - trained.flip(1).int().argmax(dim=1), trained.any(dim=1)
 
 
-def token_budget_plan(widths: list[int], max_tokens: int, rows_per_unit: int = 1, multiple: int = 1) -> list[list[int]]:
+def token_budget_plan(widths: list[int], max_tokens: int, rows_per_unit: int = 1, multiple: int = 1,
+                      packed: bool = False) -> list[list[int]]:
     """Row indices of each micro-batch under a token budget. Units of `rows_per_unit` consecutive rows
-    (a reward model's chosen/rejected pair stays together) are sorted longest first and cut into runs;
-    a run is one micro-batch, as wide as its first unit (rounded up to `multiple`), and holds at most
-    `max_tokens` positions (a unit wider than that gets one of its own). Of all such cuts, the one with
-    the fewest positions is chosen, counting each micro-batch as `_MICRO_BATCH_COST` of the budget
-    more (its fixed cost: launches, the weights read once more): long rows do not carry short ones
-    at their width, and short rows are not split into needlessly many micro-batches."""
+    (a reward model's chosen/rejected pair stays together) are sorted longest first and cut into runs,
+    one micro-batch each, of at most `max_tokens` positions (a unit wider than that gets one of its own).
+    Bucketed (CPU), a run is as wide as its first unit (rounded up to `multiple`), so it holds rows x that
+    width; packed (`thd`, GPU), it holds the sum of its rows' widths. Of all such cuts, the one with the
+    fewest positions is chosen, counting each micro-batch as `_MICRO_BATCH_COST` of the budget more (its
+    fixed cost: launches, the weights read once more): long rows do not carry short ones at their width,
+    and short rows are not split into needlessly many micro-batches."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if len(widths) % rows_per_unit:
@@ -323,16 +325,20 @@ def token_budget_plan(widths: list[int], max_tokens: int, rows_per_unit: int = 1
     units = [list(range(i, i + rows_per_unit)) for i in range(0, len(widths), rows_per_unit)]
     order = sorted(range(len(units)), key=lambda u: -max(widths[r] for r in units[u]))  # stable for equal widths
     width = [-(-max(widths[r] for r in units[u]) // multiple) * multiple for u in order]
+    real = [0]
+    for u in order:
+        real.append(real[-1] + sum(widths[r] for r in units[u]))
     overhead = _MICRO_BATCH_COST * max_tokens
     # cost[j]: the cheapest cut of the first j units; start[j]: where its last run begins.
     n = len(order)
     cost, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for i in range(n):  # a run starting at unit i, as wide as it
-        fit = max(1, max_tokens // (width[i] * rows_per_unit))
-        for j in range(i + 1, min(n, i + fit) + 1):
-            c = cost[i] + (j - i) * rows_per_unit * width[i] + overhead
-            if c < cost[j]:
-                cost[j], start[j] = c, i
+    for i in range(n):  # a run starting at unit i
+        for j in range(i + 1, n + 1):
+            held = real[j] - real[i] if packed else (j - i) * rows_per_unit * width[i]
+            if held > max_tokens and j > i + 1:
+                break
+            if cost[i] + held + overhead < cost[j]:
+                cost[j], start[j] = cost[i] + held + overhead, i
     plan, j = [], n
     while j > 0:
         i = start[j]
@@ -345,11 +351,11 @@ def token_budget_plan(widths: list[int], max_tokens: int, rows_per_unit: int = 1
 _MICRO_BATCH_COST = 0.1
 
 
-def _budget_parts(batch: Batch, max_tokens: int, rows_per_unit: int, multiple: int) -> list[Batch]:
+def _budget_parts(batch: Batch, max_tokens: int, rows_per_unit: int, multiple: int, packed: bool) -> list[Batch]:
     """Micro-batches under a token budget (`token_budget_plan`), each cut to the columns its rows need."""
     widths = needed_widths(batch.loss_mask).tolist()
     parts = []
-    for rows in token_budget_plan(widths, max_tokens, rows_per_unit, multiple):
+    for rows in token_budget_plan(widths, max_tokens, rows_per_unit, multiple, packed):
         width = min(batch.seq_len, -(-max(widths[r] for r in rows) // multiple) * multiple)
         parts.append(batch.rows(torch.tensor(rows)).columns(width))
     return parts
@@ -522,15 +528,15 @@ def forward_backward(
     _check_token_budget(max_tokens)
     multiple = _sequence_multiple(config)
     batch = padded_to_multiple(batch, multiple, _expert_parallel_shape(batch))
+    thd_multiple = multiple if packs_sequences(batch, max_tokens) else 0
     if max_tokens > 0:
-        parts = _budget_parts(batch, max_tokens, rows_per_unit, multiple)
+        parts = _budget_parts(batch, max_tokens, rows_per_unit, multiple, packed=bool(thd_multiple))
     else:
         micro_batch_size = min(micro_batch_size, batch.size)
         _num_microbatches(batch.size, micro_batch_size)  # checks the split
         parts = _fixed_parts(batch, micro_batch_size)
     num_microbatches = len(parts)
     num_tokens, num_sequences = _dp_mean_denominators(batch)
-    thd_multiple = multiple if packs_sequences(batch, max_tokens) else 0
     real_tokens, held_tokens = _token_counts(batch, parts, thd_multiple)
 
     if head not in ("lm", "value"):

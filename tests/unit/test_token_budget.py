@@ -95,6 +95,14 @@ def test_long_rows_do_not_carry_short_ones_at_their_width():
     assert sorted(plan[0]) == [0, 3, 7] and len(plan) == 2 and len(plan[1]) == 20
 
 
+def test_packed_micro_batches_count_real_tokens_only():
+    """Packed (`thd`, GPU) a micro-batch holds the sum of its rows' widths, not rows x the widest."""
+    widths = [100, 10, 10, 100, 10, 10, 10, 100] + [10] * 15
+    plan = token_budget_plan(widths, max_tokens=520, packed=True)
+    assert len(plan) == 1  # 300 + 200 real tokens fit one packed micro-batch of 520
+    assert len(token_budget_plan(widths, max_tokens=520)) == 2  # bucketed: 3 x 100 and 20 x 10
+
+
 def test_units_stay_together():
     widths = [10, 90, 50, 12, 70, 71]  # pairs (0, 1), (2, 3), (4, 5)
     plan = token_budget_plan(widths, max_tokens=200, rows_per_unit=2)
