@@ -100,6 +100,7 @@ class Numbers:
     phases: dict[str, float]  # mean seconds per step of each phase in PHASES
     accuracy: float | None = None  # held-out greedy pass@1 after the last step
     note: str = ""
+    padding_share: float | None = None  # share of the update's positions that were padding (megatron-r1 measures it)
 
 
 # Phases of a step, as both trainers can be timed: megatron-r1's metrics (time/rollout, time/train,
@@ -176,6 +177,7 @@ def run_megatron(size: Size, base: Path, work: Path) -> Numbers:
         step_s=statistics.mean(seconds), tokens_per_s=tokens / (phases["generation"] * len(steady)), phases=phases,
         accuracy=evals[-1] if size.pretrained else None,
         note=f"base {100 * evals[0]:.1f} %" if size.pretrained else "",
+        padding_share=statistics.mean(r.get("train/padding_share", 0.0) for r in steady),
     )
 
 
@@ -255,12 +257,13 @@ def table(results: dict) -> str:
 
 
 def breakdown(results: dict) -> str:
-    lines = ["| model | trainer | s/step | " + " | ".join(PHASES.values()) + " | other |", "|---" * (len(PHASES) + 4) + "|"]
+    lines = ["| model | trainer | s/step | " + " | ".join(PHASES.values()) + " | other | update padding |", "|---" * (len(PHASES) + 5) + "|"]
     for name, (_, _, mr1, trl) in results.items():
         for trainer, n in (("megatron-r1", mr1), ("TRL", trl)):
             other = n.step_s - sum(n.phases.values())
             cells = " | ".join(f"{n.phases[p]:.2f}" for p in PHASES)
-            lines.append(f"| {name} | {trainer} | {n.step_s:.2f} | {cells} | {max(other, 0.0):.2f} |")
+            padding = "not measured" if n.padding_share is None else f"{n.padding_share:.0%}"
+            lines.append(f"| {name} | {trainer} | {n.step_s:.2f} | {cells} | {max(other, 0.0):.2f} | {padding} |")
     return "\n".join(lines)
 
 
@@ -341,6 +344,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer prompts, tokens and steps; nothing appended to RESULTS.md")
     parser.add_argument("--trl-generation", choices=["auto", "vllm", "transformers"], default="auto",
                         help="TRL's generation backend (auto: vLLM colocate, transformers if that fails)")
+    parser.add_argument("--steps", type=int, help="steps of every size (default: each size's own: tiny 40, 25m and 100m 3)")
     parser.add_argument("--seed", type=int, default=SEED, help="both trainers' seed (run several to see the spread of the tiny accuracy)")
     parser.add_argument("--work", help="keep the runs (logs, metrics, models) in this directory (default: a temporary one)")
     parser.add_argument("--make-base", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)  # internal: one subprocess per base
@@ -361,6 +365,8 @@ def main() -> None:
         results = {}
         for name in names:
             size = dataclasses.replace(SIZES[name], **(QUICK[name] if args.quick else {}))
+            if args.steps:
+                size = dataclasses.replace(size, steps=args.steps)
             size_dir = work / name
             size_dir.mkdir(parents=True, exist_ok=True)
             base = TINY_BASE
