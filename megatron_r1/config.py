@@ -133,8 +133,9 @@ class MemoryConfig:
     # all: also the policy's weights, after the refit has copied them into the engine
     swap_during_rollout: Literal["none", "except_weights", "all"] = "none"
     # Training micro-batches by a token budget instead of *.micro_batch_size rows (train/step.py): rows sorted
-    # longest first, grouped while rows x width <= this, each micro-batch cut to its longest row, so the
-    # forward/backward runs on little padding; the gradient is the same. 0: off (fixed rows per micro-batch).
+    # longest first, cut into micro-batches of at most this many positions, each only as wide as its longest
+    # row (packed with no padding on GPUs with TE), so the forward/backward runs on little padding; the
+    # gradient is the same. 0: off (fixed rows per micro-batch).
     max_tokens_per_microbatch: int = 0
 
 

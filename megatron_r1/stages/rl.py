@@ -234,6 +234,8 @@ def _check_batch_fits(cfg: StageConfig, engines: int, eval_prompts: int) -> None
 def _step_row(rollout: RolloutBatch, share: slice, train: dict, sync: dict) -> dict:
     """The metrics row of one step (the same on every rank)."""
     rewards, lengths, components, samples = rollout.rewards, rollout.lengths, rollout.components, rollout.samples
+    train = dict(train)
+    update_tokens_per_s = train.pop("tokens_per_s", None)  # a timing, with the other perf/ rows
     by_source = {}
     if "general" in components:  # final RL: every reward also per prompt source
         is_general = components["general"] > 0
@@ -255,6 +257,7 @@ def _step_row(rollout: RolloutBatch, share: slice, train: dict, sync: dict) -> d
         "response/clipped_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples),
         # Rollout tokens of all engines per second of (parallel) rollout time.
         "perf/tokens_per_s": float(lengths.sum()) / max(rollout.seconds["rollout"], 1e-9),
+        **({"perf/train_tokens_per_s": update_tokens_per_s} if update_tokens_per_s is not None else {}),
         **{f"train/{k}": v for k, v in train.items()},
         **sync,
     }

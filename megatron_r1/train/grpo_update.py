@@ -130,7 +130,8 @@ def update_phase(cfg, ddp, optimizer, scheduler, reference, batch: Batch, timer:
             tokens += out["sequence_tokens"]
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / len(parts)
-    # Real tokens (prompt + response, no padding) the update trained on per second, all trainer ranks.
+    # Real tokens (prompt + response, no padding) the update trained on per second, all trainer ranks
+    # (a timing: the stage logs it as perf/train_tokens_per_s).
     metrics["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
     if get_model_config(ddp).num_moe_experts:
         metrics["routing_replay"] = float(replay != "none")
