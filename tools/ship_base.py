@@ -26,22 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # results.cpu_name: the machine, as benchmark records name it
 
 from megatron_r1.checksums import CHECKSUMS, read_checksums, sha256_of, write_checksums  # noqa: E402
+from results import cpu_name  # noqa: E402
 
 DONE_MARKER = "pretrain_done.json"  # megatron_r1.stages.pretrain.DONE_MARKER (importing it starts Megatron-Core)
 
 PROVENANCE = "provenance.json"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _commit() -> str:
@@ -74,7 +66,7 @@ def ship(run_dir: Path, out: Path, stage: str) -> None:
         "parameters": record["parameters"],
         "pretrain_wall_seconds": record["wall_seconds"],
         "base_probe": record.get("base_probe"),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
     }
