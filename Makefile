@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow r1-zero r1-zero-moe r1-pipeline tiny-base tiny-moe-base bench lint clean slurm-smoke gpu-check
+.PHONY: setup test test-slow r1-zero r1-zero-moe r1-pipeline tiny-base tiny-moe-base tiny-bilingual-bases bench lint clean slurm-smoke gpu-check
 
 setup: $(STAMP)
 
@@ -73,6 +73,14 @@ tiny-base: setup
 tiny-moe-base: setup
 	$(PY) -m megatron_r1.cli pretrain conf/stages/pretrain_tiny_moe.yaml
 	-$(PY) tools/ship_base.py compare runs/tiny_moe_base assets/tiny_moe_base
+
+# The R1 pipeline's two bases (make r1-pipeline starts from the shipped copies): the bilingual tiny base
+# and the 4x smaller distillation student, pretrained on the same corpus.
+tiny-bilingual-bases: setup
+	$(PY) -m megatron_r1.cli pretrain conf/stages/pretrain_tiny_bilingual.yaml
+	-$(PY) tools/ship_base.py compare runs/tiny_base_bilingual assets/tiny_base_bilingual
+	$(PY) -m megatron_r1.cli pretrain conf/stages/pretrain_tiny_student.yaml
+	-$(PY) tools/ship_base.py compare runs/tiny_student_bilingual assets/tiny_student_bilingual
 
 # The same R1-Zero on the tiny DeepSeek-V3 (MLA + aux-loss-free MoE) from the shipped assets/tiny_moe_base,
 # GRPO into runs/r1_zero_moe_tiny/ (see the README's MoE section).

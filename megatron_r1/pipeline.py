@@ -24,12 +24,16 @@ pipeline only adds the order, the paths, skipping and the closing table:
 * SIGUSR1/SIGTERM reaching the pipeline go on to the running command, which saves and exits with
   `REQUEUE_EXIT_CODE`; the pipeline then stops with that status too (a signal between commands
   stops it before the next one), so a requeued job reruns the pipeline and picks up there.
+* Each finished command's wall time is kept in `<run_dir>/timings.json` (a skipped command keeps the
+  time it took when it ran).
 * At the end, one row per stage from its outputs (held-out accuracy, format rate, language
-  consistency, response length, samples kept, SFT loss, reward-model pair accuracy) is printed and
-  written to `<run_dir>/pipeline.json`.
+  consistency, response length, samples kept, SFT loss, reward-model pair accuracy, the reward
+  model's score on general prompts at the start and end of an RL stage, minutes) is printed, written
+  to `<run_dir>/pipeline.json` and drawn, one panel per stage's purpose, in `<run_dir>/pipeline.png`.
 
 Stage names are the paper's: r1_zero, cold_start_sft, reasoning_rl, rejection_sampling, sft,
-reward_model, final_rl, distill.
+reward_model, final_rl, distill; and student_rl, the paper's baseline for distillation (the student
+trained with R1-Zero RL instead).
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ from megatron_r1.train.preemption import REQUEUE_EXIT_CODE, ForwardingWatch, Pre
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = ("r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft", "reward_model", "final_rl", "distill")
+STAGE_NAMES = ("r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft", "reward_model", "final_rl", "distill",
+               "student_rl")
+TIMINGS = "timings.json"  # in the pipeline's run_dir: wall seconds of every finished command
+RM_WINDOW = 5  # steps averaged at each end of an RL stage for its reward-model score on general prompts
 # What each command writes last, i.e. what tells that it finished.
 DONE_MARKERS = {
     "r1-zero": ("summary.json",),
@@ -173,18 +180,44 @@ def _launch(pipeline: Pipeline, job: Job, watch: ForwardingWatch) -> None:
         raise RuntimeError(f"'{shlex.join(job.argv())}' failed (exit {code}); fix it and rerun the pipeline: finished stages are skipped")
 
 
-def stage_row(stage: Stage) -> dict:
+def _job_key(stage: Stage, index: int, job: Job) -> str:
+    return f"{stage.name}/{index}/{job.command}"
+
+
+def _read_timings(run_dir: Path) -> dict[str, float]:
+    path = run_dir / TIMINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _rm_scores(metrics: Path) -> tuple[float, float] | None:
+    """The reward model's mean score on general prompts over the first and the last `RM_WINDOW` steps."""
+    from megatron_r1.train.metrics import read_metrics
+
+    scores = [r["reward/general/reward_model"] for r in read_metrics(metrics) if "reward/general/reward_model" in r]
+    if not scores:
+        return None
+    window = min(RM_WINDOW, len(scores))
+    return sum(scores[:window]) / window, sum(scores[-window:]) / window
+
+
+def stage_row(stage: Stage, timings: dict[str, float] | None = None) -> dict:
     """What the stage achieved, from its commands' outputs (later commands fill in what earlier ones left)."""
     row: dict = {"stage": stage.name}
+    seconds = [(timings or {}).get(_job_key(stage, i, job)) for i, job in enumerate(stage.jobs)]
+    if seconds and all(t is not None for t in seconds):
+        row["minutes"] = sum(seconds) / 60
     for job in stage.jobs:
         d = job.run_dir
         if job.command == "rejection-sample" and (d / "stats.json").is_file():
             stats = json.loads((d / "stats.json").read_text())
-            row.update(samples_kept=stats["kept"], samples=stats["samples"])
+            row.update(samples_kept=stats["kept"], samples=stats["samples"], dropped=stats.get("dropped"))
         elif job.command in ("r1-zero", "grpo") and (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
             row.update(accuracy=s["final_accuracy"], format_rate=s["final_format_rate"], response_length=s["final_response_length"],
-                       language_consistency=s.get("final_language_consistency"))
+                       language_consistency=s.get("final_language_consistency"), start_accuracy=s.get("base_accuracy"))
+            rm = _rm_scores(d / "metrics.jsonl")
+            if rm is not None:
+                row.update(rm_score_start=rm[0], rm_score_end=rm[1])
         elif job.command == "sft" and (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
             row.update(sft_loss=s["final_loss"], eval_loss=s["final_eval_loss"], sft_conversations=s["train_conversations"])
@@ -198,14 +231,21 @@ def stage_row(stage: Stage) -> dict:
     return row
 
 
+def _rm_cell(row: dict) -> str | None:
+    if row.get("rm_score_start") is None:
+        return None
+    return f"{row['rm_score_start']:.2f} -> {row['rm_score_end']:.2f}"
+
+
 def _table(rows: list[dict]) -> str:
     cols = [("stage", "stage", "{}"), ("accuracy", "held-out acc", "{:.1%}"), ("format_rate", "format", "{:.1%}"),
             ("language_consistency", "language", "{:.1%}"), ("response_length", "length", "{:.1f}"),
             ("samples_kept", "kept", "{}"), ("sft_loss", "SFT loss", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}"),
-            ("pair_accuracy", "RM pair acc", "{:.1%}")]
+            ("pair_accuracy", "RM pair acc", "{:.1%}"), ("rm_cell", "RM score (general)", "{}"), ("minutes", "minutes", "{:.1f}")]
     header = " | ".join(title for _, title, _ in cols)
     lines = [header, "-" * len(header)]
     for r in rows:
+        r = {**r, "rm_cell": _rm_cell(r)}
         lines.append(" | ".join(fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols))
     return "\n".join(lines)
 
@@ -216,19 +256,24 @@ def run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[d
     pipeline.run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     watch = ForwardingWatch()
+    timings = _read_timings(pipeline.run_dir)
     for stage in pipeline.stages:
-        for job in stage.jobs:
+        for index, job in enumerate(stage.jobs):
             if job.done():
                 log.info("[%s] %s: done already (%s), skipped", stage.name, job.command, job.run_dir)
                 continue
             if watch.received is not None:  # signalled between two commands: stop before the next
                 raise Preempted(f"stopped before [{stage.name}] {job.command}; rerun the pipeline to resume")
             log.info("[%s] %s -> %s", stage.name, job.command, job.run_dir)
+            began = time.perf_counter()
             _launch(pipeline, job, watch)
             if not job.done():
                 raise RuntimeError(f"[{stage.name}] {job.command} exited without writing {', '.join(DONE_MARKERS[job.command])} in {job.run_dir}")
+            # A resumed command's time is only its last run's; the table says minutes of the runs it saw.
+            timings[_job_key(stage, index, job)] = round(time.perf_counter() - began, 1)
+            (pipeline.run_dir / TIMINGS).write_text(json.dumps(timings, indent=2))
     watch.close()
-    rows = [stage_row(s) for s in pipeline.stages]
+    rows = [stage_row(s, timings) for s in pipeline.stages]
     (pipeline.run_dir / "pipeline.json").write_text(json.dumps({"name": pipeline.name, "stages": rows,
                                                                 "seconds": round(time.perf_counter() - start, 1)}, indent=2))
     plot_pipeline(pipeline, rows, pipeline.run_dir / "pipeline.png")
@@ -237,8 +282,9 @@ def run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[d
 
 
 def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
-    """Left: held-out accuracy and language consistency after each stage. Right: held-out accuracy
-    against step in every RL stage (r1-zero / grpo commands), one line per stage."""
+    """One panel per purpose: RL accuracy over steps; accuracy and chain-of-thought language
+    consistency after each stage; what rejection sampling kept and dropped; the reward model's score
+    on general prompts over final RL; the distilled student against the same student trained with RL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,16 +292,26 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
 
     from megatron_r1.train.metrics import read_metrics
 
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
-    shown = [r for r in rows if r.get("accuracy") is not None]
-    x = range(len(shown))
-    for offset, key, label in ((-0.2, "accuracy", "held-out accuracy"), (0.2, "language_consistency", "language consistency")):
-        bars.bar([i + offset for i in x], [100 * (r.get(key) or 0.0) for r in shown], width=0.4, label=label)
-    bars.set_xticks(list(x), [r["stage"] for r in shown], rotation=20)
-    bars.set_ylabel("%")
-    bars.set_ylim(0, 105)
-    bars.legend(loc="lower right")
-    bars.set_title("after each stage (greedy, held-out)")
+    by_name = {r["stage"]: r for r in rows}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4))
+    (curves, accuracy, language), (kept, rm, distill) = axes
+
+    def empty(ax, title: str) -> None:
+        ax.set_title(title)
+        ax.text(0.5, 0.5, "no such stage in this pipeline", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    def bars(ax, labels: list[str], values: list[float], title: str, ylabel: str = "%", color=None) -> None:
+        ax.bar(range(len(values)), values, color=color)
+        for i, v in enumerate(values):
+            ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+
+    # RL stages: held-out accuracy against step.
     for stage in pipeline.stages:
         for job in stage.jobs:
             path = job.run_dir / "metrics.jsonl"
@@ -265,9 +321,83 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
                     curves.plot(*zip(*pts), marker="o", markersize=3, label=stage.name)
     curves.set_xlabel("RL step")
     curves.set_ylabel("held-out accuracy (%)")
-    curves.set_title("RL stages")
+    curves.set_title("RL stages: accuracy over training")
     curves.grid(alpha=0.3)
-    curves.legend()
+    if curves.lines:
+        curves.legend(fontsize=8)
+
+    # Accuracy and language consistency after each stage (the base first, when the pipeline starts at R1-Zero).
+    shown = [r for r in rows if r.get("accuracy") is not None]
+    base = by_name.get("r1_zero", {}).get("start_accuracy")
+    labels = (["base"] if base is not None else []) + [r["stage"] for r in shown]
+    if shown:
+        bars(accuracy, labels, [100 * v for v in ([base] if base is not None else []) + [r["accuracy"] for r in shown]],
+             "held-out accuracy after each stage (greedy)")
+        consistent = [r for r in shown if r.get("language_consistency") is not None]
+        if consistent:
+            bars(language, [r["stage"] for r in consistent], [100 * r["language_consistency"] for r in consistent],
+                 "chain-of-thought language consistency\n(cold start and the language reward raise it)", color="tab:orange")
+        else:
+            empty(language, "chain-of-thought language consistency")
+    else:
+        empty(accuracy, "held-out accuracy after each stage")
+        empty(language, "chain-of-thought language consistency")
+
+    # Rejection sampling: kept samples and each reason for a drop.
+    sampled = [r for r in rows if r.get("samples") is not None]
+    if sampled:
+        reasons = sorted({k for r in sampled for k, v in (r.get("dropped") or {}).items() if v})
+        bottom = [0.0] * len(sampled)
+        for name, values in [("kept", [r["samples_kept"] for r in sampled]),
+                             *[(k, [(r.get("dropped") or {}).get(k, 0) for r in sampled]) for k in reasons]]:
+            kept.bar(range(len(sampled)), values, bottom=bottom, label=name.replace("_", " "))
+            bottom = [b + v for b, v in zip(bottom, values)]
+        kept.set_xticks(range(len(sampled)), [r["stage"] for r in sampled], rotation=20, fontsize=8)
+        kept.set_ylabel("samples")
+        kept.set_title("rejection sampling: kept and dropped")
+        kept.legend(fontsize=7)
+    else:
+        empty(kept, "rejection sampling: kept and dropped")
+
+    # Final RL: the reward model's score on the general prompts, per step.
+    drawn = False
+    for stage in pipeline.stages:
+        for job in stage.jobs:
+            path = job.run_dir / "metrics.jsonl"
+            if job.command in ("r1-zero", "grpo") and path.is_file():
+                pts = [(r["step"], r["reward/general/reward_model"]) for r in read_metrics(path) if "reward/general/reward_model" in r]
+                if pts:
+                    rm.plot(*zip(*pts), alpha=0.35, label=f"{stage.name} (per step)")
+                    steps, scores = zip(*pts)
+                    w = min(RM_WINDOW, len(scores))
+                    smooth = [sum(scores[max(0, i - w + 1): i + 1]) / len(scores[max(0, i - w + 1): i + 1]) for i in range(len(scores))]
+                    rm.plot(steps, smooth, label=f"{stage.name} ({w}-step mean)")
+                    drawn = True
+    if drawn:
+        rm.set_xlabel("RL step")
+        rm.set_ylabel("reward-model score")
+        rm.set_title("final RL: reward-model score on general prompts")
+        rm.grid(alpha=0.3)
+        rm.legend(fontsize=8)
+    else:
+        empty(rm, "final RL: reward-model score on general prompts")
+
+    # Distillation against RL on the same student.
+    student = by_name.get("student_rl", {})
+    labels, values = [], []
+    if student.get("start_accuracy") is not None:
+        labels.append("student base")
+        values.append(100 * student["start_accuracy"])
+    for name, label in (("student_rl", "student + R1-Zero RL"), ("distill", "student distilled")):
+        if by_name.get(name, {}).get("accuracy") is not None:
+            minutes = by_name[name].get("minutes")
+            labels.append(label + (f"\n{minutes:.1f} min" if minutes is not None else ""))
+            values.append(100 * by_name[name]["accuracy"])
+    if values:
+        bars(distill, labels, values, "distillation vs RL on the small model", color="tab:green")
+    else:
+        empty(distill, "distillation vs RL on the small model")
+    fig.suptitle(f"pipeline {pipeline.name}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -92,7 +92,25 @@ def test_pipeline_files_are_checked(tmp_path):
         load_pipeline(bad)
     shipped = load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml")
     assert [s.name for s in shipped.stages] == ["r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sampling", "sft",
-                                                "reward_model", "final_rl", "distill"]
+                                                "reward_model", "final_rl", "distill", "student_rl"]
     # The shared overrides come first, so a command's own win.
     rl = shipped.stages[2].jobs[0].overrides
     assert rl[:2] == ["data.languages=[en,zh]", "reward.languages=[en,zh]"] and "checkpoint.load_hf=runs/r1_tiny/cold_start_sft/hf" in rl
+
+
+def test_shipped_pipeline_commands_load_and_start_from_shipped_bases():
+    """Every command of `make r1-pipeline` parses with its overrides (a typo would stop the pipeline
+    minutes in), poses the headroom task, and starts from a shipped base or an earlier stage."""
+    from megatron_r1.config import load_config
+
+    shipped = load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml")
+    for stage in shipped.stages:
+        for job in stage.jobs:
+            cfg = load_config(ROOT / job.config, job.overrides)
+            assert cfg.data.task_options["max_digits"] == 2 and cfg.data.languages == ["en", "zh"]
+            source = cfg.checkpoint.load_hf
+            assert source.startswith(("assets/", "runs/r1_tiny/")), f"[{stage.name}] {job.command} starts from {source}"
+            if source.startswith("assets/"):
+                assert (ROOT / source / "SHA256SUMS").is_file()
+    student = {s.name: s for s in shipped.stages}["student_rl"].jobs[0]
+    assert load_config(ROOT / student.config, student.overrides).model.hidden_size == 64  # the distilled student's size
