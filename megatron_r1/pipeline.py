@@ -286,6 +286,7 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
     consistency after each stage; what rejection sampling kept and dropped; the reward model's score
     on general prompts over final RL; the distilled student against the same student trained with RL."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -311,14 +312,19 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
 
-    # RL stages: held-out accuracy against step.
+    # RL stages, each metrics file read once: held-out accuracy and (final RL) the reward model's score per step.
+    rm_series = []
     for stage in pipeline.stages:
         for job in stage.jobs:
             path = job.run_dir / "metrics.jsonl"
             if job.command in ("r1-zero", "grpo") and path.is_file():
-                pts = [(r["step"], 100 * r["eval/accuracy"]) for r in read_metrics(path) if "eval/accuracy" in r]
+                metrics = read_metrics(path)
+                pts = [(r["step"], 100 * r["eval/accuracy"]) for r in metrics if "eval/accuracy" in r]
                 if pts:
                     curves.plot(*zip(*pts), marker="o", markersize=3, label=stage.name)
+                scores = [(r["step"], r["reward/general/reward_model"]) for r in metrics if "reward/general/reward_model" in r]
+                if scores:
+                    rm_series.append((stage.name, scores))
     curves.set_xlabel("RL step")
     curves.set_ylabel("held-out accuracy (%)")
     curves.set_title("RL stages: accuracy over training")
@@ -359,21 +365,14 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
     else:
         empty(kept, "rejection sampling: kept and dropped")
 
-    # Final RL: the reward model's score on the general prompts, per step.
-    drawn = False
-    for stage in pipeline.stages:
-        for job in stage.jobs:
-            path = job.run_dir / "metrics.jsonl"
-            if job.command in ("r1-zero", "grpo") and path.is_file():
-                pts = [(r["step"], r["reward/general/reward_model"]) for r in read_metrics(path) if "reward/general/reward_model" in r]
-                if pts:
-                    rm.plot(*zip(*pts), alpha=0.35, label=f"{stage.name} (per step)")
-                    steps, scores = zip(*pts)
-                    w = min(RM_WINDOW, len(scores))
-                    smooth = [sum(scores[max(0, i - w + 1): i + 1]) / len(scores[max(0, i - w + 1): i + 1]) for i in range(len(scores))]
-                    rm.plot(steps, smooth, label=f"{stage.name} ({w}-step mean)")
-                    drawn = True
-    if drawn:
+    # Final RL: the reward model's score on the general prompts, per step and as a trailing mean.
+    for name, pts in rm_series:
+        steps, scores = zip(*pts)
+        rm.plot(steps, scores, alpha=0.35, label=f"{name} (per step)")
+        sums = np.cumsum([0.0, *scores])
+        w = np.minimum(np.arange(1, len(scores) + 1), RM_WINDOW)
+        rm.plot(steps, (sums[1:] - sums[np.arange(1, len(scores) + 1) - w]) / w, label=f"{name} ({RM_WINDOW}-step mean)")
+    if rm_series:
         rm.set_xlabel("RL step")
         rm.set_ylabel("reward-model score")
         rm.set_title("final RL: reward-model score on general prompts")
