@@ -10,7 +10,7 @@ Commands:
   eval-checkpoints  every checkpoint of a run (logging.run_dir) on the held-out set, per difficulty level -> checkpoint_eval.jsonl
   grpo         the GRPO loop of r1-zero under its general name (reasoning RL, final RL with reward models)
   show-config  print the resolved config (YAML) and exit
-  pipeline     PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)
+  pipeline     PIPELINE.yaml [run_dir=...] [seed=N]: the R1 stages in order, finished ones skipped (conf/pipelines/)
   plan         STAGE.yaml [overrides] [--nodes N] [--gpu h100|h200|b200|gb200] [--host-gib G] [--search] [--json]: per-GPU memory, fits or not; RL: step time
   convert      to-hf / from-hf: Megatron checkpoints <-> Hugging Face; fp8-to-bf16: FP8 HF weights -> bf16 (`megatron-r1 convert --help`)
   prepare-data a Hub dataset (GSM8K, MATH, DeepScaleR, ...) or reasoning-gym task -> the prompt jsonl the recipes read
@@ -88,7 +88,7 @@ COMMAND_HELP = {
 }
 # Commands with arguments of their own (`megatron-r1 COMMAND --help`).
 OWN_PARSERS = {
-    "pipeline": "PIPELINE.yaml [run_dir=...]: the R1 stages in order, finished ones skipped (conf/pipelines/)",
+    "pipeline": "PIPELINE.yaml [run_dir=...] [seed=N]: the R1 stages in order, finished ones skipped (conf/pipelines/)",
     "plan": "STAGE.yaml [overrides] [--nodes N] [--gpu ...] [--host-gib G] [--search] [--json]: per-GPU memory, fits or not; RL: step time",
     "convert": "to-hf / from-hf / fp8-to-bf16: checkpoints <-> Hugging Face",
     "prepare-data": "a dataset or reasoning-gym task -> the prompt jsonl the recipes read",
@@ -250,7 +250,7 @@ def _pipeline_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-r1 pipeline", description="Every stage of a pipeline file in order (conf/pipelines/); "
                                 "finished stages are skipped, an interrupted one resumes. Prints the per-stage table (pipeline.json).")
     p.add_argument("pipeline", help="pipeline YAML, e.g. conf/pipelines/r1_tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="run_dir=DIR and launcher='torchrun --nproc-per-node 2' override the file's")
+    p.add_argument("overrides", nargs="*", help="run_dir=DIR and launcher='torchrun --nproc-per-node 2' override the file's; seed=N goes to every command")
     return p
 
 

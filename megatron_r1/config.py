@@ -264,6 +264,7 @@ class DataConfig:
     general_seed: int = 3000  # seed of the general prompts (disjoint from train/eval seeds)
     general_size: int = 2000  # general prompts drawn from general_task
     general_share: float = 0.0  # share of each step's prompts drawn from the general prompts (paper: ~200k of 800k SFT rows)
+    general_eval_size: int = 64  # general prompts held out of training; each evaluation scores the greedy responses to them with reward.general_scorer (eval/general/*); 0: none
     max_prompt_tokens: int = 256  # longer prompts are skipped and counted
     level_key: str = ""  # reasoning-gym metadata field naming an item's difficulty (e.g. num_terms): eval-checkpoints reports accuracy per level
 

@@ -111,7 +111,8 @@ class Pipeline:
 
 def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
     """Parse and check a pipeline file; `${...}` references resolved to stage directories.
-    `overrides` (`run_dir=...`, `launcher=...`) replace top-level keys."""
+    `overrides` (`run_dir=...`, `launcher=...`, `name=...`) replace top-level keys; `seed=N` is passed to
+    every command (after the file's shared overrides), for a whole pipeline on another seed."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
@@ -119,10 +120,16 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    seed: list[str] = []
     for o in overrides:
         key, _, value = o.partition("=")
+        if key == "seed":
+            if not value.lstrip("-").isdigit():
+                raise ConfigError(f"pipeline override {o!r}: the seed must be an integer, e.g. seed=1235")
+            seed = [f"seed={value}"]
+            continue
         if key not in ("run_dir", "launcher", "name"):
-            raise ConfigError(f"pipeline override {o!r}: only run_dir=, launcher= and name= can be overridden")
+            raise ConfigError(f"pipeline override {o!r}: only run_dir=, launcher=, name= and seed= can be overridden")
         data[key] = value
     unknown = set(data) - {"name", "run_dir", "launcher", "overrides", "stages"}
     if unknown:
@@ -130,6 +137,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     shared = data.get("overrides") or []
     if not isinstance(shared, list) or not all(isinstance(o, str) and "=" in o for o in shared):
         raise ConfigError(f"{p}: overrides must be a list of section.field=value strings")
+    shared = [*shared, *seed]
     name = str(data.get("name") or p.stem)
     run_dir = Path(data.get("run_dir") or f"runs/{name}")
     launcher = shlex.split(data.get("launcher") or "") or [sys.executable]
@@ -189,15 +197,22 @@ def _read_timings(run_dir: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _rm_scores(metrics: Path) -> tuple[float, float] | None:
-    """The reward model's mean score on general prompts over the first and the last `RM_WINDOW` steps."""
+def _rm_scores(metrics: Path) -> tuple[float, float, str] | None:
+    """The reward model's mean score on general prompts at the start and the end of an RL stage, and
+    where it comes from: the held-out general prompts' greedy responses at the first and last
+    evaluation (`eval/general/reward_model`, data.general_eval_size), else the training batches'
+    samples over the first and last `RM_WINDOW` steps (a noisier view: a step has a few prompts)."""
     from megatron_r1.train.metrics import read_metrics
 
-    scores = [r["reward/general/reward_model"] for r in read_metrics(metrics) if "reward/general/reward_model" in r]
+    rows = read_metrics(metrics)
+    held_out = [r["eval/general/reward_model"] for r in rows if "eval/general/reward_model" in r]
+    if len(held_out) >= 2:
+        return held_out[0], held_out[-1], "held-out"
+    scores = [r["reward/general/reward_model"] for r in rows if "reward/general/reward_model" in r]
     if not scores:
         return None
     window = min(RM_WINDOW, len(scores))
-    return sum(scores[:window]) / window, sum(scores[-window:]) / window
+    return sum(scores[:window]) / window, sum(scores[-window:]) / window, "training"
 
 
 def stage_row(stage: Stage, timings: dict[str, float] | None = None) -> dict:
@@ -217,7 +232,10 @@ def stage_row(stage: Stage, timings: dict[str, float] | None = None) -> dict:
                        language_consistency=s.get("final_language_consistency"), start_accuracy=s.get("base_accuracy"))
             rm = _rm_scores(d / "metrics.jsonl")
             if rm is not None:
-                row.update(rm_score_start=rm[0], rm_score_end=rm[1])
+                row.update(rm_score_start=rm[0], rm_score_end=rm[1], rm_score_source=rm[2])
+            general = s.get("final_general") or {}
+            if "accuracy" in general:  # the verifier's view of the held-out general responses
+                row.update(general_accuracy=general["accuracy"])
         elif job.command == "sft" and (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
             row.update(sft_loss=s["final_loss"], eval_loss=s["final_eval_loss"], sft_conversations=s["train_conversations"])
@@ -234,7 +252,8 @@ def stage_row(stage: Stage, timings: dict[str, float] | None = None) -> dict:
 def _rm_cell(row: dict) -> str | None:
     if row.get("rm_score_start") is None:
         return None
-    return f"{row['rm_score_start']:.2f} -> {row['rm_score_end']:.2f}"
+    mark = "" if row.get("rm_score_source", "held-out") == "held-out" else " (train)"
+    return f"{row['rm_score_start']:.2f} -> {row['rm_score_end']:.2f}{mark}"
 
 
 def _table(rows: list[dict]) -> str:
@@ -323,8 +342,9 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
                 if pts:
                     curves.plot(*zip(*pts), marker="o", markersize=3, label=stage.name)
                 scores = [(r["step"], r["reward/general/reward_model"]) for r in metrics if "reward/general/reward_model" in r]
-                if scores:
-                    rm_series.append((stage.name, scores))
+                held_out = [(r["step"], r["eval/general/reward_model"]) for r in metrics if "eval/general/reward_model" in r]
+                if scores or held_out:
+                    rm_series.append((stage.name, scores, held_out))
     curves.set_xlabel("RL step")
     curves.set_ylabel("held-out accuracy (%)")
     curves.set_title("RL stages: accuracy over training")
@@ -365,13 +385,18 @@ def plot_pipeline(pipeline: Pipeline, rows: list[dict], out: Path) -> None:
     else:
         empty(kept, "rejection sampling: kept and dropped")
 
-    # Final RL: the reward model's score on the general prompts, per step and as a trailing mean.
-    for name, pts in rm_series:
-        steps, scores = zip(*pts)
-        rm.plot(steps, scores, alpha=0.35, label=f"{name} (per step)")
-        sums = np.cumsum([0.0, *scores])
-        w = np.minimum(np.arange(1, len(scores) + 1), RM_WINDOW)
-        rm.plot(steps, (sums[1:] - sums[np.arange(1, len(scores) + 1) - w]) / w, label=f"{name} ({RM_WINDOW}-step mean)")
+    # Final RL: the reward model's score on general prompts: held out (greedy, each evaluation) and the
+    # training batches' samples (per step, faint, with a trailing mean).
+    for name, pts, held_out in rm_series:
+        if held_out:
+            rm.plot(*zip(*held_out), marker="o", markersize=4, label=f"{name}: held-out prompts (greedy)")
+        if pts:
+            steps, scores = zip(*pts)
+            rm.plot(steps, scores, alpha=0.25, label=f"{name}: training samples (per step)")
+            sums = np.cumsum([0.0, *scores])
+            w = np.minimum(np.arange(1, len(scores) + 1), RM_WINDOW)
+            rm.plot(steps, (sums[1:] - sums[np.arange(1, len(scores) + 1) - w]) / w, alpha=0.7,
+                    label=f"{name}: training samples ({RM_WINDOW}-step mean)")
     if rm_series:
         rm.set_xlabel("RL step")
         rm.set_ylabel("reward-model score")

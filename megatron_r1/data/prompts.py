@@ -138,6 +138,21 @@ def load_general_prompts(data_cfg: DataConfig, tokenizer: Any = None) -> PromptS
     return prompts
 
 
+def hold_out_general(general: PromptSet, n: int) -> tuple[PromptSet, PromptSet | None]:
+    """(training, held-out) general prompts: the first `n` are kept out of training, so the final RL
+    stage can measure its own target (the general scorer's mean on greedy responses) on prompts it
+    never saw. `n` = 0: no held-out set."""
+    if n < 0:
+        raise ConfigError(f"data.general_eval_size must be >= 0 (0: no held-out general prompts), got {n}")
+    if n == 0:
+        return general, None
+    if n >= len(general.items):
+        raise ConfigError(f"data.general_eval_size={n} leaves no general prompt to train on ({len(general.items)} usable); "
+                          "lower it or add general prompts (data.general_size / data.general_path)")
+    return (PromptSet("general", general.items[n:], general.skip_reasons),
+            PromptSet("general_eval", general.items[:n]))
+
+
 # Why rows were skipped -> the setting that decides it.
 _SKIP_FIXES = {
     "too_long": "raise data.max_prompt_tokens (now {max_prompt_tokens}) or shorten the prompts",

@@ -17,7 +17,7 @@ from megatron_r1.config import StageConfig
 from megatron_r1.data.prompts import MixedSampler
 from megatron_r1.rewards.general import GeneralReward
 from megatron_r1.rollout.collect import RolloutBatch, collect_rollouts
-from megatron_r1.rollout.evaluation import EvalResult, evaluate
+from megatron_r1.rollout.evaluation import EvalResult, evaluate, evaluate_general
 from megatron_r1.rollout.vllm_engine import VLLMEngine
 from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds, refit
 from megatron_r1.train.memory import TrainerSwap, release_fp8_weight_caches
@@ -31,9 +31,11 @@ class ColocatedRollouts:
 
     placement = "colocated"
 
-    def __init__(self, cfg: StageConfig, policy, reference, tokenizer, train_set, eval_set, general_set, reward_fn, loop) -> None:
+    def __init__(self, cfg: StageConfig, policy, reference, tokenizer, train_set, eval_set, general_set, reward_fn, loop,
+                 general_eval_set=None) -> None:
         self.cfg, self.policy, self.reference, self.tokenizer = cfg, policy, reference, tokenizer
         self.eval_set, self.reward_fn, self.loop = eval_set, reward_fn, loop
+        self.general_eval_set = general_eval_set  # held-out general prompts (data.general_eval_size), scored at each evaluation
         self.sampler = MixedSampler(train_set, general_set, cfg.grpo.prompts_per_step, cfg.data.general_share, seed=cfg.seed)
         self.swap = TrainerSwap(cfg.memory.swap_during_rollout, policy.ddp, policy.optimizer, reference)
         self.swap.offload_state()  # the engine claims its share of the device when it starts
@@ -42,8 +44,9 @@ class ColocatedRollouts:
         self.syncer = WeightSync(self.engine, cfg.rollout.sync_bucket_mb)
         self.general = GeneralReward(cfg, self.engine, tokenizer) if general_set is not None else None
         if self.general is not None and distributed.is_main():
-            log.info("general prompts: %d, %d per step, rewarded by the %s (weight %g)", len(general_set),
-                     self.sampler.general.batch_size, self.general.kind.replace("_", " "), self.general.weight)
+            log.info("general prompts: %d, %d per step, rewarded by the %s (weight %g); %d held out for evaluation", len(general_set.items),
+                     self.sampler.general.batch_size, self.general.kind.replace("_", " "), self.general.weight,
+                     len(general_eval_set.items) if general_eval_set is not None else 0)
         self.probe = self._make_probe()
         self.num_engines = self.engine.layout.num_engines
 
@@ -86,8 +89,12 @@ class ColocatedRollouts:
 
     def evaluate(self, step: int) -> EvalResult:
         cfg = self.cfg
-        return evaluate(self.engine, self.tokenizer, self.eval_set.items, self.reward_fn, cfg.rollout.max_response_tokens,
-                        cfg.logging.eval_samples, cfg.rollout.temperature, seed=cfg.seed + step, stop=cfg.rollout.stop)
+        result = evaluate(self.engine, self.tokenizer, self.eval_set.items, self.reward_fn, cfg.rollout.max_response_tokens,
+                          cfg.logging.eval_samples, cfg.rollout.temperature, seed=cfg.seed + step, stop=cfg.rollout.stop)
+        if self.general is not None and self.general_eval_set is not None:
+            result.general = evaluate_general(self.engine, self.tokenizer, self.general_eval_set.items, self.general, self.reward_fn,
+                                              cfg.rollout.max_response_tokens, stop=cfg.rollout.stop)
+        return result
 
     def batch(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """Each engine its share of the prompts; whole groups on every rank."""

@@ -29,6 +29,7 @@ class EvalResult:
     rows: list[dict] = field(default_factory=list)  # per prompt, in order: accuracy, maj, sampled, pass_k, format, length, question, answer, response
     sampled_accuracy: float = 0.0  # mean accuracy of the k sampled answers (the paper's pass@1 at temperature > 0)
     pass_at_k: float = 0.0  # share of prompts with at least one right answer among the k samples
+    general: dict[str, float] = field(default_factory=dict)  # eval/general/*: the held-out general prompts (`evaluate_general`)
 
     def metrics(self, k: int) -> dict[str, float]:
         return {
@@ -40,6 +41,7 @@ class EvalResult:
             "eval/length_mean": self.length_mean,
             "eval/language_consistency": self.language_consistency,
             "eval/k": float(k),
+            **{f"eval/general/{key}": value for key, value in self.general.items()},
         }
 
 
@@ -92,3 +94,32 @@ def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, tem
         samples=[{key: r[key] for key in ("question", "answer", "response")} for r in rows[:3]],
         rows=rows,
     )
+
+
+def evaluate_general(engine, tokenizer, prompts, general, reward_fn, max_tokens: int, stop: Sequence[str] = ()) -> dict[str, float]:
+    """Greedy responses to the held-out general prompts, scored the way final RL rewards them (the
+    reward model or the judge, `rewards/general.py`): the stage's own target on prompts it never
+    trains on, so a rise is learning, not the luck of a step's four prompts. Also the rule view of the
+    same responses (accuracy where the prompts have references, language, format), never rewarded
+    there either. Collective like `evaluate`."""
+    layout, groups = engine.layout, engine.groups
+    mine = layout.shard(prompts)
+    stop_ids, stop_strings = stop_conditions(tokenizer, stop)
+    out = engine.generate([p.prompt_ids if p.prompt_ids is not None else tokenizer.encode(p.prompt) for p in mine], n=1,
+                          temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop_ids, stop=stop_strings)
+    texts = [decode_response(tokenizer, r.response_ids) for r in out]
+    rules = score_split(reward_fn, [p.prompt for p in mine], texts, [p.as_reward_item() for p in mine], groups.split_work).components
+    scores = general([p.question for p in mine], texts)[0].tolist() if not general.collective else [0.0] * len(mine)
+    rows = groups.gather([{"question": p.question, "response": t, "score": s, "has_answer": bool(p.answer) or p.entry is not None,
+                           "accuracy": float(a), "language": float(lang), "format": format_reward(t, "strict")}
+                          for p, t, s, a, lang in zip(mine, texts, scores, rules["accuracy"].tolist(), rules["language"].tolist())])
+    if general.collective:  # the reward model: every rank scores all held-out responses together
+        for row, s in zip(rows, general([r["question"] for r in rows], [r["response"] for r in rows])[0].tolist()):
+            row["score"] = s
+    n = max(len(rows), 1)
+    metrics = {general.kind: sum(r["score"] for r in rows) / n,
+               "language_consistency": sum(r["language"] for r in rows) / n,
+               "format_rate": sum(r["format"] for r in rows) / n}
+    if rows and all(r["has_answer"] for r in rows):  # the verifier's view, where there is a reference
+        metrics["accuracy"] = sum(r["accuracy"] for r in rows) / n
+    return metrics

@@ -23,7 +23,7 @@ import torch
 from megatron_r1 import distributed, heartbeat, placement, platform
 from megatron_r1.algorithms import group_advantages
 from megatron_r1.config import ConfigError, StageConfig, to_dict
-from megatron_r1.data.prompts import load_general_prompts, load_prompts
+from megatron_r1.data.prompts import hold_out_general, load_general_prompts, load_prompts
 from megatron_r1.data.templates import TEMPLATES
 from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.models.build import build_model, moe_layers, num_parameters
@@ -96,8 +96,11 @@ def _train(cfg: StageConfig, bridge: Bridge | None) -> dict:
         from_megatron = saved is None and _load_megatron_weights(cfg, policy, reference)
         if bridge is None:
             train_set = load_prompts(cfg.data, "train", tokenizer)
-            general_set = load_general_prompts(cfg.data, tokenizer) if cfg.data.general_share > 0 else None
-            rollouts = ColocatedRollouts(cfg, policy, reference, tokenizer, train_set, eval_set, general_set, RewardFn(cfg.reward), loop)
+            general_set, general_eval = None, None
+            if cfg.data.general_share > 0:
+                general_set, general_eval = hold_out_general(load_general_prompts(cfg.data, tokenizer), cfg.data.general_eval_size)
+            rollouts = ColocatedRollouts(cfg, policy, reference, tokenizer, train_set, eval_set, general_set, RewardFn(cfg.reward), loop,
+                                         general_eval_set=general_eval)
         else:
             rollouts = RemoteRollouts(cfg, bridge, policy, tokenizer, loop)
         _check_batch_fits(cfg, rollouts.num_engines, len(eval_set.items))
@@ -293,6 +296,7 @@ def _summary(cfg: StageConfig, loop: TrainingLoop, base_accuracy: float, final, 
         "final_format_rate": final.format_rate,
         "final_language_consistency": final.language_consistency,
         "final_response_length": final.length_mean,
+        **({"final_general": final.general} if final.general else {}),  # held-out general prompts (data.general_eval_size)
         "steps": cfg.steps,
         "wall_seconds": round(loop.wall(), 1),  # RL only: checkpoints keep it across restarts
         "base_pretrain_seconds": round(base_seconds, 1),  # 0 unless this run pretrained the base

@@ -96,6 +96,14 @@ def test_pipeline_files_are_checked(tmp_path):
     # The shared overrides come first, so a command's own win.
     rl = shipped.stages[2].jobs[0].overrides
     assert rl[:2] == ["data.languages=[en,zh]", "reward.languages=[en,zh]"] and "checkpoint.load_hf=runs/r1_tiny/cold_start_sft/hf" in rl
+    # seed=N reaches every command (after the shared overrides, before the command's own); other keys are refused.
+    seeded = load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml", ["seed=1235", "run_dir=runs/r1_tiny_seed1235"])
+    assert all("seed=1235" in job.overrides for stage in seeded.stages for job in stage.jobs)
+    assert str(seeded.stages[2].jobs[0].overrides).count("runs/r1_tiny_seed1235/cold_start_sft/hf") == 1
+    with pytest.raises(ConfigError, match="the seed must be an integer"):
+        load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml", ["seed=abc"])
+    with pytest.raises(ConfigError, match="only run_dir=, launcher=, name= and seed="):
+        load_pipeline(ROOT / "conf/pipelines/r1_tiny.yaml", ["steps=3"])
 
 
 def test_shipped_pipeline_commands_load_and_start_from_shipped_bases():

@@ -66,6 +66,11 @@ def test_final_rl_rewards_general_prompts_with_the_reward_model(base_model, rewa
         assert 0.0 <= r["reward/general/accuracy"] <= 1.0  # the verifier's view, logged, not rewarded
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "final_rl" and summary["config"]["data"]["general_share"] == 0.25
+    # The held-out general prompts (never sampled for training) are scored by the reward model at every evaluation.
+    base_eval = next(r for r in rows if r["step"] == 0 and "eval/accuracy" in r)
+    general = summary["final_general"]
+    assert "eval/general/reward_model" in base_eval and set(general) == {"reward_model", "accuracy", "language_consistency", "format_rate"}
+    assert 0.0 <= general["accuracy"] <= 1.0 and 0.0 <= general["format_rate"] <= 1.0
 
 
 def test_final_rl_with_the_judge_counts_malformed_verdicts(base_model, tmp_path):

@@ -553,3 +553,19 @@ def test_general_prompts_from_jsonl_need_no_answer(tmp_path):
     general = load_general_prompts(dataclasses.replace(SMALL, general_path=str(path)))
     assert [(p.question, p.answer, p.language) for p in general] == [("Write a haiku about GPUs.", "", None), ("Explain RL.", "", "en")]
     assert general.skip_reasons == {"missing_question": 1}
+
+
+def test_held_out_general_prompts_never_reach_training():
+    from megatron_r1.config import ConfigError
+    from megatron_r1.data.prompts import hold_out_general, load_general_prompts
+
+    data = dataclasses.replace(SMALL, general_task="chain_sum", general_task_options=SMALL.task_options, general_size=50, general_share=0.25)
+    general = load_general_prompts(data)
+    train, held_out = hold_out_general(general, 8)
+    assert len(held_out.items) == 8 and len(train.items) == 42
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    assert hold_out_general(general, 0) == (general, None)
+    with pytest.raises(ConfigError, match="lower it or add general prompts"):
+        hold_out_general(general, 50)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        hold_out_general(general, -1)

@@ -73,7 +73,24 @@ def test_rows_read_each_stage_s_outputs(finished):
     assert rows["distill"]["minutes"] == pytest.approx(4 + 4)  # both of its commands: 240 s each
     assert "minutes" not in rows["student_rl"]  # unknown, not guessed
     table = _table(list(rows.values()))
-    assert "RM score (general)" in table and "1.00 -> 3.00" in table and "minutes" in table
+    assert "RM score (general)" in table and "1.00 -> 3.00 (train)" in table and "minutes" in table
+
+
+def test_held_out_rm_score_is_preferred(finished):
+    """With held-out general prompts evaluated (data.general_eval_size), the table shows their greedy
+    responses' score at the first and last evaluation, not the training batches' few samples."""
+    pipeline, stage, timings = finished
+    metrics = stage["final_rl"].dir / "metrics.jsonl"
+    with metrics.open("a") as f:
+        for step, score in ((0, 0.5), (6, 0.9), (12, 1.7)):
+            f.write(json.dumps({"step": step, "eval/accuracy": 0.6, "eval/general/reward_model": score}) + "\n")
+    summary = json.loads((stage["final_rl"].dir / "summary.json").read_text())
+    summary["final_general"] = {"reward_model": 1.7, "accuracy": 0.45, "language_consistency": 0.9, "format_rate": 1.0}
+    (stage["final_rl"].dir / "summary.json").write_text(json.dumps(summary))
+    row = stage_row(stage["final_rl"], timings)
+    assert (row["rm_score_start"], row["rm_score_end"], row["rm_score_source"]) == (0.5, 1.7, "held-out")
+    assert row["general_accuracy"] == 0.45
+    assert "0.50 -> 1.70 |" in _table([row])
 
 
 def test_figure_has_a_panel_per_purpose(finished, tmp_path):
