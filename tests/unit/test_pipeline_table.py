@@ -102,3 +102,26 @@ def test_figure_has_a_panel_per_purpose(finished, tmp_path):
     # With none of the stages' outputs, every panel says so instead of failing.
     plot_pipeline(pipeline, [{"stage": s.name} for s in pipeline.stages], tmp_path / "empty.png")
     assert (tmp_path / "empty.png").is_file()
+
+
+def test_seed_table_reports_mean_range_and_each_seed(tmp_path):
+    """tools/pipeline_seeds.py: one row per stage, each metric as mean (min-max; per seed)."""
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import ROOT
+
+    dirs = []
+    for seed, (acc, rm_end) in enumerate([(0.40, 2.5), (0.44, 2.9), (0.42, None)]):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        stages = [{"stage": "r1_zero", "accuracy": acc, "start_accuracy": 0.04},
+                  {"stage": "final_rl", "accuracy": acc, **({"rm_score_start": 2.0, "rm_score_end": rm_end} if rm_end else {})}]
+        (d / "pipeline.json").write_text(json.dumps({"name": "p", "stages": stages}))
+        dirs.append(str(d))
+    out = subprocess.run([sys.executable, "tools/pipeline_seeds.py", *dirs], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "| `r1_zero` | 4.0 (4.0-4.0; 4.0, 4.0, 4.0) | 42.0 (40.0-44.0; 40.0, 44.0, 42.0) |" in out
+    assert "2.70 (2.50-2.90; 2.50, 2.90, -)" in out  # a seed without the metric is shown as such, not averaged
+    (tmp_path / "seed2" / "pipeline.json").write_text(json.dumps({"name": "p", "stages": [{"stage": "r1_zero"}]}))
+    bad = subprocess.run([sys.executable, "tools/pipeline_seeds.py", *dirs], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "different stages" in bad.stderr
