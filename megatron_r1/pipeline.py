@@ -28,7 +28,8 @@ pipeline only adds the order, the paths, skipping and the closing table:
   time it took when it ran).
 * At the end, one row per stage from its outputs (held-out accuracy, format rate, language
   consistency, response length, samples kept, SFT loss, reward-model pair accuracy, the reward
-  model's score on general prompts at the start and end of an RL stage, minutes) is printed, written
+  model's score on the held-out general prompts at the first and last evaluation of an RL stage,
+  minutes) is printed, written
   to `<run_dir>/pipeline.json` and drawn, one panel per stage's purpose, in `<run_dir>/pipeline.png`.
 
 Stage names are the paper's: r1_zero, cold_start_sft, reasoning_rl, rejection_sampling, sft,
