@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest tests -q -m "not slow" --durations=15
 
-# The checks that take minutes each on 2 cores (marked `slow`): the whole pipeline killed and resumed,
-# 1,000 sandboxed programs, the walkthroughs and the RL-time study, the Slurm preemption smoke test,
-# the second 2-rank layouts. CI runs it after `make test`.
+# The checks that take minutes each on 2 cores (marked `slow`): a tiny pipeline killed and resumed, the
+# shipped `make r1-pipeline` with each stage's effect asserted (the longest), 1,000 sandboxed programs,
+# the walkthroughs and the RL-time study, the Slurm preemption smoke test, the second 2-rank layouts.
+# CI runs it after `make test`.
 test-slow: setup
 	$(PY) -m pytest tests -q -m slow --durations=15
 

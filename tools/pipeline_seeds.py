@@ -46,11 +46,11 @@ def cell(values: list[float | None], scale: float, decimals: int) -> str:
     return f"{fmt.format(statistics.mean(known))} ({fmt.format(min(known))}-{fmt.format(max(known))}; {each})"
 
 
-def table(runs: list[list[dict]]) -> str:
+def table(runs: list[list[dict]], skip: tuple[str, ...] = ()) -> str:
     names = [r["stage"] for r in runs[0]]
     if any([r["stage"] for r in run] != names for run in runs[1:]):
         raise SystemExit("the runs have different stages: compare runs of the same pipeline file")
-    columns = [m for m in METRICS if any(r.get(m[0]) is not None for run in runs for r in run)]
+    columns = [m for m in METRICS if m[0] not in skip and any(r.get(m[0]) is not None for run in runs for r in run)]
     lines = ["| stage | " + " | ".join(title for _, title, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for i, name in enumerate(names):
         cells = [cell([run[i].get(key) for run in runs], scale, decimals) for key, _, scale, decimals in columns]
@@ -61,9 +61,10 @@ def table(runs: list[list[dict]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", type=Path, help="pipeline run_dirs, one per seed")
+    p.add_argument("--no-minutes", action="store_true", help="leave out the minutes (runs that shared a machine's cores)")
     args = p.parse_args(argv)
     print(f"{len(args.run_dirs)} run(s): " + ", ".join(str(d) for d in args.run_dirs))
-    print(table([load(d) for d in args.run_dirs]))
+    print(table([load(d) for d in args.run_dirs], skip=("minutes",) if args.no_minutes else ()))
 
 
 if __name__ == "__main__":

@@ -115,13 +115,15 @@ def test_seed_table_reports_mean_range_and_each_seed(tmp_path):
     for seed, (acc, rm_end) in enumerate([(0.40, 2.5), (0.44, 2.9), (0.42, None)]):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
-        stages = [{"stage": "r1_zero", "accuracy": acc, "start_accuracy": 0.04},
+        stages = [{"stage": "r1_zero", "accuracy": acc, "start_accuracy": 0.04, "minutes": 2.0},
                   {"stage": "final_rl", "accuracy": acc, **({"rm_score_start": 2.0, "rm_score_end": rm_end} if rm_end else {})}]
         (d / "pipeline.json").write_text(json.dumps({"name": "p", "stages": stages}))
         dirs.append(str(d))
     out = subprocess.run([sys.executable, "tools/pipeline_seeds.py", *dirs], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "| `r1_zero` | 4.0 (4.0-4.0; 4.0, 4.0, 4.0) | 42.0 (40.0-44.0; 40.0, 44.0, 42.0) |" in out
-    assert "2.70 (2.50-2.90; 2.50, 2.90, -)" in out  # a seed without the metric is shown as such, not averaged
+    assert "| minutes |" in out and "2.70 (2.50-2.90; 2.50, 2.90, -)" in out  # a seed without the metric is shown as such, not averaged
+    assert "minutes" not in subprocess.run([sys.executable, "tools/pipeline_seeds.py", "--no-minutes", *dirs], cwd=ROOT,
+                                           capture_output=True, text=True, check=True).stdout
     (tmp_path / "seed2" / "pipeline.json").write_text(json.dumps({"name": "p", "stages": [{"stage": "r1_zero"}]}))
     bad = subprocess.run([sys.executable, "tools/pipeline_seeds.py", *dirs], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "different stages" in bad.stderr
