@@ -21,10 +21,11 @@ from tests.e2e.conftest import ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * 3600)  # the whole pipeline: past the suite's 15-minute limit per test
 def test_each_stage_does_its_job(tmp_path):
     run_dir = Path(os.environ.get("R1_PIPELINE_RUN_DIR") or tmp_path / "r1_tiny")
     out = subprocess.run([sys.executable, "-m", "megatron_r1.cli", "pipeline", "conf/pipelines/r1_tiny.yaml", f"run_dir={run_dir}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=3 * 3600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=7000)
     assert out.returncode == 0, f"the pipeline failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     rows = {r["stage"]: r for r in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
     r1_zero, cold, rl, sft, final = (rows[s] for s in ("r1_zero", "cold_start_sft", "reasoning_rl", "sft", "final_rl"))
