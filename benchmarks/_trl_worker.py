@@ -59,6 +59,8 @@ def grpo_config(cfg, out: Path, use_vllm: bool) -> GRPOConfig:
         gradient_accumulation_steps=sequences // micro,
         num_generations=r.n_samples_per_prompt,
         max_completion_length=r.max_response_tokens,
+        # rollout.min_response_tokens: no stop before that many tokens (vLLM's min_tokens; transformers' min_new_tokens).
+        generation_kwargs=({"min_tokens" if use_vllm else "min_new_tokens": r.min_response_tokens} if r.min_response_tokens else None),
         temperature=r.temperature,
         top_p=r.top_p,
         learning_rate=opt.lr,
@@ -258,6 +260,7 @@ def main() -> None:
         "setup_seconds": setup_seconds,
         "step_seconds": clock.seconds,
         "phases": phases.rows,
+        "sequences_per_step": cfg.grpo.prompts_per_step * cfg.rollout.n_samples_per_prompt,
         "log": trainer.state.log_history,
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))

@@ -80,8 +80,8 @@ class Size:
 SIZES = {
     "tiny": Size("tiny", "tiny_dense", True, prompts=16, samples=8, max_tokens=96, steps=40, lr=5e-5, eval_size=200),
     # Fewer prompts and steps, so that the whole comparison stays near 15 minutes on 2 cores.
-    "25m": Size("25m", "bench_25m", False, prompts=2, samples=8, max_tokens=256, steps=3, lr=5e-5, eval_size=4),
-    "100m": Size("100m", "bench_100m", False, prompts=1, samples=8, max_tokens=256, steps=3, lr=5e-5, eval_size=4),
+    "25m": Size("25m", "bench_25m", False, prompts=2, samples=8, max_tokens=256, steps=5, lr=5e-5, eval_size=4),
+    "100m": Size("100m", "bench_100m", False, prompts=1, samples=8, max_tokens=256, steps=5, lr=5e-5, eval_size=4),
 }
 # --quick: the same code paths in a minute or two per size.
 QUICK = {
@@ -97,6 +97,7 @@ class Numbers:
 
     step_s: float  # mean seconds per step
     tokens_per_s: float  # rollout tokens / generation seconds
+    response_tokens: float  # mean response length (tokens) over the same steps
     phases: dict[str, float]  # mean seconds per step of each phase in PHASES
     accuracy: float | None = None  # held-out greedy pass@1 after the last step
     note: str = ""
@@ -115,8 +116,12 @@ PHASES = {
 
 
 def overrides(size: Size) -> list[str]:
-    """The stage overrides both trainers get (megatron-r1 on its command line, TRL via the worker)."""
-    return [
+    """The stage overrides both trainers get (megatron-r1 on its command line, TRL via the worker). The
+    randomly initialised sizes generate every response to the cap (`rollout.min_response_tokens`): how soon
+    a random policy samples EOS drifts apart between the two trainers after one update, and a step's work
+    with it; fixed lengths keep the work equal."""
+    fixed = [] if size.pretrained else [f"rollout.min_response_tokens={size.max_tokens}"]
+    return [*fixed,
         f"seed={SEED}", f"model={size.model}", f"steps={size.steps}", f"grpo.prompts_per_step={size.prompts}",
         f"rollout.n_samples_per_prompt={size.samples}", f"rollout.max_response_tokens={size.max_tokens}",
         f"rollout.max_model_len={MAX_MODEL_LEN}", f"optimizer.lr={size.lr}", "optimizer.lr_decay_style=constant",
@@ -163,18 +168,22 @@ def run_megatron(size: Size, base: Path, work: Path) -> Numbers:
     cmd = [sys.executable, "-m", "megatron_r1.cli", "r1-zero", STAGE, *overrides(size),
            f"checkpoint.load_hf={base}", "checkpoint.base_stage=", f"logging.run_dir={run_dir}", "checkpoint.save_every=0",
            "checkpoint.export_hf=false", "logging.eval_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
-           f"memory.max_tokens_per_microbatch={TOKEN_BUDGET}"]
+           f"memory.max_tokens_per_microbatch={TOKEN_BUDGET}",
+           # The engine compiled, as TRL's is (vLLM's default); megatron-r1's CPU default is eager, for start-up time.
+           "rollout.enforce_eager=false"]
     run(cmd, work / "megatron_r1.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steady = [r for r in rows if "time/step" in r and r["step"] > 1]
     # The last step also holds the final evaluation and checkpoint: not part of a training step.
     seconds = [r["time/step"] - r.get("time/eval", 0.0) - r.get("time/checkpoint", 0.0) for r in steady]
     tokens = sum(r["response/length_mean"] * r["rollout/sequences"] for r in steady)
+    sequences = sum(r["rollout/sequences"] for r in steady)
     metric = {"generation": "time/rollout", "update": "time/train", "logprob_pass": "time/logprob", "sync": "time/sync", "reward": "time/reward"}
     phases = {phase: statistics.mean(r.get(key, 0.0) for r in steady) for phase, key in metric.items()}
     evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
     return Numbers(
         step_s=statistics.mean(seconds), tokens_per_s=tokens / (phases["generation"] * len(steady)), phases=phases,
+        response_tokens=tokens / sequences,
         accuracy=evals[-1] if size.pretrained else None,
         note=f"base {100 * evals[0]:.1f} %" if size.pretrained else "",
         padding_share=statistics.mean(r.get("train/padding_share", 0.0) for r in steady),
@@ -215,7 +224,8 @@ def trl_numbers(result: dict) -> Numbers:
     tokens = per_step.pop("rollout_tokens")
     per_step["update"] = step_s - sum(per_step.values())
     backend = "vLLM colocate" if result["generation"] == "vllm" else "transformers generate"
-    return Numbers(step_s=step_s, tokens_per_s=tokens / per_step["generation"], phases=per_step,
+    sequences = result["sequences_per_step"]
+    return Numbers(step_s=step_s, tokens_per_s=tokens / per_step["generation"], phases=per_step, response_tokens=tokens / sequences,
                    note=f"{backend}, {result['engine_dtype'].replace('torch.', '')}")
 
 
@@ -239,8 +249,9 @@ def percent(x: float | None) -> str:
 def table(results: dict) -> str:
     lines = [
         "| model | params | prompts x samples, response tokens, steps | s/step megatron-r1 | s/step TRL | TRL / megatron-r1 "
-        "| rollout tok/s megatron-r1 | rollout tok/s TRL | TRL / megatron-r1 | held-out acc. megatron-r1 | held-out acc. TRL | TRL generation |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| response length megatron-r1 / TRL | rollout tok/s megatron-r1 | rollout tok/s TRL | TRL / megatron-r1 "
+        "| held-out acc. megatron-r1 | held-out acc. TRL | TRL generation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (size, params, mr1, trl) in results.items():
         if size.pretrained:
@@ -249,7 +260,7 @@ def table(results: dict) -> str:
             acc_m = acc_t = "~0 (random init, not evaluated)"
         lines.append(
             f"| {name} | {params / 1e6:.1f}M | {size.prompts} x {size.samples}, {size.max_tokens}, {size.steps} "
-            f"| {mr1.step_s:.2f} | {trl.step_s:.2f} | {trl.step_s / mr1.step_s:.2f} "
+            f"| {mr1.step_s:.2f} | {trl.step_s:.2f} | {trl.step_s / mr1.step_s:.2f} | {mr1.response_tokens:.0f} / {trl.response_tokens:.0f} "
             f"| {mr1.tokens_per_s:,.0f} | {trl.tokens_per_s:,.0f} | {trl.tokens_per_s / mr1.tokens_per_s:.2f} "
             f"| {acc_m} | {acc_t} | {trl.note} |"
         )
@@ -306,12 +317,17 @@ def body(results: dict, minutes: float) -> str:
         "log-probs, fp32 training. s/step and tokens/s are means over steps 2..N (step 1, with engine warm-up, is left out; "
         "so are megatron-r1's final evaluation and checkpoint). Held-out accuracy: greedy pass@1 on the same prompts after "
         "the last step (`megatron-r1 evaluate` for TRL's final model). The 25M and 100M models are randomly initialised: "
-        "their rows measure speed only.",
+        "their rows measure speed only, and both trainers generate every response to the cap "
+        "(`rollout.min_response_tokens`, vLLM's `min_tokens`: a random policy's response lengths drift apart between "
+        "the trainers after one update, and the step's work with them), so there is no length spread and no padding "
+        "for the token budget to save there; the tiny row has the real length spread of R1-Zero training.",
         "",
         "Differences the numbers include: on CPU TRL's colocated vLLM engine is built with megatron-r1's engine dtype "
         "(fp32; TRL 1.16 passes vLLM none and \"auto\" would pick bf16) and its weight sync goes through vLLM's "
         "`reload_weights` (TRL's own per-parameter `load_weights` fails on vLLM 0.32's CPU linears), both set by "
-        "`_trl_worker.py` from outside TRL's code (last column: the dtype each engine ran); megatron-r1 trains in "
+        "`_trl_worker.py` from outside TRL's code (last column: the dtype each engine ran); both engines are compiled "
+        "(TRL leaves vLLM's default, megatron-r1 runs with `rollout.enforce_eager=false`; its CPU default is eager, "
+        "which starts ~35 s sooner and decodes ~20 % slower at 100M); megatron-r1 trains in "
         f"micro-batches of at most {TOKEN_BUDGET} positions cut to their longest row (`memory.max_tokens_per_microbatch`), "
         "TRL in micro-batches padded to the batch's longest; megatron-r1 refits directly into the live parameters "
         "(`rollout.weight_loading=auto`); TRL makes an "
@@ -344,7 +360,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer prompts, tokens and steps; nothing appended to RESULTS.md")
     parser.add_argument("--trl-generation", choices=["auto", "vllm", "transformers"], default="auto",
                         help="TRL's generation backend (auto: vLLM colocate, transformers if that fails)")
-    parser.add_argument("--steps", type=int, help="steps of every size (default: each size's own: tiny 40, 25m and 100m 3)")
+    parser.add_argument("--steps", type=int, help="steps of every size (default: each size's own: tiny 40, 25m and 100m 5)")
     parser.add_argument("--seed", type=int, default=SEED, help="both trainers' seed (run several to see the spread of the tiny accuracy)")
     parser.add_argument("--work", help="keep the runs (logs, metrics, models) in this directory (default: a temporary one)")
     parser.add_argument("--make-base", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)  # internal: one subprocess per base

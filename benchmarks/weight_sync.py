@@ -12,6 +12,12 @@ Both numbers come from the same run on the same tensors:
           tied-head refresh), each followed by the prefix-cache reset.
 The producer hands out the trainer's tensors as they are, so the adapters' gathers are not timed.
 
+Copies per byte: one more sync of each path under a `TorchDispatchMode` that adds up the bytes every
+copying op writes (`copy_`, `_to_copy`, `clone`, `cat`, ...) and the bytes the CPU GEMM re-pack reads
+(vLLM's oneDNN / packed-weight ops), each over the bytes of the weights. The tensor copies are the
+same code on GPU; the re-pack is CPU's alone (on CUDA `process_weights_after_loading` leaves an
+unquantized layer's weight as loaded).
+
 `--profile` runs one more sync under cProfile and splits it into the parts of vLLM's in-place
 reload (`reload_weights` -> layer-wise reload: each layer is rebuilt in fresh memory, the checkpoint
 tensors are copied in by the weight loaders, `process_weights_after_loading` re-packs the GEMM
@@ -31,6 +37,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # vLLM's start-up log would bury the result lines (override by setting the variable).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -69,7 +76,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    rows, profiles = [], []
+    rows, profiles, copies = [], [], []
     with tempfile.TemporaryDirectory() as path:
         model = build_model(args, path)
         tensors = [(k, v) for k, v in model.state_dict().items() if k != "lm_head.weight"]  # tied head
@@ -88,6 +95,9 @@ def main() -> None:
             copy_gbs = nbytes / statistics.median(copy_s[1:]) / 1e9
             sync_gbs = nbytes / statistics.median(sync_s[1:]) / 1e9
             rows.append((mode, copy_gbs, sync_gbs, statistics.median(sync_s[1:])))
+            with CopyCounter() as counter:
+                sync.sync(iter(tensors))
+            copies.append((mode, counter.copied / nbytes, counter.repacked / nbytes, dict(counter.by_op)))
             if args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
@@ -109,6 +119,11 @@ def main() -> None:
     if {mode for mode, *_ in rows} == {"direct", "reload"}:
         seconds = {mode: s for mode, _, _, s in rows}
         lines += ["", f"direct refit {seconds['reload'] / seconds['direct']:.2f}x the speed of the reload (sync seconds, reload over direct)"]
+    lines += ["", "Bytes moved per byte of weights in one sync (counted op by op; the tensor copies are the GPU path's too):", "",
+              "| refit | tensor copies | CPU GEMM re-pack (reads) | copying ops (bytes written / weight bytes) |", "|---|---:|---:|---|"]
+    for mode, copied, repacked, by_op in copies:
+        ops = ", ".join(f"`{op}` {b / nbytes:.2f}" for op, b in sorted(by_op.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {mode} | {copied:.2f} | {repacked:.2f} | {ops} |")
     for mode, total, stats, memcpy_s in profiles:
         lines += ["", f"Where one `{mode}` sync's time goes:", "", *profile_table(total, stats, memcpy_s, PROFILE_PARTS[mode])]
     text = "\n".join(lines)
@@ -117,6 +132,32 @@ def main() -> None:
         from results import append
 
         print("appended to", append("Weight sync into vLLM vs memcpy", text))
+
+
+class CopyCounter(TorchDispatchMode):
+    """Bytes written by copying ops and bytes read by the CPU GEMM re-pack, for every op dispatched
+    while it is active (vLLM's engine runs in this process, so its loaders are seen too)."""
+
+    COPIES = {"copy_", "_to_copy", "clone", "cat", "stack", "index_copy_", "index_put_", "_copy_from", "narrow_copy", "contiguous"}
+    REPACK = ("onednn", "convert_weight_packed", "weight_pack", "prepack")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copied = 0
+        self.repacked = 0
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name in self.COPIES:
+            written = out if isinstance(out, torch.Tensor) else args[0]
+            n = tensor_bytes(written)
+            self.copied += n
+            self.by_op[name] = self.by_op.get(name, 0) + n
+        elif any(key in str(func) for key in self.REPACK):
+            self.repacked += sum(tensor_bytes(a) for a in args if isinstance(a, torch.Tensor))
+        return out
 
 
 # Parts of one sync, by the function whose cumulative time measures it (vLLM 0.32's in-place reload),

@@ -157,6 +157,9 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_response_tokens: int = 96  # response budget
+    # Training rollouts stop (EOS, stop strings) only after this many tokens (vLLM's min_tokens; 0: whenever
+    # the model stops). Benchmarks set it to max_response_tokens so two trainers generate the same work.
+    min_response_tokens: int = 0
     stop: list[str] = field(default_factory=list)  # extra stop strings
     sync_bucket_mb: float = 64.0  # weight-sync bucket size
     probe_every: int = 1  # run the logprob parity probe every N syncs (0: never)
@@ -626,6 +629,8 @@ def validate(cfg: StageConfig) -> None:
                           ("grpo.micro_batch_size", g.micro_batch_size), ("grpo.updates_per_rollout", g.updates_per_rollout)):
         if value < 1:
             raise ConfigError(f"{dotted}={value} must be >= 1")
+    if not 0 <= r.min_response_tokens <= r.max_response_tokens:
+        raise ConfigError(f"rollout.min_response_tokens={r.min_response_tokens} must lie in [0, rollout.max_response_tokens={r.max_response_tokens}]")
     if r.temperature < 0:
         raise ConfigError(f"rollout.temperature={r.temperature:g} must be >= 0 (0: greedy)")
     if not 0 < r.top_p <= 1:

@@ -261,7 +261,8 @@ def _table(rows: list[dict]) -> str:
     cols = [("stage", "stage", "{}"), ("accuracy", "held-out acc", "{:.1%}"), ("format_rate", "format", "{:.1%}"),
             ("language_consistency", "language", "{:.1%}"), ("response_length", "length", "{:.1f}"),
             ("samples_kept", "kept", "{}"), ("sft_loss", "SFT loss", "{:.3f}"), ("eval_loss", "eval loss", "{:.3f}"),
-            ("pair_accuracy", "RM pair acc", "{:.1%}"), ("rm_cell", "RM score (general)", "{}"), ("minutes", "minutes", "{:.1f}")]
+            ("pair_accuracy", "RM pair acc", "{:.1%}"), ("rm_cell", "RM score (general)", "{}"),
+            ("general_accuracy", "general acc", "{:.1%}"), ("minutes", "minutes", "{:.1f}")]
     header = " | ".join(title for _, title, _ in cols)
     lines = [header, "-" * len(header)]
     for r in rows:

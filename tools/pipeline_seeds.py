@@ -24,6 +24,7 @@ METRICS = (
     ("pair_accuracy", "RM pair accuracy %", 100, 1),
     ("rm_score_start", "RM score (general), start", 1, 2),
     ("rm_score_end", "RM score (general), end", 1, 2),
+    ("general_accuracy", "general prompts' accuracy %", 100, 1),
     ("minutes", "minutes", 1, 1),
 )
 

@@ -89,7 +89,8 @@ def collect_rollouts(cfg: StageConfig, engine, tokenizer, sampler, reward_fn, st
         t0 = time.perf_counter()
         torch.manual_seed(sampling_seed(cfg.seed, step, acc.rounds, layout.engine_index))
         out = engine.generate([p.prompt_ids for p in mine], n=g, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              max_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_ids, stop=stop_strings)
+                              max_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stop_ids, stop=stop_strings,
+                              min_tokens=cfg.rollout.min_response_tokens)
         sampled_here += len(out)
         seconds["rollout"] += time.perf_counter() - t0
 

@@ -45,26 +45,45 @@ class EvalResult:
         }
 
 
+@dataclass
+class _Greedy:
+    """This engine's share of the prompts, answered greedily and scored by the rule rewards."""
+
+    mine: list  # the PromptItems
+    prompt_ids: list[list[int]]
+    responses: list  # the engine's Rollouts
+    texts: list[str]  # decoded as the rewards read them
+    scores: dict[str, torch.Tensor]  # reward components (accuracy, language, format, ...) per response
+    stop_ids: list[int]
+    stop_strings: list[str]
+
+
+def _greedy_scored(engine, tokenizer, prompts, reward_fn, max_tokens: int, stop: Sequence[str]) -> _Greedy:
+    """The greedy half every evaluation shares: shard, generate, decode, score (collective)."""
+    mine = engine.layout.shard(prompts)
+    prompt_ids = [p.prompt_ids if p.prompt_ids is not None else tokenizer.encode(p.prompt) for p in mine]
+    stop_ids, stop_strings = stop_conditions(tokenizer, stop)
+    responses = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
+                                stop_token_ids=stop_ids, stop=stop_strings)
+    texts = [decode_response(tokenizer, r.response_ids) for r in responses]
+    scores = score_split(reward_fn, [p.prompt for p in mine], texts, [p.as_reward_item() for p in mine], engine.groups.split_work).components
+    return _Greedy(mine, prompt_ids, responses, texts, scores, stop_ids, stop_strings)
+
+
 def evaluate(engine, tokenizer, prompts, reward_fn, max_tokens: int, k: int, temperature: float = 1.0, seed: int = 0,
              stop: Sequence[str] = ()) -> EvalResult:
     """Score `prompts` (PromptItems) with greedy decoding and with maj@k sampling (collective)."""
     layout, groups = engine.layout, engine.groups
-    mine = layout.shard(prompts)
-    prompt_ids = [p.prompt_ids if p.prompt_ids is not None else tokenizer.encode(p.prompt) for p in mine]
-    stop_ids, stop_strings = stop_conditions(tokenizer, stop)
-
-    greedy = engine.generate(prompt_ids, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens,
-                             stop_token_ids=stop_ids, stop=stop_strings)
-    texts = [decode_response(tokenizer, r.response_ids) for r in greedy]
+    g = _greedy_scored(engine, tokenizer, prompts, reward_fn, max_tokens, stop)
+    mine, prompt_ids, greedy, texts = g.mine, g.prompt_ids, g.responses, g.texts
     items = [p.as_reward_item() for p in mine]
-    greedy_scores = score_split(reward_fn, [p.prompt for p in mine], texts, items, groups.split_work).components
-    accuracy, language = greedy_scores["accuracy"], greedy_scores["language"]
+    accuracy, language = g.scores["accuracy"], g.scores["language"]
 
     maj = sampled_mean = best = accuracy.tolist()
     if k > 1:
         torch.manual_seed(seed * 1_000_003 + layout.engine_index)  # every rank of an engine draws alike
         sampled = engine.generate(prompt_ids, n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
-                             stop_token_ids=stop_ids, stop=stop_strings)
+                                  stop_token_ids=g.stop_ids, stop=g.stop_strings)
         sampled_texts = [decode_response(tokenizer, r.response_ids) for r in sampled]
         scores = score_split(reward_fn, [p.prompt for p in mine for _ in range(k)], sampled_texts,
                              [item for item in items for _ in range(k)], groups.split_work).components["accuracy"].view(len(mine), k)
@@ -102,15 +121,10 @@ def evaluate_general(engine, tokenizer, prompts, general, reward_fn, max_tokens:
     trains on, so a rise is learning, not the luck of a step's four prompts. Also the rule view of the
     same responses (accuracy where the prompts have references, language, format), never rewarded
     there either. Collective like `evaluate`."""
-    layout, groups = engine.layout, engine.groups
-    mine = layout.shard(prompts)
-    stop_ids, stop_strings = stop_conditions(tokenizer, stop)
-    out = engine.generate([p.prompt_ids if p.prompt_ids is not None else tokenizer.encode(p.prompt) for p in mine], n=1,
-                          temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop_token_ids=stop_ids, stop=stop_strings)
-    texts = [decode_response(tokenizer, r.response_ids) for r in out]
-    rules = score_split(reward_fn, [p.prompt for p in mine], texts, [p.as_reward_item() for p in mine], groups.split_work).components
+    g = _greedy_scored(engine, tokenizer, prompts, reward_fn, max_tokens, stop)
+    mine, texts, rules = g.mine, g.texts, g.scores
     scores = general([p.question for p in mine], texts)[0].tolist() if not general.collective else [0.0] * len(mine)
-    rows = groups.gather([{"question": p.question, "response": t, "score": s, "has_answer": bool(p.answer) or p.entry is not None,
+    rows = engine.groups.gather([{"question": p.question, "response": t, "score": s, "has_answer": bool(p.answer) or p.entry is not None,
                            "accuracy": float(a), "language": float(lang), "format": format_reward(t, "strict")}
                           for p, t, s, a, lang in zip(mine, texts, scores, rules["accuracy"].tolist(), rules["language"].tolist())])
     if general.collective:  # the reward model: every rank scores all held-out responses together

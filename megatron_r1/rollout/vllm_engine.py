@@ -327,12 +327,14 @@ class VLLMEngine:
         stop_token_ids: Sequence[int] | None = None,
         progress: bool = False,
         stop: Sequence[str] | None = None,
+        min_tokens: int = 0,
     ) -> list[Rollout]:
         """Sample `n` responses per prompt. Returned prompt-major: all n samples of prompt 0 first.
 
         `logprobs` are the raw logprobs of the sampled tokens: equal to the trainer's at
         temperature 1 and top_p 1; with other settings they are still the untempered policy's.
-        Sampling draws from torch's global generator: seed it for a reproducible batch.
+        Sampling draws from torch's global generator: seed it for a reproducible batch. No response
+        stops before `min_tokens` tokens (EOS and stop strings are ignored until then).
         """
         from vllm import SamplingParams
 
@@ -341,6 +343,7 @@ class VLLMEngine:
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_tokens,
+            min_tokens=min_tokens,
             stop_token_ids=list(stop_token_ids or []),
             # Stop strings (several tokens long) are matched in the detokenized text and kept in the
             # response, so the format reward sees the closing tag.

@@ -111,6 +111,7 @@ def test_cli_reports_config_errors_in_one_line():
     ("steps=-5", "steps=-5 must be >= 1"),
     ("rollout.temperature=-1", "rollout.temperature=-1 must be >= 0"),
     ("rollout.top_p=0", "rollout.top_p=0 must lie in (0, 1]"),
+    ("rollout.min_response_tokens=97", "rollout.min_response_tokens=97 must lie in [0, rollout.max_response_tokens=96]"),
     ("rollout.n_samples_per_prompt=0", "rollout.n_samples_per_prompt=0 must be >= 1"),
     ("grpo.micro_batch_size=0", "grpo.micro_batch_size=0 must be >= 1"),
 ])

@@ -90,7 +90,7 @@ def test_held_out_rm_score_is_preferred(finished):
     row = stage_row(stage["final_rl"], timings)
     assert (row["rm_score_start"], row["rm_score_end"], row["rm_score_source"]) == (0.5, 1.7, "held-out")
     assert row["general_accuracy"] == 0.45
-    assert "0.50 -> 1.70 |" in _table([row])
+    assert "0.50 -> 1.70 | 45.0% |" in _table([row])  # with the held-out general prompts' accuracy beside it
 
 
 def test_figure_has_a_panel_per_purpose(finished, tmp_path):

@@ -130,6 +130,18 @@ def test_stop_token_ends_a_response_and_is_kept(engine):
     assert out.response_ids == greedy[: cut + 1]
 
 
+def test_min_tokens_holds_the_stop_token_back(engine):
+    # rollout.min_response_tokens: the stop token the greedy response ends on at token 5 is ignored until
+    # token 9, and a response cannot stop before then (what peer_trl.py relies on for equal work).
+    greedy = engine.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_tokens=12)[0].response_ids
+    stop = greedy[4]
+    out = engine.generate(PROMPTS[:1], n=1, temperature=0.0, top_p=1.0, max_tokens=12, stop_token_ids=[stop], min_tokens=9)[0]
+    assert len(out.response_ids) >= 9
+    assert stop not in out.response_ids[:8]
+    sampled = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=7, stop_token_ids=list(range(64)), min_tokens=7)
+    assert [len(r.response_ids) for r in sampled] == [7] * 2 * len(PROMPTS)
+
+
 def test_sampling_follows_torch_seed(engine):
     def sample():
         return [r.response_ids for r in engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=10)]
