@@ -327,7 +327,7 @@ def body(results: dict, minutes: float) -> str:
         "`reload_weights` (TRL's own per-parameter `load_weights` fails on vLLM 0.32's CPU linears), both set by "
         "`_trl_worker.py` from outside TRL's code (last column: the dtype each engine ran); both engines are compiled "
         "(TRL leaves vLLM's default, megatron-r1 runs with `rollout.enforce_eager=false`; its CPU default is eager, "
-        "which starts ~35 s sooner and decodes ~20 % slower at 100M); megatron-r1 trains in "
+        "which starts ~40 s sooner and decodes ~20 % slower at 100M); megatron-r1 trains in "
         f"micro-batches of at most {TOKEN_BUDGET} positions cut to their longest row (`memory.max_tokens_per_microbatch`), "
         "TRL in micro-batches padded to the batch's longest; megatron-r1 refits directly into the live parameters "
         "(`rollout.weight_loading=auto`); TRL makes an "
