@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest tests -q -m "not slow" --durations=15
 
-# The checks that take minutes each on 2 cores (marked `slow`): a tiny pipeline killed and resumed, the
-# shipped `make r1-pipeline` with each stage's effect asserted (the longest), 1,000 sandboxed programs,
+# The checks that take minutes each on 2 cores (marked `slow`): the shipped `make r1-pipeline` killed
+# mid-stage, resumed and each stage's effect asserted (the longest), 1,000 sandboxed programs,
 # the walkthroughs and the RL-time study, the Slurm preemption smoke test, the second 2-rank layouts.
 # CI runs it after `make test`.
 test-slow: setup

@@ -125,8 +125,8 @@ def evaluate_general(engine, tokenizer, prompts, general, reward_fn, max_tokens:
     mine, texts, rules = g.mine, g.texts, g.scores
     scores = general([p.question for p in mine], texts)[0].tolist() if not general.collective else [0.0] * len(mine)
     rows = engine.groups.gather([{"question": p.question, "response": t, "score": s, "has_answer": bool(p.answer) or p.entry is not None,
-                           "accuracy": float(a), "language": float(lang), "format": format_reward(t, "strict")}
-                          for p, t, s, a, lang in zip(mine, texts, scores, rules["accuracy"].tolist(), rules["language"].tolist())])
+                                  "accuracy": float(a), "language": float(lang), "format": format_reward(t, "strict")}
+                                 for p, t, s, a, lang in zip(mine, texts, scores, rules["accuracy"].tolist(), rules["language"].tolist())])
     if general.collective:  # the reward model: every rank scores all held-out responses together
         for row, s in zip(rows, general([r["question"] for r in rows], [r["response"] for r in rows])[0].tolist()):
             row["score"] = s

@@ -53,7 +53,7 @@ def kill_during_reasoning_rl(run_dir: Path) -> None:
 def test_each_stage_does_its_job(tmp_path):
     finished = os.environ.get("R1_PIPELINE_RUN_DIR")
     run_dir = Path(finished or tmp_path / "r1_tiny")
-    stages = load_pipeline(PIPELINE, [f"run_dir={run_dir}"]).stages
+    stages = load_pipeline(ROOT / PIPELINE, [f"run_dir={run_dir}"]).stages
     jobs = sum(len(s.jobs) for s in stages)
     if not finished:
         kill_during_reasoning_rl(run_dir)
