@@ -20,6 +20,10 @@ warm-up; tokens/s counts real tokens only, prompt + response, never padding):
   and `clip_grad_norm_`.
 
 The padding share of each is the part of the positions the model ran on that are not real tokens.
+
+`--profile` runs one more padded megatron-r1 update and one more transformers update (the same positions:
+both padded to the batch's longest row) under the torch profiler and prints where each spends its time,
+op by op: what differs between two trainers doing the same GEMMs.
 """
 
 from __future__ import annotations
@@ -62,7 +66,33 @@ def grpo_samples(n: int, max_response: int, vocab: int, seed: int = 0) -> list:
     return samples
 
 
-def megatron_side(cfg, batch, micro: int, max_tokens: int, repeats: int, hf_dir: Path | None) -> tuple[list[float], float, int]:
+def profiled(update) -> dict:
+    """One more call of `update` under the torch profiler: wall seconds and {op: (self seconds, calls)}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        update()
+        wall = time.perf_counter() - start
+    return {"wall": wall, "ops": {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()}}
+
+
+def op_table(mr1: dict, hf: dict, rows: int = 12) -> list[str]:
+    """The ops where the two updates spend the most time, side by side."""
+    ops = sorted(set(mr1["ops"]) | set(hf["ops"]), key=lambda op: -max(mr1["ops"].get(op, (0, 0))[0], hf["ops"].get(op, (0, 0))[0]))
+    lines = ["| op | megatron-r1 s (calls) | transformers s (calls) |", "|---|---:|---:|"]
+    for op in ops[:rows]:
+        (a, na), (b, nb) = mr1["ops"].get(op, (0.0, 0)), hf["ops"].get(op, (0.0, 0))
+        lines.append(f"| `{op}` | {a:.3f} ({na}) | {b:.3f} ({nb}) |")
+    for label, key in (("all ops (self time)", None), ("wall (profiled)", "wall")):
+        a = mr1[key] if key else sum(t for t, _ in mr1["ops"].values())
+        b = hf[key] if key else sum(t for t, _ in hf["ops"].values())
+        lines.append(f"| {label} | {a:.3f} | {b:.3f} |")
+    return lines
+
+
+def megatron_side(cfg, batch, micro: int, max_tokens: int, repeats: int, hf_dir: Path | None,
+                  profile: bool = False) -> tuple[list[float], float, int, dict | None]:
     from megatron_r1.models.build import build_model, num_parameters
     from megatron_r1.models.hf.base import save_hf
     from megatron_r1.train.grpo_update import grpo_loss_fn
@@ -75,15 +105,20 @@ def megatron_side(cfg, batch, micro: int, max_tokens: int, repeats: int, hf_dir:
         save_hf(model, cfg.model, hf_dir)  # the Hugging Face side starts from these very weights
     ddp, optimizer, scheduler = build_optimizer(model, cfg.optimizer, cfg.parallel, repeats + 1, cfg.memory)
     seconds, padding = [], 0.0
+
+    def update():
+        return train_step(ddp, optimizer, scheduler, batch, grpo_loss_fn(cfg), micro, with_entropy=True, max_tokens=max_tokens)
+
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        out = train_step(ddp, optimizer, scheduler, batch, grpo_loss_fn(cfg), micro, with_entropy=True, max_tokens=max_tokens)
+        out = update()
         seconds.append(time.perf_counter() - start)
         padding = out["padding_share"]
-    return seconds[1:], padding, num_parameters(model)
+    return seconds[1:], padding, num_parameters(model), profiled(update) if profile else None
 
 
-def hf_side(hf_dir: Path, batch, micro: int, repeats: int, lr: float, clip: float, eps: float) -> tuple[list[float], float]:
+def hf_side(hf_dir: Path, batch, micro: int, repeats: int, lr: float, clip: float, eps: float,
+            profile: bool = False) -> tuple[list[float], float, dict | None]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
@@ -93,8 +128,8 @@ def hf_side(hf_dir: Path, batch, micro: int, repeats: int, lr: float, clip: floa
     attention = (torch.arange(batch.seq_len)[None] < lengths[:, None]).long()
     total = mask.sum()
     seconds = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+
+    def update():
         opt.zero_grad(set_to_none=True)
         for rows in torch.arange(batch.size).split(micro):
             logits = model(input_ids=tokens[rows], attention_mask=attention[rows]).logits[:, :-1].float()
@@ -108,8 +143,12 @@ def hf_side(hf_dir: Path, batch, micro: int, repeats: int, lr: float, clip: floa
                 _ = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        update()
         seconds.append(time.perf_counter() - start)
-    return seconds[1:], 1.0 - float(lengths.sum()) / tokens.numel()
+    return seconds[1:], 1.0 - float(lengths.sum()) / tokens.numel(), profiled(update) if profile else None
 
 
 def main() -> None:
@@ -117,6 +156,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     p.add_argument("--repeats", type=int, default=5, help="timed updates per side (after one warm-up)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
+    p.add_argument("--profile", action="store_true", help="also profile one padded update of each (same positions), op by op")
     args = p.parse_args()
 
     from megatron_r1 import distributed
@@ -128,6 +168,7 @@ def main() -> None:
              "token budget: s/update | real tok/s | padding | transformers: s/update | real tok/s | padding | "
              "budget / padded | budget / transformers |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    profiles = []
     for name in args.sizes:
         preset, seqs, cap, micro = SIZES[name]
         cfg = load_config(STAGE, [f"model={preset}", f"rollout.max_response_tokens={cap}", "rollout.max_model_len=512"])
@@ -137,14 +178,20 @@ def main() -> None:
         real = float(needed_widths(batch.loss_mask).sum())
         budget = micro * batch.seq_len  # the padded path's activation bound
         with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
-            padded_s, padded_pad, params = megatron_side(cfg, batch, micro, 0, args.repeats, Path(tmp))
-            budget_s, budget_pad, _ = megatron_side(cfg, batch, micro, budget, args.repeats, None)
-            hf_s, hf_pad = hf_side(Path(tmp), batch, micro, args.repeats, cfg.optimizer.lr, cfg.optimizer.clip_grad, cfg.grpo.clip_eps_high)
+            padded_s, padded_pad, params, mr1_prof = megatron_side(cfg, batch, micro, 0, args.repeats, Path(tmp), args.profile)
+            budget_s, budget_pad, _, _ = megatron_side(cfg, batch, micro, budget, args.repeats, None)
+            hf_s, hf_pad, hf_prof = hf_side(Path(tmp), batch, micro, args.repeats, cfg.optimizer.lr, cfg.optimizer.clip_grad,
+                                            cfg.grpo.clip_eps_high, args.profile)
+        if args.profile:
+            profiles.append((name, mr1_prof, hf_prof))
         a, b, h = statistics.median(padded_s), statistics.median(budget_s), statistics.median(hf_s)
         lines.append(f"| {name} | {params / 1e6:.1f}M | {seqs}, {cap}, {micro} | {a:.3f} | {real / a:,.0f} | {padded_pad:.0%} | "
                      f"{b:.3f} | {real / b:,.0f} | {budget_pad:.0%} | {h:.3f} | {real / h:,.0f} | {hf_pad:.0%} | "
                      f"{a / b:.2f}x | {h / b:.2f}x |")
         print(lines[-1], flush=True)
+    for name, mr1_prof, hf_prof in profiles:
+        lines += ["", f"Where one padded update's time goes at {name} (megatron-r1 and transformers on the same positions; "
+                  "torch profiler, self time per op):", "", *op_table(mr1_prof, hf_prof)]
     lines.append("")
     lines.append(f"Median of {args.repeats} updates after one warm-up, {torch.get_num_threads()} threads, fp32; real tokens = "
                  "prompt + response, no padding. The ratio columns are speed ratios (above 1: the token-budget update is faster).")
