@@ -1,7 +1,7 @@
 """One Hugging Face TRL `GRPOTrainer` run for `benchmarks/peer_trl.py`, in a process of its own.
 
     .venv/bin/python benchmarks/_trl_worker.py --model DIR --out DIR --generation vllm|transformers \
-        [--save] conf/stages/r1_zero_tiny.yaml key=value ...
+        [--save] [--length-plan SEED] conf/stages/r1_zero_tiny.yaml key=value ...
 
 The stage config and overrides are the ones megatron-r1 gets on its command line, and every setting
 of the run is read from them: prompts (same reasoning-gym task, seeds and template, fed in the order
@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--generation", choices=["vllm", "transformers"], required=True,
                         help="vllm: TRL's colocated vLLM engine; transformers: TRL's default model.generate")
     parser.add_argument("--save", action="store_true", help="save the final policy to OUT/hf")
+    parser.add_argument("--length-plan", type=int, metavar="SEED",
+                        help="vLLM generates every sampled response at the length benchmarks/length_plan.py draws with SEED")
     parser.add_argument("stage", help="stage YAML, then its overrides (as megatron-r1 takes them)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -234,6 +236,12 @@ def main() -> None:
     use_vllm = args.generation == "vllm"
     if use_vllm and not torch.cuda.is_available():
         vllm_on_cpu_at_our_dtype(cfg.rollout.engine_dtype(on_gpu=False, mla=False))
+    if args.length_plan is not None:
+        if not use_vllm:
+            sys.exit("--length-plan sets the lengths vLLM generates; it needs --generation vllm")
+        from length_plan import install
+
+        install(cfg.rollout.max_response_tokens, args.length_plan)
 
     start = time.perf_counter()
     trainer = GRPOTrainer(

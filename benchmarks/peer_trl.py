@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/peer_trl.py                        # tiny (pretrained), 25M, 100M (~15 min on 2 cores)
     .venv/bin/python benchmarks/peer_trl.py --sizes tiny --quick   # smoke run, a minute or two per size
-    .venv/bin/python benchmarks/peer_trl.py --trl-generation transformers
+    .venv/bin/python benchmarks/peer_trl.py --sizes 25m,100m --lengths fixed   # every response at the cap: no spread
+    .venv/bin/python benchmarks/peer_trl.py --trl-generation transformers --lengths fixed
 
 Three model sizes, each trained by both trainers from identical weights with identical settings:
 
@@ -10,8 +11,11 @@ Three model sizes, each trained by both trainers from identical weights with ide
   16 prompts x 8 samples, 96 response tokens, lr 5e-5, 40 steps, then the held-out evaluation;
 * 25M (`bench_25m`) and 100M (`bench_100m`): no time to pretrain them, so each is built randomly
   initialised by megatron-r1's own model builder and exported with `save_hf` together with the tiny
-  tokenizer; 2 (25M) or 1 (100M) prompts x 8 samples, up to 256 response tokens, 3 steps. Their
-  accuracy is ~0 for both trainers: these rows measure speed only.
+  tokenizer; 2 (25M) or 1 (100M) prompts x 8 samples, up to 256 response tokens, 5 steps. Their
+  accuracy is ~0 for both trainers: these rows measure speed only. A random policy's response
+  lengths drift apart between two trainers after one update, so both engines are told every
+  response's length: R1-Zero's spread from `benchmarks/length_plan.py` (`--lengths spread`, the
+  default), or the cap for all (`--lengths fixed`: no spread, no padding to save).
 
 Both trainers get the same stage (`conf/stages/r1_zero_tiny.yaml`) with the same overrides:
 chain_sum prompts from reasoning-gym (same train/eval seeds, r1_zero template; TRL is fed them in
@@ -62,6 +66,10 @@ MAX_MODEL_LEN = 384  # prompt (under 100 tokens with the tiny tokenizer) + up to
 # setting: the same gradient as the padded micro-batches both trainers otherwise share).
 TOKEN_BUDGET = 2048
 SEED = 1234  # both trainers' seed (prompt order, sampling, initialisation of the random bases); --seed
+# How the randomly initialised sizes fix their response lengths (--lengths): "spread", R1-Zero's spread from
+# benchmarks/length_plan.py, the same lengths on both sides; "fixed", every response at the cap (no spread).
+LENGTHS = "spread"
+LENGTH_PLAN = ROOT / "benchmarks/length_plan.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,17 +124,22 @@ PHASES = {
 
 
 def overrides(size: Size) -> list[str]:
-    """The stage overrides both trainers get (megatron-r1 on its command line, TRL via the worker). The
-    randomly initialised sizes generate every response to the cap (`rollout.min_response_tokens`): how soon
-    a random policy samples EOS drifts apart between the two trainers after one update, and a step's work
-    with it; fixed lengths keep the work equal."""
-    fixed = [] if size.pretrained else [f"rollout.min_response_tokens={size.max_tokens}"]
+    """The stage overrides both trainers get (megatron-r1 on its command line, TRL via the worker). How soon a
+    random policy samples EOS drifts apart between the two trainers after one update, and a step's work with
+    it, so the randomly initialised sizes fix every response's length: with `--lengths fixed` all at the cap
+    (`rollout.min_response_tokens`), with `--lengths spread` by the length plan (`planned`)."""
+    fixed = [] if size.pretrained or LENGTHS != "fixed" else [f"rollout.min_response_tokens={size.max_tokens}"]
     return [*fixed,
         f"seed={SEED}", f"model={size.model}", f"steps={size.steps}", f"grpo.prompts_per_step={size.prompts}",
         f"rollout.n_samples_per_prompt={size.samples}", f"rollout.max_response_tokens={size.max_tokens}",
         f"rollout.max_model_len={MAX_MODEL_LEN}", f"optimizer.lr={size.lr}", "optimizer.lr_decay_style=constant",
         f"data.eval_size={size.eval_size}", "logging.eval_samples=1",  # greedy pass@1 only; no maj@k sampling
     ]
+
+
+def planned(size: Size) -> bool:
+    """Whether both engines generate this size's responses at the lengths of `benchmarks/length_plan.py`."""
+    return not size.pretrained and LENGTHS == "spread"
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -165,7 +178,8 @@ def count_parameters(hf_dir: Path) -> int:
 
 def run_megatron(size: Size, base: Path, work: Path) -> Numbers:
     run_dir = work / "megatron_r1"
-    cmd = [sys.executable, "-m", "megatron_r1.cli", "r1-zero", STAGE, *overrides(size),
+    launcher = [str(LENGTH_PLAN), "--cap", str(size.max_tokens), "--seed", str(SEED)] if planned(size) else []
+    cmd = [sys.executable, *launcher, "-m", "megatron_r1.cli", "r1-zero", STAGE, *overrides(size),
            f"checkpoint.load_hf={base}", "checkpoint.base_stage=", f"logging.run_dir={run_dir}", "checkpoint.save_every=0",
            "checkpoint.export_hf=false", "logging.eval_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
            f"memory.max_tokens_per_microbatch={TOKEN_BUDGET}",
@@ -193,11 +207,16 @@ def run_megatron(size: Size, base: Path, work: Path) -> Numbers:
 def run_trl(size: Size, base: Path, work: Path, generation: str) -> Numbers:
     """TRL in its own process: vLLM colocate first (unless told otherwise), transformers if that fails."""
     order = ["vllm", "transformers"] if generation == "auto" else [generation]
+    if planned(size):  # the plan tells vLLM the lengths; transformers' generate could not do the same work
+        if "vllm" not in order:
+            sys.exit("--lengths spread plans vLLM's response lengths: run TRL with --trl-generation vllm (or auto), or use --lengths fixed")
+        order = ["vllm"]
     failures = []
     for backend in order:
         out = work / f"trl_{backend}"
         cmd = [sys.executable, str(WORKER), "--model", str(base), "--out", str(out), "--generation", backend,
-               *(["--save"] if size.pretrained else []), STAGE, *overrides(size)]
+               *(["--save"] if size.pretrained else []), *(["--length-plan", str(SEED)] if planned(size) else []),
+               STAGE, *overrides(size)]
         try:
             run(cmd, work / f"trl_{backend}.log")
         except RuntimeError as e:
@@ -306,7 +325,20 @@ def where_slower(results: dict) -> str:
 
 
 def title(results: dict) -> str:
-    return f"R1-Zero GRPO: TRL GRPOTrainer vs megatron-r1, sizes {', '.join(results)}, seed {SEED}"
+    random_sizes = any(not r[0].pretrained for r in results.values())
+    lengths = f" (random bases: {'R1-Zero length spread' if LENGTHS == 'spread' else 'every response at the cap'})" if random_sizes else ""
+    return f"R1-Zero GRPO: TRL GRPOTrainer vs megatron-r1, sizes {', '.join(results)}{lengths}, seed {SEED}"
+
+
+def lengths_text() -> str:
+    """How the randomly initialised sizes fixed their response lengths (the body's first paragraph)."""
+    if LENGTHS == "fixed":
+        return ("both trainers generate every response to the cap (`--lengths fixed`: `rollout.min_response_tokens`, vLLM's "
+                "`min_tokens`), so there is no length spread and no padding for the token budget to save there")
+    return ("both engines generate every sampled response at the length `benchmarks/length_plan.py` draws for it (`--lengths "
+            "spread`: R1-Zero's spread, 70 % of responses 5 tokens to a third of the cap, 30 % half the cap to the cap, "
+            "the same draws in the same places on both sides, set on `vllm.LLM.generate` from outside both trainers), so "
+            "both do the same work with the padding a real GRPO batch has")
 
 
 def body(results: dict, minutes: float) -> str:
@@ -317,10 +349,9 @@ def body(results: dict, minutes: float) -> str:
         "log-probs, fp32 training. s/step and tokens/s are means over steps 2..N (step 1, with engine warm-up, is left out; "
         "so are megatron-r1's final evaluation and checkpoint). Held-out accuracy: greedy pass@1 on the same prompts after "
         "the last step (`megatron-r1 evaluate` for TRL's final model). The 25M and 100M models are randomly initialised: "
-        "their rows measure speed only, and both trainers generate every response to the cap "
-        "(`rollout.min_response_tokens`, vLLM's `min_tokens`: a random policy's response lengths drift apart between "
-        "the trainers after one update, and the step's work with them), so there is no length spread and no padding "
-        "for the token budget to save there; the tiny row has the real length spread of R1-Zero training.",
+        "their rows measure speed only. A random policy's response lengths drift apart between the trainers after one "
+        f"update, and the step's work with them, so {lengths_text()}; the tiny row has the real length spread of its "
+        "R1-Zero training.",
         "",
         "Differences the numbers include: on CPU TRL's colocated vLLM engine is built with megatron-r1's engine dtype "
         "(fp32; TRL 1.16 passes vLLM none and \"auto\" would pick bf16) and its weight sync goes through vLLM's "
@@ -332,8 +363,9 @@ def body(results: dict, minutes: float) -> str:
         "TRL in micro-batches padded to the batch's longest; megatron-r1 refits directly into the live parameters "
         "(`rollout.weight_loading=auto`); TRL makes an "
         "extra no-grad log-prob pass per step for its importance sampling against vLLM (only with vLLM generation), "
-        "megatron-r1 takes the on-policy old log-probs from the update's own forward; megatron-r1 checks engine/trainer "
-        "log-prob parity after every weight sync (inside its sync time); TRL divides advantages by the Bessel-corrected "
+        "megatron-r1 takes the on-policy old log-probs from the update's own forward; megatron-r1 probes engine/trainer "
+        "log-prob parity after its first weight sync and every 10th (inside its sync time) and checks it on every step's "
+        "batch from the update's own log-probs; TRL divides advantages by the Bessel-corrected "
         "group std, megatron-r1 by the population std (TRL's advantages are x0.94 of megatron-r1's for groups of 8).",
         "",
         table(results),
@@ -354,13 +386,16 @@ def body(results: dict, minutes: float) -> str:
 
 
 def main() -> None:
-    global SEED
+    global SEED, LENGTHS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,25m,100m", help=f"comma-separated, of: {', '.join(SIZES)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer prompts, tokens and steps; nothing appended to RESULTS.md")
     parser.add_argument("--trl-generation", choices=["auto", "vllm", "transformers"], default="auto",
                         help="TRL's generation backend (auto: vLLM colocate, transformers if that fails)")
     parser.add_argument("--steps", type=int, help="steps of every size (default: each size's own: tiny 40, 25m and 100m 5)")
+    parser.add_argument("--lengths", choices=["spread", "fixed"], default=LENGTHS,
+                        help="the randomly initialised sizes' response lengths: spread (R1-Zero's, planned the same for both; "
+                             "default) or fixed (every response at the cap: no spread)")
     parser.add_argument("--seed", type=int, default=SEED, help="both trainers' seed (run several to see the spread of the tiny accuracy)")
     parser.add_argument("--work", help="keep the runs (logs, metrics, models) in this directory (default: a temporary one)")
     parser.add_argument("--make-base", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)  # internal: one subprocess per base
@@ -369,7 +404,7 @@ def main() -> None:
         make_random_base(args.make_base[0], Path(args.make_base[1]))
         return
 
-    SEED = args.seed
+    SEED, LENGTHS = args.seed, args.lengths
     names = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if unknown := [n for n in names if n not in SIZES]:
         sys.exit(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
@@ -396,6 +431,9 @@ def main() -> None:
             print(f"[{name}] megatron-r1 {mr1.step_s:.2f} s/step, {mr1.tokens_per_s:,.0f} rollout tokens/s; TRL ...", flush=True)
             trl = run_trl(size, base, size_dir, args.trl_generation)
             print(f"[{name}] TRL {trl.step_s:.2f} s/step, {trl.tokens_per_s:,.0f} rollout tokens/s ({trl.note})", flush=True)
+            if not size.pretrained and abs(mr1.response_tokens - trl.response_tokens) > 0.5:
+                trl.note += f"; NOT equal work: responses {mr1.response_tokens:.1f} vs {trl.response_tokens:.1f} tokens"
+                print(f"[{name}] warning: {trl.note}", flush=True)
             results[name] = (size, params, mr1, trl)
     minutes = (time.perf_counter() - start) / 60
 

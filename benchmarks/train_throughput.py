@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("MEGATRON_R1_LOG_LEVEL", "WARNING")
 
 from results import append  # noqa: E402
+from length_plan import response_length  # noqa: E402
 
 # name -> (model preset, sequences per update, response cap, micro-batch rows)
 SIZES = {
@@ -61,7 +62,7 @@ def grpo_samples(n: int, max_response: int, vocab: int, seed: int = 0) -> list:
     samples = []
     for _ in range(n):
         prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(20, 30))]
-        length = rng.randint(5, max_response // 3) if rng.random() < 0.7 else rng.randint(max_response // 2, max_response)
+        length = response_length(rng, max_response)
         samples.append(SimpleNamespace(prompt_ids=prompt, response_ids=[rng.randrange(1, vocab) for _ in range(length)], logprobs=None))
     return samples
 

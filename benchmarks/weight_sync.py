@@ -137,9 +137,10 @@ def main() -> None:
 
 class CopyCounter(TorchDispatchMode):
     """Bytes written by copying ops, for every op dispatched while it is active (vLLM's engine runs in
-    this process, so its loaders are seen too)."""
+    this process, so its loaders are seen too). The ops as they reach the dispatcher: `contiguous` and
+    `.to()` arrive as `clone` / `_to_copy`, `_copy_from` as `copy_`."""
 
-    COPIES = {"copy_", "_to_copy", "clone", "cat", "stack", "index_copy_", "index_put_", "_copy_from", "narrow_copy", "contiguous"}
+    COPIES = {"copy_", "_to_copy", "clone", "cat", "stack", "index_copy_", "index_put_", "narrow_copy"}
 
     def __init__(self) -> None:
         super().__init__()

@@ -157,12 +157,14 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_response_tokens: int = 96  # response budget
-    # Training rollouts stop (EOS, stop strings) only after this many tokens (vLLM's min_tokens; 0: whenever
+    # GRPO training rollouts stop (EOS, stop strings) only after this many tokens (vLLM's min_tokens; 0: whenever
     # the model stops). Benchmarks set it to max_response_tokens so two trainers generate the same work.
     min_response_tokens: int = 0
     stop: list[str] = field(default_factory=list)  # extra stop strings
     sync_bucket_mb: float = 64.0  # weight-sync bucket size
-    probe_every: int = 1  # run the logprob parity probe every N syncs (0: never)
+    # The fixed logprob parity probe after the first sync and every N-th (0: never). Every colocated step is also
+    # checked for free: the update scores the sampled tokens with the weights that sampled them (weight_sync.check_sampled).
+    probe_every: int = 10
     probe_mean_threshold: float | None = None  # fail if mean |logprob_vllm - logprob_trainer| exceeds it (None: per dtype)
     probe_max_threshold: float | None = None  # fail if the max exceeds it (None: per dtype, see rollout/weight_sync.py)
     probe_prompts: int = 4  # prompts in the probe batch

@@ -46,7 +46,8 @@ def importance_weights(
     Returns:
         ``(weights, keep, metrics)``: ``weights [B, T]`` (0 on dropped and non-response tokens),
         ``keep [B, T]`` bool (response tokens not masked out), and detached metrics over the
-        response tokens: ``mismatch_kl`` (k3 estimate of KL(engine || trainer)), ``is_ratio_mean``,
+        response tokens: ``mismatch_kl`` (k3 estimate of KL(engine || trainer)), ``mismatch_abs_diff``
+        (mean ``|log pi_trainer - log pi_engine|``: the parity probe's measure, on the sampled tokens), ``is_ratio_mean``,
         quantiles ``is_ratio_p05/p50/p95``, ``is_ratio_max``, ``is_masked_share``.
     """
     if mode not in MODES:
@@ -80,6 +81,7 @@ def importance_weights(
         q = torch.quantile(ratios.float(), torch.tensor([0.05, 0.5, 0.95], device=w.device))
         metrics = {
             "mismatch_kl": torch.where(response, k3, zero).sum() / n,
+            "mismatch_abs_diff": token_log_w.abs().sum() / n,  # 0 off the response tokens already
             "is_ratio_mean": ratios.mean(),
             "is_ratio_p05": q[0],
             "is_ratio_p50": q[1],

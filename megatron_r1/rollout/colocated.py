@@ -19,7 +19,7 @@ from megatron_r1.rewards.general import GeneralReward
 from megatron_r1.rollout.collect import RolloutBatch, collect_rollouts
 from megatron_r1.rollout.evaluation import EvalResult, evaluate, evaluate_general
 from megatron_r1.rollout.vllm_engine import VLLMEngine
-from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, probe_thresholds, refit
+from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, check_sampled, probe_thresholds, refit
 from megatron_r1.train.memory import TrainerSwap, release_fp8_weight_caches
 from megatron_r1.train.step import sequence_logprobs
 
@@ -48,6 +48,7 @@ class ColocatedRollouts:
                      self.sampler.general.batch_size, self.general.kind.replace("_", " "), self.general.weight,
                      len(general_eval_set.items) if general_eval_set is not None else 0)
         self.probe = self._make_probe()
+        self.mean_threshold, _ = probe_thresholds(cfg.rollout, self.engine.dtype)
         self.num_engines = self.engine.layout.num_engines
 
     @property
@@ -61,7 +62,8 @@ class ColocatedRollouts:
         return {"placement": self.placement, **self.engine.layout.as_dict()}
 
     def _make_probe(self) -> ParityProbe | None:
-        """The logprob parity probe: a fixed batch scored by every engine and by the trainer after each sync."""
+        """The logprob parity probe: a fixed batch scored by every engine and by the trainer after the first
+        sync and every `rollout.probe_every`-th (`weight_sync.probe_due`)."""
         cfg = self.cfg
         if not cfg.rollout.probe_every:
             return None
@@ -108,6 +110,11 @@ class ColocatedRollouts:
         self.engine.sleep()
         with self.timer("swap"):
             self.swap.restore()
+
+    def check_sampled(self, train: dict, step: int) -> None:
+        """The update just scored this step's batch with the weights that sampled it: the parity check on
+        every step, for nothing (`weight_sync.check_sampled`; raises `WeightSyncError`)."""
+        check_sampled(train, self.mean_threshold, step)
 
     def publish(self, version: int, probe_every: int | None = None) -> dict[str, float]:
         """Every rank refits its own worker (the trainer's state leaves the device), then the parity probe."""

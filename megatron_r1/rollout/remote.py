@@ -31,7 +31,7 @@ from megatron_r1.rollout.collect import RolloutBatch
 from megatron_r1.rollout.evaluation import EvalResult
 from megatron_r1.rollout.layout import EngineLayout
 from megatron_r1.rollout.serve import schedule_of
-from megatron_r1.rollout.weight_sync import MB
+from megatron_r1.rollout.weight_sync import MB, probe_due
 from megatron_r1.train.step import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ class RemoteRollouts:
     def before_update(self) -> None:
         pass  # the trainer's devices are its own
 
+    def check_sampled(self, train: dict, step: int) -> None:
+        """Nothing: a batch here may come from weights a few versions old (`async.max_staleness`), so its
+        engine/trainer gap is off-policy drift, not a refit fault; the rollout ranks probe every version
+        they load that `rollout.probe_every` picks (`serve.py`)."""
+
     def publish(self, version: int) -> dict[str, float]:
         """Broadcast version `version` to the engines when a later batch or an evaluation needs it."""
         if not self.schedule.weights_needed(version):
@@ -130,7 +135,7 @@ class RemoteRollouts:
     def _send(self, version: int) -> dict[str, float]:
         cfg = self.cfg
         probe = None
-        if self.probe_sequences and cfg.rollout.probe_every and version % cfg.rollout.probe_every == 0:
+        if self.probe_sequences and probe_due(version, cfg.rollout.probe_every):
             probe = sequence_logprobs(self.policy.model, self.probe_sequences, self.tokenizer.pad_token_id, cfg.grpo.micro_batch_size)
         tensors = export_hf_tensors(self.policy.model, self.policy.model_cfg)
         return self.bridge.send_weights(version, tensors, max(1, int(cfg.rollout.sync_bucket_mb * MB)), after=probe)

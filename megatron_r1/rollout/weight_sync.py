@@ -24,6 +24,7 @@ wake the engine, stream, move the policy's weights out, wake its KV cache, probe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,34 @@ class ParityProbe:
         return result
 
 
+def probe_due(version: int, probe_every: int) -> bool:
+    """Whether the fixed probe checks refit `version`: the first refit of a run (and a resumed run's
+    refit 0), then every `probe_every`-th; never with 0. Between probes every colocated step is
+    checked for free on the batch it trains on (`check_sampled`)."""
+    return bool(probe_every) and (version <= 1 or version % probe_every == 0)
+
+
+def check_sampled(train_metrics: dict, mean_threshold: float, step: int) -> None:
+    """The parity check every synchronous step gets for nothing: the update scored the tokens the
+    engine sampled with the very weights the engine sampled them with (the last refit), so the mean
+    |log pi_trainer - log pi_engine| over the batch's response tokens (`train_metrics["mismatch_abs_diff"]`,
+    from `algorithms.mismatch`, the same on every rank) measures what the probe measures, on every
+    token of the batch. Raises `WeightSyncError` above the probe's mean threshold (before anything is
+    saved: the step is not checkpointed). No-op when the batch carried no engine log-probs."""
+    diff = train_metrics.get("mismatch_abs_diff")
+    # Not finite: the update diverged (inf/nan weights on either side); the loop's non-finite guard
+    # (`optimizer.max_nonfinite_steps`) owns that, as it does for the probe's nan.
+    if diff is None or not math.isfinite(diff) or diff <= mean_threshold:
+        return
+    raise WeightSyncError(
+        f"step {step}: the trainer and the engine disagree on the tokens the engine sampled: mean |logprob_vllm - "
+        f"logprob_trainer| {diff:.3g} over the batch's response tokens (threshold {mean_threshold:g}). The refit "
+        "before this step did not give the engine the trainer's weights: a tensor was probably not exported or got "
+        "a wrong Hugging Face name, or rollout.dtype differs from the trainer's precision. Raise "
+        "rollout.probe_mean_threshold only for a numerical gap."
+    )
+
+
 def _compare(
     seqs: list[list[int]], engine_lp: Sequence[torch.Tensor], trainer_lp: Sequence[torch.Tensor]
 ) -> tuple[dict[str, float], tuple[int, int]]:
@@ -329,7 +358,7 @@ def refit(engine, model, model_cfg, syncer, probe, step: int, probe_every: int, 
         engine.wake_up(["kv_cache"])
 
     with timer("sync"):
-        if probe is not None and probe_every and step % probe_every == 0:
+        if probe is not None and probe_due(step, probe_every):
             stats.update(probe.check(between=make_room))
         else:
             make_room()

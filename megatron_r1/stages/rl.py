@@ -136,6 +136,7 @@ def _train(cfg: StageConfig, bridge: Bridge | None) -> dict:
             # 4-5. logprobs and policy update (colocated: with the engine's device memory handed to the trainer)
             rollouts.before_update()
             train = update_phase(cfg, policy.ddp, policy.optimizer, policy.scheduler, reference, batch, loop.timer)
+            rollouts.check_sampled(train, i + 1)  # the engine sampled with the trainer's weights? (free, every step)
             # 6. the new weights to the engines, then the parity probe
             synced = rollouts.publish(i + 1)
             row = {**_step_row(rollout, share, train, synced), **overlap}

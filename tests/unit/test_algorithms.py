@@ -330,6 +330,7 @@ def test_importance_weights_truncate_mask_and_sequence_level():
     assert m["is_ratio_p50"].item() == pytest.approx(2.0)
     expected_kl = sum(r - math.log(r) - 1 for r in (1, 4, 3, 0.5, 2)) / 5
     assert m["mismatch_kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+    assert m["mismatch_abs_diff"].item() == pytest.approx(sum(abs(math.log(r)) for r in (1, 4, 3, 0.5, 2)) / 5, rel=1e-5)
 
     w, keep, m = importance_weights(old, engine, mask, "mask", "token", w_max=2.5, w_min=0.6)
     assert keep.tolist() == [[True, False, False], [False, True, False]]

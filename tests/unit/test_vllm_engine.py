@@ -142,6 +142,34 @@ def test_min_tokens_holds_the_stop_token_back(engine):
     assert [len(r.response_ids) for r in sampled] == [7] * 2 * len(PROMPTS)
 
 
+def test_the_benchmark_length_plan_gives_both_call_styles_the_same_lengths(engine, monkeypatch):
+    # benchmarks/length_plan.py, which peer_trl.py installs in both trainers: our engine asks for n samples per
+    # prompt, TRL's repeats each prompt n times; both must get the plan's lengths, in the same places, with
+    # the engine's log-probs, while greedy calls (evaluation, the parity probe) pass through untouched.
+    from pathlib import Path
+
+    from vllm import LLM
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import length_plan
+
+    monkeypatch.setattr(LLM, "generate", LLM.generate)  # restored after the test
+    greedy = engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=20)
+    length_plan.install(cap=20, seed=7)
+    expected = length_plan.plan(7, 0, 3 * len(PROMPTS), 20)
+    ours = engine.generate(PROMPTS, n=3, temperature=1.0, top_p=1.0, max_tokens=20)
+    assert [len(r.response_ids) for r in ours] == expected
+    assert all(len(r.logprobs) == len(r.response_ids) for r in ours)
+    assert [r.prompt_ids for r in ours] == [p for p in PROMPTS for _ in range(3)]
+    repeated = engine.generate([p for p in PROMPTS for _ in range(3)], n=1, temperature=1.0, top_p=1.0, max_tokens=20)
+    assert [len(r.response_ids) for r in repeated] == length_plan.plan(7, 1, 3 * len(PROMPTS), 20)
+    assert [r.response_ids for r in engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=20)] == [
+        r.response_ids for r in greedy]
+    lengths = length_plan.plan(1234, 0, 10_000, 256)
+    assert min(lengths) >= 5 and max(lengths) <= 256
+    assert 0.65 < sum(n <= 256 // 3 for n in lengths) / len(lengths) < 0.75  # R1-Zero's: seven in ten short
+
+
 def test_sampling_follows_torch_seed(engine):
     def sample():
         return [r.response_ids for r in engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=10)]

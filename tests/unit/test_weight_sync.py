@@ -24,6 +24,8 @@ from megatron_r1.rollout.weight_sync import (
     WeightSync,
     WeightSyncError,
     bucketed,
+    check_sampled,
+    probe_due,
     probe_thresholds,
     tensor_bytes,
 )
@@ -169,6 +171,48 @@ def test_probe_catches_one_stale_tensor_and_passes_a_full_sync(setup):
 
     WeightSync(engine, bucket_mb=1).sync(iter(checkpoint_tensors(model)))
     assert probe.check()["sync/logprob_abs_diff_max"] < 1e-4
+
+
+def test_the_sampled_batch_checks_a_refit_for_free(setup):
+    """What the colocated loop checks on every step: the trainer's log-probs of the tokens the engine
+    sampled (temperature 1, rare tokens included) against the engine's own. A full refit passes the probe's
+    fp32 mean threshold; the same stale tensor the probe catches is caught here, naming the step."""
+    from megatron_r1.algorithms import importance_weights
+
+    model, engine = setup
+
+    def gap() -> dict:
+        torch.manual_seed(0)
+        out = engine.generate(PROMPTS, n=4, temperature=1.0, top_p=1.0, max_tokens=16)
+        trainer = trainer_logprobs(model)([r.prompt_ids + r.response_ids for r in out])
+        old = torch.cat([t[len(r.prompt_ids) - 1 :] for t, r in zip(trainer, out)])[None]
+        sampled = torch.tensor([lp for r in out for lp in r.logprobs])[None]
+        _, _, metrics = importance_weights(old, sampled, torch.ones_like(old), "none")
+        return {k: v.item() for k, v in metrics.items()}
+
+    WeightSync(engine, bucket_mb=1).sync(iter(checkpoint_tensors(model)))
+    ok = gap()
+    assert ok["mismatch_abs_diff"] < 1e-5  # measured ~1e-6: fp32 on both sides
+    check_sampled(ok, mean_threshold=1e-4, step=3)
+
+    sgd_steps(model, seed=4)
+    stale = "model.layers.0.self_attn.o_proj.weight"
+    WeightSync(engine, bucket_mb=1).sync((k, v) for k, v in checkpoint_tensors(model) if k != stale)
+    broken = gap()
+    assert broken["mismatch_abs_diff"] > 100 * ok["mismatch_abs_diff"]
+    with pytest.raises(WeightSyncError, match=r"step 3: .*mean \|logprob_vllm - logprob_trainer\| [0-9.e-]+ .*threshold 0.0001"):
+        check_sampled(broken, mean_threshold=1e-4, step=3)
+    check_sampled({}, mean_threshold=1e-4, step=3)  # a batch without the engine's log-probs: nothing to check
+    check_sampled({"mismatch_abs_diff": float("nan")}, mean_threshold=1e-4, step=3)  # diverged: the non-finite guard's
+
+    WeightSync(engine, bucket_mb=1).sync(iter(checkpoint_tensors(model)))
+    check_sampled(gap(), mean_threshold=1e-4, step=4)
+
+
+def test_the_probe_runs_on_the_first_refit_and_every_nth():
+    assert [v for v in range(0, 31) if probe_due(v, 10)] == [0, 1, 10, 20, 30]
+    assert [v for v in range(0, 5) if probe_due(v, 1)] == [0, 1, 2, 3, 4]
+    assert not any(probe_due(v, 0) for v in range(0, 5))
 
 
 def test_probe_thresholds_follow_the_engine_dtype_unless_set():
