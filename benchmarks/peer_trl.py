@@ -1,6 +1,6 @@
 """Peer comparison: the same R1-Zero GRPO run with Hugging Face TRL's `GRPOTrainer` and with megatron-r1.
 
-    .venv/bin/python benchmarks/peer_trl.py                        # tiny (pretrained), 25M, 100M (~15 min on 2 cores)
+    .venv/bin/python benchmarks/peer_trl.py                        # tiny (pretrained), 25M, 100M (~15 min on 2 cores; 25M and 100M ~12 of them)
     .venv/bin/python benchmarks/peer_trl.py --sizes tiny --quick   # smoke run, a minute or two per size
     .venv/bin/python benchmarks/peer_trl.py --sizes 25m,100m --lengths fixed   # every response at the cap: no spread
     .venv/bin/python benchmarks/peer_trl.py --trl-generation transformers --lengths fixed
@@ -11,7 +11,7 @@ Three model sizes, each trained by both trainers from identical weights with ide
   16 prompts x 8 samples, 96 response tokens, lr 5e-5, 40 steps, then the held-out evaluation;
 * 25M (`bench_25m`) and 100M (`bench_100m`): no time to pretrain them, so each is built randomly
   initialised by megatron-r1's own model builder and exported with `save_hf` together with the tiny
-  tokenizer; 2 (25M) or 1 (100M) prompts x 8 samples, up to 256 response tokens, 5 steps. Their
+  tokenizer; 2 (25M) or 1 (100M) prompts x 8 samples, up to 256 response tokens, 8 steps. Their
   accuracy is ~0 for both trainers: these rows measure speed only. A random policy's response
   lengths drift apart between two trainers after one update, so both engines are told every
   response's length: R1-Zero's spread from `benchmarks/length_plan.py` (`--lengths spread`, the
@@ -87,9 +87,11 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", "tiny_dense", True, prompts=16, samples=8, max_tokens=96, steps=40, lr=5e-5, eval_size=200),
-    # Fewer prompts and steps, so that the whole comparison stays near 15 minutes on 2 cores.
-    "25m": Size("25m", "bench_25m", False, prompts=2, samples=8, max_tokens=256, steps=5, lr=5e-5, eval_size=4),
-    "100m": Size("100m", "bench_100m", False, prompts=1, samples=8, max_tokens=256, steps=5, lr=5e-5, eval_size=4),
+    # Fewer prompts and steps, so that the whole comparison stays near 20 minutes on 2 cores.
+    # 8 steps: one step of either trainer can take 1.5x its neighbours on this machine (memory first touched at a
+    # new batch shape), and 7 steady steps keep such a step from deciding the mean.
+    "25m": Size("25m", "bench_25m", False, prompts=2, samples=8, max_tokens=256, steps=8, lr=5e-5, eval_size=4),
+    "100m": Size("100m", "bench_100m", False, prompts=1, samples=8, max_tokens=256, steps=8, lr=5e-5, eval_size=4),
 }
 # --quick: the same code paths in a minute or two per size.
 QUICK = {
@@ -392,7 +394,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer prompts, tokens and steps; nothing appended to RESULTS.md")
     parser.add_argument("--trl-generation", choices=["auto", "vllm", "transformers"], default="auto",
                         help="TRL's generation backend (auto: vLLM colocate, transformers if that fails)")
-    parser.add_argument("--steps", type=int, help="steps of every size (default: each size's own: tiny 40, 25m and 100m 5)")
+    parser.add_argument("--steps", type=int, help="steps of every size (default: each size's own: tiny 40, 25m and 100m 8)")
     parser.add_argument("--lengths", choices=["spread", "fixed"], default=LENGTHS,
                         help="the randomly initialised sizes' response lengths: spread (R1-Zero's, planned the same for both; "
                              "default) or fixed (every response at the cap: no spread)")

@@ -19,7 +19,7 @@ from megatron_r1.rewards.general import GeneralReward
 from megatron_r1.rollout.collect import RolloutBatch, collect_rollouts
 from megatron_r1.rollout.evaluation import EvalResult, evaluate, evaluate_general
 from megatron_r1.rollout.vllm_engine import VLLMEngine
-from megatron_r1.rollout.weight_sync import ParityProbe, WeightSync, check_sampled, probe_thresholds, refit
+from megatron_r1.rollout.weight_sync import ParityProbe, SampledCheck, WeightSync, probe_thresholds, refit
 from megatron_r1.train.memory import TrainerSwap, release_fp8_weight_caches
 from megatron_r1.train.step import sequence_logprobs
 
@@ -48,7 +48,7 @@ class ColocatedRollouts:
                      self.sampler.general.batch_size, self.general.kind.replace("_", " "), self.general.weight,
                      len(general_eval_set.items) if general_eval_set is not None else 0)
         self.probe = self._make_probe()
-        self.mean_threshold, _ = probe_thresholds(cfg.rollout, self.engine.dtype)
+        self.sampled_check = SampledCheck(probe_thresholds(cfg.rollout, self.engine.dtype)[0], probing=self.probe is not None)
         self.num_engines = self.engine.layout.num_engines
 
     @property
@@ -113,12 +113,13 @@ class ColocatedRollouts:
 
     def check_sampled(self, train: dict, step: int) -> None:
         """The update just scored this step's batch with the weights that sampled it: the parity check on
-        every step, for nothing (`weight_sync.check_sampled`; raises `WeightSyncError`)."""
-        check_sampled(train, self.mean_threshold, step)
+        every step, for nothing (`weight_sync.SampledCheck`: a gap has this step's refit probed)."""
+        self.sampled_check.after_update(train, step)
 
     def publish(self, version: int, probe_every: int | None = None) -> dict[str, float]:
         """Every rank refits its own worker (the trainer's state leaves the device), then the parity probe."""
-        probe_every = self.cfg.rollout.probe_every if probe_every is None else probe_every
+        if probe_every is None:
+            probe_every = self.sampled_check.probe_every(version, self.cfg.rollout.probe_every)
         return refit(self.engine, self.policy.model, self.policy.model_cfg, self.syncer, self.probe, version, probe_every,
                      self.reference, self.swap, self.timer)
 

@@ -24,6 +24,7 @@ wake the engine, stream, move the policy's weights out, wake its KV cache, probe
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,8 @@ from megatron_r1.train.memory import TrainerSwap, free_for_engine
 from megatron_r1.train.metrics import PhaseTimer
 
 NamedTensor = tuple[str, torch.Tensor]
+log = logging.getLogger(__name__)
+
 MB = 1 << 20
 
 
@@ -269,29 +272,50 @@ class ParityProbe:
 def probe_due(version: int, probe_every: int) -> bool:
     """Whether the fixed probe checks refit `version`: the first refit of a run (and a resumed run's
     refit 0), then every `probe_every`-th; never with 0. Between probes every colocated step is
-    checked for free on the batch it trains on (`check_sampled`)."""
+    checked for free on the batch it trains on (`SampledCheck`)."""
     return bool(probe_every) and (version <= 1 or version % probe_every == 0)
 
 
-def check_sampled(train_metrics: dict, mean_threshold: float, step: int) -> None:
-    """The parity check every synchronous step gets for nothing: the update scored the tokens the
-    engine sampled with the very weights the engine sampled them with (the last refit), so the mean
-    |log pi_trainer - log pi_engine| over the batch's response tokens (`train_metrics["mismatch_abs_diff"]`,
-    from `algorithms.mismatch`, the same on every rank) measures what the probe measures, on every
-    token of the batch. Raises `WeightSyncError` above the probe's mean threshold (before anything is
-    saved: the step is not checkpointed). No-op when the batch carried no engine log-probs."""
-    diff = train_metrics.get("mismatch_abs_diff")
-    # Not finite: the update diverged (inf/nan weights on either side); the loop's non-finite guard
-    # (`optimizer.max_nonfinite_steps`) owns that, as it does for the probe's nan.
-    if diff is None or not math.isfinite(diff) or diff <= mean_threshold:
-        return
-    raise WeightSyncError(
-        f"step {step}: the trainer and the engine disagree on the tokens the engine sampled: mean |logprob_vllm - "
-        f"logprob_trainer| {diff:.3g} over the batch's response tokens (threshold {mean_threshold:g}). The refit "
-        "before this step did not give the engine the trainer's weights: a tensor was probably not exported or got "
-        "a wrong Hugging Face name, or rollout.dtype differs from the trainer's precision. Raise "
-        "rollout.probe_mean_threshold only for a numerical gap."
-    )
+class SampledCheck:
+    """The parity check every synchronous step gets for nothing. The update scores the tokens the engine
+    sampled with the very weights that sampled them (the last refit), so the mean |log pi_trainer -
+    log pi_engine| over the batch's response tokens (`train/mismatch_abs_diff`, from `algorithms.mismatch`,
+    the same on every rank) measures what the fixed probe measures, on every token of the batch.
+
+    Sampled tokens include rare ones, where a correct bf16 engine differs most, so a gap above the probe's
+    mean threshold is not yet an error: `after_update` warns and has this step's refit probed
+    (`probe_every`), and the probe, strict on its fixed batch, decides (`WeightSyncError`). With the probe
+    off (`rollout.probe_every: 0`) there is nothing to decide, and the gap itself raises. Before anything
+    of the step is saved either way. A gap that is not finite belongs to the loop's non-finite guard
+    (`optimizer.max_nonfinite_steps`), as the probe's nan does."""
+
+    def __init__(self, mean_threshold: float, probing: bool) -> None:
+        self.mean_threshold = mean_threshold
+        self.probing = probing
+        self.flagged_step: int | None = None  # the step whose refit must be probed
+
+    def after_update(self, train_metrics: dict, step: int) -> None:
+        gap = train_metrics.get("mismatch_abs_diff")
+        if gap is None or not math.isfinite(gap) or gap <= self.mean_threshold:
+            return
+        what = (f"step {step}: the trainer and the engine disagree on the tokens the engine sampled: mean "
+                f"|logprob_vllm - logprob_trainer| {gap:.3g} over the batch's response tokens (threshold "
+                f"{self.mean_threshold:g})")
+        if not self.probing:
+            raise WeightSyncError(
+                f"{what}. The refit before this step did not give the engine the trainer's weights: a tensor was "
+                "probably not exported or got a wrong Hugging Face name, or rollout.dtype differs from the "
+                "trainer's precision. Raise rollout.probe_mean_threshold only for a numerical gap."
+            )
+        log.warning("%s; the parity probe checks this step's refit", what)
+        self.flagged_step = step
+
+    def probe_every(self, step: int, default: int) -> int:
+        """`rollout.probe_every` for the refit after `step`'s update: 1 (probe it) when that step was flagged."""
+        if self.flagged_step == step:
+            self.flagged_step = None
+            return 1
+        return default
 
 
 def _compare(

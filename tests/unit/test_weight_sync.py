@@ -23,8 +23,8 @@ from megatron_r1.rollout.weight_sync import (
     ParityProbe,
     WeightSync,
     WeightSyncError,
+    SampledCheck,
     bucketed,
-    check_sampled,
     probe_due,
     probe_thresholds,
     tensor_bytes,
@@ -173,10 +173,11 @@ def test_probe_catches_one_stale_tensor_and_passes_a_full_sync(setup):
     assert probe.check()["sync/logprob_abs_diff_max"] < 1e-4
 
 
-def test_the_sampled_batch_checks_a_refit_for_free(setup):
+def test_the_sampled_batch_checks_a_refit_for_free(setup, caplog):
     """What the colocated loop checks on every step: the trainer's log-probs of the tokens the engine
     sampled (temperature 1, rare tokens included) against the engine's own. A full refit passes the probe's
-    fp32 mean threshold; the same stale tensor the probe catches is caught here, naming the step."""
+    fp32 mean threshold; the stale tensor the probe catches is flagged here: with the probe on, that step's
+    refit is probed (and the probe decides), with it off the gap raises, naming the step."""
     from megatron_r1.algorithms import importance_weights
 
     model, engine = setup
@@ -193,7 +194,10 @@ def test_the_sampled_batch_checks_a_refit_for_free(setup):
     WeightSync(engine, bucket_mb=1).sync(iter(checkpoint_tensors(model)))
     ok = gap()
     assert ok["mismatch_abs_diff"] < 1e-5  # measured ~1e-6: fp32 on both sides
-    check_sampled(ok, mean_threshold=1e-4, step=3)
+    probed, unprobed = SampledCheck(1e-4, probing=True), SampledCheck(1e-4, probing=False)
+    for check in (probed, unprobed):
+        check.after_update(ok, step=3)
+    assert probed.probe_every(3, default=10) == 10  # nothing flagged: the refit after step 3 keeps the cadence
 
     sgd_steps(model, seed=4)
     stale = "model.layers.0.self_attn.o_proj.weight"
@@ -201,12 +205,19 @@ def test_the_sampled_batch_checks_a_refit_for_free(setup):
     broken = gap()
     assert broken["mismatch_abs_diff"] > 100 * ok["mismatch_abs_diff"]
     with pytest.raises(WeightSyncError, match=r"step 3: .*mean \|logprob_vllm - logprob_trainer\| [0-9.e-]+ .*threshold 0.0001"):
-        check_sampled(broken, mean_threshold=1e-4, step=3)
-    check_sampled({}, mean_threshold=1e-4, step=3)  # a batch without the engine's log-probs: nothing to check
-    check_sampled({"mismatch_abs_diff": float("nan")}, mean_threshold=1e-4, step=3)  # diverged: the non-finite guard's
+        unprobed.after_update(broken, step=3)
+    probed.after_update(broken, step=3)
+    assert "step 3: the trainer and the engine disagree" in caplog.text and "probe checks this step's refit" in caplog.text
+    assert probed.probe_every(3, default=10) == 1 and probed.probe_every(4, default=10) == 10  # once, that refit
+    probe = ParityProbe(engine, trainer_logprobs(model), PROMPTS, mean_threshold=1e-4, max_threshold=1e-3)
+    probe.sequences()
+    with pytest.raises(WeightSyncError):  # which the probe of that refit confirms
+        probe.check()
+    for harmless in ({}, {"mismatch_abs_diff": float("nan")}):  # no engine log-probs; diverged (the non-finite guard's)
+        unprobed.after_update(harmless, step=3)
 
     WeightSync(engine, bucket_mb=1).sync(iter(checkpoint_tensors(model)))
-    check_sampled(gap(), mean_threshold=1e-4, step=4)
+    unprobed.after_update(gap(), step=4)
 
 
 def test_the_probe_runs_on_the_first_refit_and_every_nth():
