@@ -87,7 +87,7 @@ class Size:
 
 SIZES = {
     "tiny": Size("tiny", "tiny_dense", True, prompts=16, samples=8, max_tokens=96, steps=40, lr=5e-5, eval_size=200),
-    # Fewer prompts and steps, so that the whole comparison stays near 20 minutes on 2 cores.
+    # Fewer prompts and steps, so that the whole comparison stays near 15 minutes on 2 cores.
     # 8 steps: one step of either trainer can take 1.5x its neighbours on this machine (memory first touched at a
     # new batch shape), and 7 steady steps keep such a step from deciding the mean.
     "25m": Size("25m", "bench_25m", False, prompts=2, samples=8, max_tokens=256, steps=8, lr=5e-5, eval_size=4),

@@ -165,7 +165,8 @@ class RolloutConfig:
     # The fixed logprob parity probe after the first sync and every N-th (0: never). Every colocated step is also
     # checked for free: the update scores the sampled tokens with the weights that sampled them (weight_sync.check_sampled).
     probe_every: int = 10
-    probe_mean_threshold: float | None = None  # fail if mean |logprob_vllm - logprob_trainer| exceeds it (None: per dtype)
+    # Fail if the probe's mean |logprob_vllm - logprob_trainer| exceeds it; a step's batch above it is probed (None: per dtype)
+    probe_mean_threshold: float | None = None
     probe_max_threshold: float | None = None  # fail if the max exceeds it (None: per dtype, see rollout/weight_sync.py)
     probe_prompts: int = 4  # prompts in the probe batch
     # none | fp8: the engine's weights in blockwise FP8 (128 x 128 scales, as DeepSeek-V3 was trained),

@@ -303,8 +303,8 @@ class SampledCheck:
                 f"{self.mean_threshold:g})")
         if not self.probing:
             raise WeightSyncError(
-                f"{what}. The refit before this step did not give the engine the trainer's weights: a tensor was "
-                "probably not exported or got a wrong Hugging Face name, or rollout.dtype differs from the "
+                f"{what}. The engine is not running the trainer's weights (from the last refit, or the checkpoint it "
+                "loaded): a tensor was probably not exported or got a wrong Hugging Face name, or rollout.dtype differs from the "
                 "trainer's precision. Raise rollout.probe_mean_threshold only for a numerical gap."
             )
         log.warning("%s; the parity probe checks this step's refit", what)
